@@ -1,0 +1,1 @@
+"""The diffusion decoder (stage 3) and upsampler (stage 4) services."""

@@ -1,0 +1,1 @@
+"""The CLIP encoder service (stage 1)."""

@@ -1,0 +1,1 @@
+"""The public ImageService: chains the stage services over gRPC."""

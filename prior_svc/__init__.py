@@ -1,0 +1,1 @@
+"""The diffusion prior service (stage 2)."""

@@ -1,0 +1,181 @@
+"""The asyncio client."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from types import TracebackType
+
+import grpc
+
+from unclip.client._common import (
+    DEFAULT,
+    Attempts,
+    GeneratedImage,
+    RetryPolicy,
+    StageProgress,
+    Timeout,
+    build_parameters,
+    check_timeout,
+    images_from_response,
+    progress_from_proto,
+)
+from unclip.transport import GRPC_OPTIONS
+from unclip.v1 import images_pb2, images_pb2_grpc
+
+
+class AsyncClient:
+    """An asyncio client for an unclip gateway (`unclip.v1.ImageService`).
+
+    Takes the same arguments as `Client` and offers the same methods as coroutines. The channel is
+    opened on the first call, inside the running event loop; use the client from that loop only.
+    Use it as an async context manager, or `await close()` when done.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = 300.0,
+        retries: int = 3,
+        backoff: float = 0.2,
+        max_backoff: float = 5.0,
+        credentials: grpc.ChannelCredentials | None = None,
+    ):
+        self.target = target
+        self.timeout = check_timeout(timeout)
+        self._policy = RetryPolicy(retries, backoff, max_backoff)
+        self._credentials = credentials
+        self._channel: grpc.aio.Channel | None = None
+        self._stub_instance: images_pb2_grpc.ImageServiceStub | None = None
+        self._closed = False
+
+    async def generate(
+        self,
+        prompt: str,
+        *,
+        n: int = 1,
+        size: int | None = None,
+        seed: int | None = None,
+        prior_guidance_scale: float | None = None,
+        decoder_guidance_scale: float | None = None,
+        prior_steps: int | None = None,
+        decoder_steps: int | None = None,
+        upsampler_steps: int | None = None,
+        sampler: str | None = None,
+        prior_candidates: int | None = None,
+        timeout: Timeout = DEFAULT,
+    ) -> list[GeneratedImage]:
+        """Generate `n` images for `prompt`; see `Client.generate` for the arguments.
+
+        Raises:
+            UnclipError: the call failed (after retries, for UNAVAILABLE).
+            ValueError, TypeError: an argument cannot be sent at all.
+        """
+        request = images_pb2.GenerateRequest(
+            parameters=build_parameters(
+                prompt, n=n, size=size, seed=seed, prior_guidance_scale=prior_guidance_scale,
+                decoder_guidance_scale=decoder_guidance_scale, prior_steps=prior_steps,
+                decoder_steps=decoder_steps, upsampler_steps=upsampler_steps, sampler=sampler,
+                prior_candidates=prior_candidates,
+            )
+        )
+        stub = self._stub()
+        attempts = Attempts("Generate", self.target, self._policy, self._resolve(timeout))
+        while True:
+            try:
+                response = await stub.Generate(request, timeout=attempts.start())
+            except grpc.RpcError as error:
+                delay = attempts.retry_delay(error)
+                if delay is None:
+                    raise attempts.error(error) from error
+                await asyncio.sleep(delay)
+            else:
+                return images_from_response(response)
+
+    async def generate_stream(
+        self,
+        prompt: str,
+        *,
+        n: int = 1,
+        size: int | None = None,
+        seed: int | None = None,
+        prior_guidance_scale: float | None = None,
+        decoder_guidance_scale: float | None = None,
+        prior_steps: int | None = None,
+        decoder_steps: int | None = None,
+        upsampler_steps: int | None = None,
+        sampler: str | None = None,
+        prior_candidates: int | None = None,
+        timeout: Timeout = DEFAULT,
+    ) -> AsyncIterator[StageProgress | list[GeneratedImage]]:
+        """Like `generate`, but yields a `StageProgress` as each stage finishes, then the images.
+
+        Use it with `async for`. The arguments are checked and the call starts when iteration
+        does; its timeout covers the whole stream. A call that fails before the first event is
+        retried like `generate`; once an event has arrived, a failure raises `UnclipError`.
+        Stopping the iteration early (and closing the iterator) cancels the call.
+        """
+        request = images_pb2.GenerateStreamRequest(
+            parameters=build_parameters(
+                prompt, n=n, size=size, seed=seed, prior_guidance_scale=prior_guidance_scale,
+                decoder_guidance_scale=decoder_guidance_scale, prior_steps=prior_steps,
+                decoder_steps=decoder_steps, upsampler_steps=upsampler_steps, sampler=sampler,
+                prior_candidates=prior_candidates,
+            )
+        )
+        stub = self._stub()
+        attempts = Attempts("GenerateStream", self.target, self._policy, self._resolve(timeout))
+        while True:
+            call = stub.GenerateStream(request, timeout=attempts.start())
+            received = False
+            try:
+                async for response in call:
+                    received = True
+                    if response.HasField("result"):
+                        yield images_from_response(response.result)
+                        return
+                    if response.HasField("progress"):
+                        yield progress_from_proto(response.progress)
+            except grpc.RpcError as error:
+                delay = None if received else attempts.retry_delay(error)
+                if delay is None:
+                    raise attempts.error(error) from error
+            else:
+                raise attempts.protocol_error("the stream ended without a result")
+            finally:
+                call.cancel()  # a no-op once the call is over; stops the server's work if not
+            await asyncio.sleep(delay)
+
+    async def close(self) -> None:
+        """Close the channel; calls still running are cancelled."""
+        self._closed = True
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = self._stub_instance = None
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"AsyncClient({self.target!r}, timeout={self.timeout})"
+
+    def _stub(self) -> images_pb2_grpc.ImageServiceStub:
+        if self._closed:
+            raise RuntimeError(f"the client for {self.target} is closed")
+        if self._stub_instance is None:
+            # Created here rather than in __init__: a grpc.aio channel belongs to the running loop.
+            if self._credentials is None:
+                self._channel = grpc.aio.insecure_channel(self.target, options=GRPC_OPTIONS)
+            else:
+                self._channel = grpc.aio.secure_channel(self.target, self._credentials, options=GRPC_OPTIONS)
+            self._stub_instance = images_pb2_grpc.ImageServiceStub(self._channel)
+        return self._stub_instance
+
+    def _resolve(self, timeout: Timeout) -> float | None:
+        return self.timeout if timeout is DEFAULT else check_timeout(timeout)

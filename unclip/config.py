@@ -1,0 +1,116 @@
+"""Stage configurations: dataclasses saved as config.json next to each checkpoint's weights.
+
+A checkpoint directory holds everything a service needs to rebuild its model: the config
+(kind, network geometry, diffusion process, sampling defaults) and safetensors weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from unclip.models.prior import PriorConfig
+from unclip.models.unet import UNetConfig, decoder_config_tiny, upsampler_config_tiny
+
+StageKind = Literal["clip", "prior", "decoder", "upsampler"]
+
+
+@dataclass
+class DiffusionConfig:
+    timesteps: int = 1000
+    schedule: str = "cosine"
+    parameterization: str = "eps"  # eps | x0 | v
+
+
+@dataclass
+class SamplingDefaults:
+    steps: int = 50
+    sampler: str = "ddim"
+    eta: float = 0.0
+    guidance_scale: float = 1.0
+
+
+@dataclass
+class ClipStageConfig:
+    # Any open_clip model name; "unclip-tiny" is registered from unclip/models/open_clip_configs.
+    model_name: str = "unclip-tiny"
+    # Weights file, relative to the checkpoint directory (or absolute): safetensors or an open_clip checkpoint.
+    weights: str = "model.safetensors"
+    kind: str = "clip"
+
+
+@dataclass
+class PriorStageConfig:
+    model: PriorConfig = field(default_factory=PriorConfig)
+    # DALL-E 2's prior predicts the clean embedding directly.
+    diffusion: DiffusionConfig = field(default_factory=lambda: DiffusionConfig(parameterization="x0"))
+    sampling: SamplingDefaults = field(default_factory=lambda: SamplingDefaults(steps=64, guidance_scale=2.0))
+    weights: str = "model.safetensors"
+    kind: str = "prior"
+
+
+@dataclass
+class DecoderStageConfig:
+    model: UNetConfig = field(default_factory=decoder_config_tiny)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    sampling: SamplingDefaults = field(default_factory=lambda: SamplingDefaults(steps=50, guidance_scale=3.0))
+    image_size: int = 32
+    weights: str = "model.safetensors"
+    kind: str = "decoder"
+
+
+@dataclass
+class UpsamplerStageConfig:
+    model: UNetConfig = field(default_factory=upsampler_config_tiny)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    sampling: SamplingDefaults = field(default_factory=lambda: SamplingDefaults(steps=20))
+    scale_factor: int = 4
+    input_size: int = 32
+    weights: str = "model.safetensors"
+    kind: str = "upsampler"
+
+
+StageConfig = ClipStageConfig | PriorStageConfig | DecoderStageConfig | UpsamplerStageConfig
+STAGE_CONFIGS: dict[str, type] = {
+    "clip": ClipStageConfig,
+    "prior": PriorStageConfig,
+    "decoder": DecoderStageConfig,
+    "upsampler": UpsamplerStageConfig,
+}
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Build dataclass `cls` from a dict, recursing into nested dataclasses; unknown keys are an error."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known: {sorted(names)}")
+    return cls(**{key: _convert(hints[key], value) for key, value in data.items()})
+
+
+def _convert(hint: Any, value: Any) -> Any:
+    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+        return from_dict(hint, value)
+    origin = typing.get_origin(hint)
+    if origin is tuple and isinstance(value, list):
+        return tuple(value)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            if dataclasses.is_dataclass(arg) and isinstance(value, dict):
+                return from_dict(arg, value)
+    return value
+
+
+def stage_config_from_dict(data: dict[str, Any]) -> StageConfig:
+    kind = data.get("kind")
+    if kind not in STAGE_CONFIGS:
+        raise ValueError(f"config.json: 'kind' must be one of {sorted(STAGE_CONFIGS)}, got {kind!r}")
+    return from_dict(STAGE_CONFIGS[kind], data)

@@ -1,0 +1,196 @@
+"""The Gaussian diffusion process (Ho et al. 2020): forward noising, posteriors and one reverse step.
+
+Pure tensor math; networks appear only as their outputs. The network may predict the noise
+("eps"), the clean sample ("x0") or the velocity ("v", Salimans & Ho 2022).
+
+Schedule buffers are float64 on the CPU. Per-timestep coefficients are gathered and combined in
+float64 and only then cast to the sample's dtype and device, so half-precision sampling does not
+lose precision in the coefficients themselves.
+"""
+
+import torch
+from torch import Tensor
+
+PARAMETERIZATIONS = ("eps", "x0", "v")
+
+
+class GaussianDiffusion:
+    """A diffusion process given by its betas.
+
+    When the process is a respaced subsequence of a longer one, `timestep_map[i]` is the original
+    timestep of step i; networks are always called with original timesteps (`model_timesteps`).
+    """
+
+    def __init__(self, betas: Tensor, parameterization: str = "eps", timestep_map: Tensor | None = None):
+        betas = torch.as_tensor(betas, dtype=torch.float64).cpu()
+        if betas.ndim != 1 or betas.numel() == 0:
+            raise ValueError(f"betas must be a non-empty 1-D tensor, got shape {tuple(betas.shape)}")
+        if not ((betas > 0) & (betas < 1)).all():
+            raise ValueError("betas must lie in the open interval (0, 1)")
+        if parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}")
+        num_timesteps = betas.numel()
+        if timestep_map is None:
+            timestep_map = torch.arange(num_timesteps)
+        timestep_map = torch.as_tensor(timestep_map, dtype=torch.long).cpu()
+        if timestep_map.shape != (num_timesteps,):
+            raise ValueError(f"timestep_map must have shape ({num_timesteps},), got {tuple(timestep_map.shape)}")
+
+        self.num_timesteps = num_timesteps
+        self.parameterization = parameterization
+        self.timestep_map = timestep_map
+        self.betas = betas
+
+        alphas = 1.0 - betas
+        self.alphas_cumprod = torch.cumprod(alphas, dim=0)
+        self.alphas_cumprod_prev = torch.cat([betas.new_ones(1), self.alphas_cumprod[:-1]])
+        self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
+        self.sqrt_one_minus_alphas_cumprod = (1.0 - self.alphas_cumprod).sqrt()
+        self.sqrt_recip_alphas_cumprod = self.alphas_cumprod.rsqrt()
+        self.sqrt_recipm1_alphas_cumprod = (1.0 / self.alphas_cumprod - 1.0).sqrt()
+
+        # q(x_{t-1} | x_t, x_0) is Gaussian: Bayes' rule combining q(x_t | x_{t-1}) with q(x_{t-1} | x_0).
+        one_minus_acp = 1.0 - self.alphas_cumprod
+        self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / one_minus_acp
+        self.posterior_log_variance_clipped = _log_with_finite_start(self.posterior_variance)
+        self.posterior_mean_coef_x0 = betas * self.alphas_cumprod_prev.sqrt() / one_minus_acp
+        self.posterior_mean_coef_xt = (1.0 - self.alphas_cumprod_prev) * alphas.sqrt() / one_minus_acp
+
+    # -- forward process ------------------------------------------------------------------------
+
+    def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """Draw x_t ~ q(x_t | x_0) = N(sqrt(acp_t) x_0, (1 - acp_t) I) using the given standard noise."""
+        signal_scale, noise_scale = self._scales(t, x0)
+        return signal_scale * x0 + noise_scale * noise
+
+    def q_posterior_mean_variance(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Mean, variance and (clipped) log-variance of q(x_{t-1} | x_t, x_0); the latter two broadcast to x_t."""
+        coef_x0 = _extract(self.posterior_mean_coef_x0, t, x_t)
+        coef_xt = _extract(self.posterior_mean_coef_xt, t, x_t)
+        mean = coef_x0 * x0 + coef_xt * x_t
+        variance = _extract(self.posterior_variance, t, x_t)
+        log_variance = _extract(self.posterior_log_variance_clipped, t, x_t)
+        return mean, variance, log_variance
+
+    # -- conversions between parameterizations, all from x_t = sqrt(acp) x_0 + sqrt(1 - acp) eps --
+
+    def predict_x0_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        recip, recipm1 = self._reciprocal_scales(t, x_t)
+        return recip * x_t - recipm1 * eps
+
+    def predict_eps_from_x0(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
+        recip, recipm1 = self._reciprocal_scales(t, x_t)
+        return (recip * x_t - x0) / recipm1
+
+    def predict_x0_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
+        signal_scale, noise_scale = self._scales(t, x_t)
+        return signal_scale * x_t - noise_scale * v
+
+    def predict_eps_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
+        signal_scale, noise_scale = self._scales(t, x_t)
+        return noise_scale * x_t + signal_scale * v
+
+    def v_target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """v = sqrt(acp) eps - sqrt(1 - acp) x_0, i.e. d x_t / d phi for x_t = cos(phi) x_0 + sin(phi) eps."""
+        signal_scale, noise_scale = self._scales(t, x0)
+        return signal_scale * noise - noise_scale * x0
+
+    def _scales(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(sqrt(acp_t), sqrt(1 - acp_t)), broadcastable to x."""
+        return _extract(self.sqrt_alphas_cumprod, t, x), _extract(self.sqrt_one_minus_alphas_cumprod, t, x)
+
+    def _reciprocal_scales(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(1 / sqrt(acp_t), sqrt(1 / acp_t - 1)), broadcastable to x."""
+        return _extract(self.sqrt_recip_alphas_cumprod, t, x), _extract(self.sqrt_recipm1_alphas_cumprod, t, x)
+
+    def split_model_output(self, model_output: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """(predicted x_0, predicted eps) from a network output in this process's parameterization."""
+        if model_output.shape != x_t.shape:
+            raise ValueError(f"model output shape {tuple(model_output.shape)} != x_t shape {tuple(x_t.shape)}")
+        if self.parameterization == "eps":
+            return self.predict_x0_from_eps(x_t, t, model_output), model_output
+        if self.parameterization == "x0":
+            return model_output, self.predict_eps_from_x0(x_t, t, model_output)
+        return self.predict_x0_from_v(x_t, t, model_output), self.predict_eps_from_v(x_t, t, model_output)
+
+    # -- training -------------------------------------------------------------------------------
+
+    def training_target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """What the network should output for x_t = q_sample(x0, t, noise)."""
+        if self.parameterization == "eps":
+            return noise
+        if self.parameterization == "x0":
+            return x0
+        return self.v_target(x0, noise, t)
+
+    def training_losses(self, model_output: Tensor, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """Per-example mean squared error against the training target, shape [B]."""
+        squared_error = (model_output - self.training_target(x0, noise, t)).square()
+        return squared_error.reshape(squared_error.shape[0], -1).mean(dim=1)
+
+    # -- sampling -------------------------------------------------------------------------------
+
+    def model_timesteps(self, t: Tensor) -> Tensor:
+        """The original timesteps of (possibly respaced) step indices t, for calling the network."""
+        return self.timestep_map.to(t.device)[t]
+
+    def ddpm_step(self, x0_pred: Tensor, x_t: Tensor, t: Tensor, noise: Tensor | None = None) -> Tensor:
+        """Sample x_{t-1} from the posterior q(x_{t-1} | x_t, x0_pred) with its fixed variance.
+
+        Rows with t == 0 get the posterior mean (the final sample, x0_pred); noise may be None only
+        when every t is 0.
+        """
+        mean, _, _ = self.q_posterior_mean_variance(x0_pred, x_t, t)
+        t_cpu = t.cpu()
+        std = torch.where(t_cpu > 0, (0.5 * self.posterior_log_variance_clipped[t_cpu]).exp(), 0.0)
+        return _add_noise(mean, std, t, noise)
+
+    def ddim_step(
+        self, x0_pred: Tensor, eps_pred: Tensor, x_t: Tensor, t: Tensor, eta: float, noise: Tensor | None = None
+    ) -> Tensor:
+        """The DDIM update (Song et al. 2021, eq. 12) from step t to the previous step of this process.
+
+        x_{t-1} keeps the marginal q(x_{t-1} | x_0): sqrt(acp_prev) x0_pred plus noise of total
+        variance 1 - acp_prev, split between the predicted eps (deterministic) and fresh noise of
+        std sigma. sigma = eta * (the DDPM posterior std), so eta = 0 is deterministic (noise is
+        ignored) and eta = 1 matches DDPM's variance.
+        """
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        t_cpu = t.cpu()
+        acp = self.alphas_cumprod[t_cpu]
+        acp_prev = self.alphas_cumprod_prev[t_cpu]
+        sigma = eta * ((1.0 - acp_prev) / (1.0 - acp) * (1.0 - acp / acp_prev)).sqrt()
+        eps_coef = (1.0 - acp_prev - sigma.square()).clamp(min=0.0).sqrt()
+        mean = _broadcast(acp_prev.sqrt(), x_t) * x0_pred + _broadcast(eps_coef, x_t) * eps_pred
+        if eta == 0:
+            return mean
+        return _add_noise(mean, sigma, t, noise)
+
+
+def _log_with_finite_start(posterior_variance: Tensor) -> Tensor:
+    # The posterior variance is exactly 0 at t = 0 (x_0 is then given); borrow t = 1's value so
+    # the log stays finite. No noise is ever added at t = 0, so the substitute is never used.
+    log_variance = posterior_variance.log()
+    if posterior_variance.numel() > 1:
+        log_variance[0] = log_variance[1]
+    return log_variance
+
+
+def _broadcast(values: Tensor, x: Tensor) -> Tensor:
+    """Per-row values [B] (or [1]) as x's dtype and device, shaped to broadcast against x."""
+    return values.to(x.dtype).to(x.device).reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def _extract(buffer: Tensor, t: Tensor, x: Tensor) -> Tensor:
+    """buffer[t] for each row, broadcastable to x."""
+    return _broadcast(buffer[t.cpu()], x)
+
+
+def _add_noise(mean: Tensor, std: Tensor, t: Tensor, noise: Tensor | None) -> Tensor:
+    """mean + std * noise, where std (float64, per row) is 0 wherever t == 0."""
+    if noise is None:
+        if (t != 0).any():
+            raise ValueError("noise is required for a stochastic step with t > 0")
+        return mean
+    return mean + _broadcast(std, mean) * noise

@@ -1,0 +1,55 @@
+"""Respacing: sampling with a subsequence of a trained process's timesteps (Nichol & Dhariwal 2021)."""
+
+import threading
+from collections.abc import Iterable
+from weakref import WeakKeyDictionary
+
+import torch
+
+from unclip.diffusion.gaussian import GaussianDiffusion
+
+
+def space_timesteps(num_timesteps: int, steps: int) -> list[int]:
+    """`steps` evenly spaced timesteps of a num_timesteps process, ascending.
+
+    With steps > 1 both 0 and num_timesteps - 1 are included. A single step is the last timestep:
+    sampling must start from (nearly) pure noise.
+    """
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(f"steps must be in the range [1, {num_timesteps}], got {steps}")
+    last = num_timesteps - 1
+    if steps == 1:
+        return [last]
+    # Round i * last / (steps - 1) to the nearest integer; the spacing is >= 1, so no duplicates.
+    intervals = steps - 1
+    return [(i * last + intervals // 2) // intervals for i in range(steps)]
+
+
+def respace(base: GaussianDiffusion, use_timesteps: Iterable[int]) -> GaussianDiffusion:
+    """The process that visits only `use_timesteps` of `base` and has the same marginals there.
+
+    Jumping from kept timestep t_{i-1} straight to t_i must reproduce q(x_{t_i} | x_0), so the new
+    step's alpha is the ratio acp[t_i] / acp[t_{i-1}] of the base's cumulative products.
+    """
+    kept = sorted({int(t) for t in use_timesteps})
+    if not kept or kept[0] < 0 or kept[-1] >= base.num_timesteps:
+        raise ValueError(f"use_timesteps must be a non-empty subset of [0, {base.num_timesteps - 1}]")
+    index = torch.tensor(kept)
+    alphas_cumprod = base.alphas_cumprod[index]
+    previous = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+    betas = 1.0 - alphas_cumprod / previous
+    # Compose maps so that respacing an already respaced process still points at original timesteps.
+    return GaussianDiffusion(betas, base.parameterization, timestep_map=base.timestep_map[index])
+
+
+_respaced_cache: "WeakKeyDictionary[GaussianDiffusion, dict[int, GaussianDiffusion]]" = WeakKeyDictionary()
+_respaced_cache_lock = threading.Lock()
+
+
+def respace_to_steps(base: GaussianDiffusion, steps: int) -> GaussianDiffusion:
+    """`base` respaced to `steps` evenly spaced steps, computed once per (base, steps)."""
+    with _respaced_cache_lock:
+        by_steps = _respaced_cache.setdefault(base, {})
+        if steps not in by_steps:
+            by_steps[steps] = respace(base, space_timesteps(base.num_timesteps, steps))
+        return by_steps[steps]

@@ -1,0 +1,126 @@
+"""Start the four stage services and the gateway as separate processes on one host.
+
+Used by `unclip serve all`, `unclip bench pipeline` and the end-to-end tests. Each service is
+`python -m unclip serve <stage>`; the launcher waits for health, and on stop sends SIGTERM
+(graceful gRPC shutdown) and kills whatever has not exited in time.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+STAGES = ("encoder", "prior", "decoder", "upsampler")
+DEFAULT_GATEWAY_PORT = 50051
+STOP_TIMEOUT_SECONDS = 15.0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def check_health(address: str, timeout: float = 2.0) -> bool:
+    """True when the server at `address` reports SERVING for its overall health."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@dataclass
+class ServiceProcess:
+    name: str
+    address: str
+    args: list[str]
+    process: subprocess.Popen | None = field(default=None, repr=False)
+
+
+@dataclass
+class LocalCluster:
+    """The five services on `host`; `weights` is a directory with clip/ prior/ decoder/ upsampler/."""
+
+    host: str = "127.0.0.1"
+    gateway_port: int = DEFAULT_GATEWAY_PORT
+    stage_ports: dict[str, int] | None = None  # default: gateway_port + 1 .. + 4
+    weights: Path | None = None
+    quiet: bool = False
+    services: list[ServiceProcess] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        ports = self.stage_ports or {stage: self.gateway_port + 1 + i for i, stage in enumerate(STAGES)}
+        addresses = {stage: f"{self.host}:{ports[stage]}" for stage in STAGES}
+        for stage in STAGES:
+            args = ["serve", stage, "--host", self.host, "--port", str(ports[stage])]
+            if self.weights is not None:
+                args += ["--checkpoint", str(Path(self.weights) / ("clip" if stage == "encoder" else stage))]
+            self.services.append(ServiceProcess(stage, addresses[stage], args))
+        gateway_args = ["serve", "gateway", "--host", self.host, "--port", str(self.gateway_port)]
+        gateway_args += [arg for stage in STAGES for arg in (f"--{stage}", addresses[stage])]
+        self.services.append(ServiceProcess("gateway", f"{self.host}:{self.gateway_port}", gateway_args))
+
+    @property
+    def gateway_address(self) -> str:
+        return self.services[-1].address
+
+    def start(self) -> None:
+        output = subprocess.DEVNULL if self.quiet else None
+        for service in self.services:
+            service.process = subprocess.Popen(
+                [sys.executable, "-m", "unclip", *service.args], stdout=output, stderr=output,
+                # Own process group: a terminal's Ctrl-C reaches the launcher, which stops them in order.
+                start_new_session=True,
+            )
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout
+        pending = list(self.services)
+        while pending:
+            for service in list(pending):
+                if service.process.poll() is not None:
+                    raise RuntimeError(f"{service.name} exited with code {service.process.returncode} while starting")
+                if check_health(service.address):
+                    pending.remove(service)
+            if pending and time.monotonic() > deadline:
+                raise TimeoutError(f"not healthy after {timeout:.0f}s: {[s.name for s in pending]}")
+            time.sleep(0.2)
+
+    def failed(self) -> ServiceProcess | None:
+        """A service that has exited although nobody stopped it."""
+        return next((s for s in self.services if s.process is not None and s.process.poll() is not None), None)
+
+    def stop(self) -> None:
+        running = [s for s in self.services if s.process is not None and s.process.poll() is None]
+        for service in reversed(running):  # the gateway first, so it stops taking requests
+            service.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
+        for service in running:
+            try:
+                service.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                service.process.kill()
+                service.process.wait()
+
+    def __enter__(self) -> LocalCluster:
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+

@@ -1,0 +1,75 @@
+"""The in-process stage backend: the four engines in this process, no network.
+
+Engines run in a worker thread so that an asyncio caller (the CLI's progress bar, a test)
+stays responsive, and they stop between diffusion steps once the deadline passes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from unclip.pipeline import PipelineInfo, TextEncoding
+from unclip.stages import load_engine
+from unclip.cancel import CancelToken
+from unclip.stages.base import ProgressFn
+
+
+class LocalStages:
+    def __init__(self, encoder, prior, decoder, upsamplers: Sequence, *, progress: ProgressFn | None = None):
+        self.encoder = encoder
+        self.prior = prior
+        self.decoder = decoder
+        self.upsamplers = list(upsamplers)
+        self.progress = progress  # per diffusion step, for a progress bar
+
+    @classmethod
+    def load(
+        cls,
+        clip: str | Path | None = None,
+        prior: str | Path | None = None,
+        decoder: str | Path | None = None,
+        upsamplers: Sequence[str | Path] | None = None,
+    ) -> LocalStages:
+        """Engines from checkpoint directories; None takes the weights shipped in the package."""
+        ups = [load_engine("upsampler", path) for path in upsamplers] if upsamplers is not None else [load_engine("upsampler")]
+        return cls(load_engine("clip", clip), load_engine("prior", prior), load_engine("decoder", decoder), ups)
+
+    async def describe(self) -> PipelineInfo:
+        versions = {"clip": self.encoder.version, "prior": self.prior.version, "decoder": self.decoder.version}
+        versions |= {f"upsampler{i}": up.version for i, up in enumerate(self.upsamplers)}
+        return PipelineInfo(self.decoder.image_size, [up.scale_factor for up in self.upsamplers], versions)
+
+    async def encode_text(self, texts: list[str], *, deadline: float | None) -> TextEncoding:
+        return await asyncio.to_thread(self.encoder.encode_text, texts)
+
+    async def sample_prior(self, text, seeds, *, num_candidates, guidance_scale, sampling, deadline) -> np.ndarray:
+        return await self._run(
+            self.prior.sample, text.embeddings, text.encodings, text.mask, seeds, num_candidates=num_candidates,
+            guidance_scale=guidance_scale, sampling=sampling, deadline=deadline,
+        )
+
+    async def decode(self, image_embeddings, text, seeds, *, guidance_scale, sampling, deadline) -> np.ndarray:
+        return await self._run(
+            self.decoder.decode, image_embeddings, seeds,
+            text_encodings=None if text is None else text.encodings, text_mask=None if text is None else text.mask,
+            guidance_scale=guidance_scale, sampling=sampling, progress=self.progress, deadline=deadline,
+        )
+
+    async def upsample(self, index, images, seeds, *, sampling, deadline) -> np.ndarray:
+        return await self._run(
+            self.upsamplers[index].upsample, images, seeds, sampling=sampling,
+            progress=self.progress, deadline=deadline,
+        )
+
+    @staticmethod
+    async def _run(method, *args, deadline: float | None, **kwargs):
+        cancel = CancelToken(deadline=deadline)
+        try:
+            return await asyncio.to_thread(method, *args, cancel=cancel, **kwargs)
+        except asyncio.CancelledError:
+            cancel.cancel()  # the thread cannot be interrupted; make the sampler stop at its next step
+            raise

@@ -1,0 +1,167 @@
+"""What every stage engine shares: cancellation, per-row seeding, loading, sampling options.
+
+An engine is the in-process core of one stage: numpy in, numpy out, inputs validated. The
+gRPC services and the in-process pipeline call the same engines, which is what makes an image
+identical whichever way it was produced.
+"""
+
+from __future__ import annotations
+
+import threading
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from unclip.checkpoint import load_weights, read_config, weights_version
+from unclip.config import DiffusionConfig
+from unclip.options import SamplingOptions
+from unclip.diffusion import GaussianDiffusion, classifier_free_guidance, make_betas, sample
+from unclip.cancel import CancelToken
+from unclip.errors import Cancelled, DeadlineExceeded, InvalidArgument
+from unclip.validation import check_range
+
+MAX_BATCH = 64
+# Bounds a request's cost; the models are trained with 1000 timesteps.
+MAX_CANDIDATES = 16
+MAX_GUIDANCE_SCALE = 50.0
+
+# oneDNN picks convolution kernels by batch size, so a row's result would change with the
+# batch it shares. PyTorch's native CPU convolution computes each sample alone: batch-invariant,
+# which is what lets a batch of n images be reproduced image by image from their seeds.
+torch.backends.mkldnn.enabled = False
+
+
+@dataclass
+class StageStats:
+    """Counters a service exposes (and tests read) to show what its sampler did."""
+
+    completed: int = 0
+    stopped: int = 0
+    steps: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add_steps(self, count: int = 1) -> None:
+        with self.lock:
+            self.steps += count
+
+    def finish(self, stopped: bool) -> None:
+        with self.lock:
+            if stopped:
+                self.stopped += 1
+            else:
+                self.completed += 1
+
+
+def row_generators(seeds: list[int], salt: str) -> list[torch.Generator]:
+    """One generator per row, from the row's seed and the stage's salt.
+
+    The salt keeps stages statistically independent although they share the image's seed.
+    """
+    generators = []
+    for seed in seeds:
+        state = np.random.SeedSequence([seed, zlib.crc32(salt.encode())]).generate_state(2, np.uint32)
+        generators.append(torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1])))
+    return generators
+
+
+def resolve_guidance(scale: float | None, default: float) -> float:
+    return check_range(default if scale is None else scale, "guidance_scale", 0.0, MAX_GUIDANCE_SCALE)
+
+
+def images_to_unit(images: np.ndarray) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> float [B, 3, H, W] in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def unit_to_images(x: torch.Tensor) -> np.ndarray:
+    """float [B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3], rounding to nearest."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def load_module(directory: str | Path, expected_kind: str, build: Callable[[object], torch.nn.Module]):
+    """(config, eval-mode module with weights, weights version) from a checkpoint directory."""
+    config = read_config(directory)
+    if config.kind != expected_kind:
+        raise ValueError(f"{directory}: holds a {config.kind!r} checkpoint, expected {expected_kind!r}")
+    module = build(config)
+    module.load_state_dict(load_weights(directory, config))
+    return config, module.eval().requires_grad_(False), weights_version(directory, config)
+
+
+ProgressFn = Callable[[int, int, torch.Tensor], None]
+
+
+def embedding_to_model_space(embeddings: torch.Tensor) -> torch.Tensor:
+    """Unit-norm CLIP embeddings scaled by sqrt(D), so each component has about unit variance
+    like the Gaussian noise the diffusion models mix them with."""
+    return F.normalize(embeddings, dim=-1) * embeddings.shape[-1] ** 0.5
+
+
+def build_diffusion(config: DiffusionConfig) -> GaussianDiffusion:
+    return GaussianDiffusion(make_betas(config.schedule, config.timesteps), parameterization=config.parameterization)
+
+
+def sample_rows(
+    diffusion: GaussianDiffusion,
+    model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    shape: tuple[int, ...],
+    generators: list[torch.Generator],
+    options: SamplingOptions,
+    stats: StageStats,
+    *,
+    cancel: CancelToken | None = None,
+    denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    progress: ProgressFn | None = None,
+) -> torch.Tensor:
+    """Run the sampler, counting steps and whether it finished or was stopped."""
+
+    def on_step(step: int, total: int, x0: torch.Tensor) -> None:
+        stats.add_steps()
+        if progress is not None:
+            progress(step, total, x0)
+
+    try:
+        result = sample(
+            diffusion,
+            model_fn,
+            shape,
+            generators,
+            steps=options.steps,
+            sampler=options.sampler,
+            eta=options.eta,
+            denoised_fn=denoised_fn,
+            check_cancelled=cancel.check if cancel is not None else None,
+            progress=on_step,
+        )
+    except (Cancelled, DeadlineExceeded):
+        stats.finish(stopped=True)
+        raise
+    stats.finish(stopped=False)
+    return result
+
+
+def guided(
+    net_fn: Callable[..., torch.Tensor],
+    cond: dict[str, torch.Tensor],
+    uncond: dict[str, torch.Tensor],
+    guidance_scale: float,
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A sampler model_fn applying classifier-free guidance to `net_fn(x, t, **conditioning)`.
+
+    The conditional and unconditional halves run as one doubled batch; with scale 1 the
+    unconditional half is skipped since it cannot change the result.
+    """
+
+    def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if guidance_scale == 1.0:
+            return net_fn(x_t, t, **cond)
+        both = {key: torch.cat([cond[key], uncond[key]]) for key in cond}
+        out_cond, out_uncond = net_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), **both).chunk(2)
+        return classifier_free_guidance(out_cond, out_uncond, guidance_scale)
+
+    return model_fn

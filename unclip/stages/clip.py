@@ -1,0 +1,79 @@
+"""Stage 1 engine: texts and images to CLIP embeddings."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+
+from unclip.checkpoint import CheckpointError, read_config, weights_path, weights_version
+from unclip.config import ClipStageConfig
+from unclip.errors import InvalidArgument
+from unclip.pipeline import TextEncoding
+from unclip.models.clip import create_clip, encode_text_tokens, preprocess_images
+from unclip.stages.base import MAX_BATCH
+from unclip.validation import check_array, check_batch
+
+MAX_IMAGE_SIDE = 4096
+
+
+class ClipEncoder:
+    def __init__(self, config: ClipStageConfig, model: open_clip.CLIP, version: str = "unversioned"):
+        self.config = config
+        self.version = version
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = open_clip.get_tokenizer(config.model_name)
+        self.context_length = int(self.model.context_length)
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | Path) -> ClipEncoder:
+        config = read_config(directory)
+        if not isinstance(config, ClipStageConfig):
+            raise CheckpointError(f"{directory}: holds a {config.kind!r} checkpoint, expected 'clip'")
+        model = create_clip(config.model_name)
+        path = weights_path(directory, config)
+        if not path.is_file():
+            raise CheckpointError(f"{directory}: weights file {path} not found")
+        logging.getLogger("open_clip").setLevel(logging.ERROR)
+        open_clip.load_checkpoint(model, str(path))
+        return cls(config, model, weights_version(directory, config))
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.text_projection.shape[-1])
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        check_batch(len(texts), "texts", MAX_BATCH)
+        for index, text in enumerate(texts):
+            if not text.strip():
+                raise InvalidArgument(f"texts[{index}]: must not be empty")
+            # +2 for the start and end tokens; open_clip would silently truncate longer texts.
+            length = len(self.tokenizer.encode(text)) + 2
+            if length > self.context_length:
+                raise InvalidArgument(
+                    f"texts[{index}]: {length} tokens exceed the encoder's context length of {self.context_length}"
+                )
+        return self.tokenizer(texts)
+
+    @torch.no_grad()
+    def encode_text(self, texts: list[str]) -> TextEncoding:
+        tokens = self.tokenize(texts)
+        pooled, states = encode_text_tokens(self.model, tokens)
+        return TextEncoding(
+            embeddings=F.normalize(pooled, dim=-1).numpy(),
+            encodings=states.float().numpy(),
+            mask=(tokens != 0).numpy(),
+        )
+
+    @torch.no_grad()
+    def encode_image(self, images: np.ndarray) -> np.ndarray:
+        check_array(images, "images", shape=(None, None, None, 3), dtypes=[np.uint8])
+        check_batch(images.shape[0], "images", MAX_BATCH)
+        if not (1 <= images.shape[1] <= MAX_IMAGE_SIDE and 1 <= images.shape[2] <= MAX_IMAGE_SIDE):
+            raise InvalidArgument(f"images: sides must be 1..{MAX_IMAGE_SIDE} pixels, got {images.shape[1]}x{images.shape[2]}")
+        pixels = preprocess_images(self.model, torch.from_numpy(np.ascontiguousarray(images)))
+        return F.normalize(self.model.encode_image(pixels), dim=-1).numpy()

@@ -1,0 +1,102 @@
+"""Stage 3 engine: the diffusion decoder, CLIP image embedding -> small image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from unclip.config import DecoderStageConfig
+from unclip.errors import InvalidArgument
+from unclip.models.unet import UNet
+from unclip.stages.base import (
+    MAX_BATCH,
+    CancelToken,
+    ProgressFn,
+    StageStats,
+    build_diffusion,
+    embedding_to_model_space,
+    guided,
+    load_module,
+    resolve_guidance,
+    row_generators,
+    sample_rows,
+    unit_to_images,
+)
+from unclip.options import SamplingOptions
+from unclip.validation import check_array, check_batch, check_seeds
+
+
+class ImageDecoder:
+    def __init__(self, config: DecoderStageConfig, model: UNet, version: str = "unversioned"):
+        self.config = config
+        self.version = version
+        self.model = model
+        self.diffusion = build_diffusion(config.diffusion)
+        self.stats = StageStats()
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | Path) -> ImageDecoder:
+        return cls(*load_module(directory, "decoder", lambda c: UNet(c.model)))
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    @torch.no_grad()
+    def decode(
+        self,
+        image_embeddings: np.ndarray,
+        seeds: list[int],
+        *,
+        text_encodings: np.ndarray | None = None,
+        text_mask: np.ndarray | None = None,
+        guidance_scale: float | None = None,
+        sampling: SamplingOptions = SamplingOptions(),
+        cancel: CancelToken | None = None,
+        progress: ProgressFn | None = None,
+    ) -> np.ndarray:
+        """uint8 images [B, S, S, 3]. Text encodings are used by decoders trained with them and
+        ignored otherwise; without them a text-conditioned decoder decodes from the image alone."""
+        cfg = self.config.model
+        batch = image_embeddings.shape[0] if image_embeddings.ndim else 0
+        check_batch(batch, "image_embeddings", MAX_BATCH)
+        check_array(image_embeddings, "image_embeddings", shape=(None, cfg.image_embed_dim), dtypes=[np.float32])
+        seeds = check_seeds(seeds, batch)
+        if (text_encodings is None) != (text_mask is None):
+            raise InvalidArgument("text_encodings and text_mask must be given together")
+        scale = resolve_guidance(guidance_scale, self.config.sampling.guidance_scale)
+        options = sampling.resolve(self.config.sampling, self.config.diffusion.timesteps)
+
+        keep = torch.zeros(batch, dtype=torch.bool)
+        cond = dict(image_embed=embedding_to_model_space(torch.from_numpy(image_embeddings)), drop_image=keep)
+        if cfg.text_width > 0:
+            if text_encodings is None:
+                text_encodings = np.zeros((batch, 1, cfg.text_width), np.float32)
+                text_mask = np.zeros((batch, 1), np.bool_)
+                text_dropped = ~keep
+            else:
+                check_array(text_encodings, "text_encodings", shape=(batch, None, cfg.text_width), dtypes=[np.float32])
+                check_array(text_mask, "text_mask", shape=text_encodings.shape[:2], dtypes=[np.bool_])
+                text_dropped = keep
+            cond |= dict(
+                text_encodings=torch.from_numpy(text_encodings), text_mask=torch.from_numpy(text_mask), drop_text=text_dropped
+            )
+        # Unconditional half for guidance: both the image embedding and the text dropped.
+        uncond = {**cond, "drop_image": ~keep}
+        if "drop_text" in cond:
+            uncond["drop_text"] = ~keep
+        size = self.config.image_size
+        samples = sample_rows(
+            self.diffusion,
+            guided(self.model, cond, uncond, scale),
+            (batch, cfg.out_channels, size, size),
+            row_generators(seeds, "decoder"),
+            options,
+            self.stats,
+            cancel=cancel,
+            denoised_fn=lambda x0: x0.clamp(-1, 1),
+            progress=progress,
+        )
+        return unit_to_images(samples)

@@ -1,0 +1,11 @@
+"""gRPC channel and server options shared by every client and server, so limits agree."""
+
+from __future__ import annotations
+
+# Eight 1024x1024 RGB images are 25 MB raw; leave room for tensors and PNG overhead.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+GRPC_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]

@@ -1,0 +1,44 @@
+from unclip.v1 import sampling_pb2 as _sampling_pb2
+from unclip.v1 import model_info_pb2 as _model_info_pb2
+from unclip.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class SampleRequest(_message.Message):
+    __slots__ = ("text_embeddings", "text_encodings", "text_mask", "seeds", "num_candidates", "guidance_scale", "sampling")
+    TEXT_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_ENCODINGS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_MASK_FIELD_NUMBER: _ClassVar[int]
+    SEEDS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    text_embeddings: _tensor_pb2.Tensor
+    text_encodings: _tensor_pb2.Tensor
+    text_mask: _tensor_pb2.Tensor
+    seeds: _containers.RepeatedScalarFieldContainer[int]
+    num_candidates: int
+    guidance_scale: float
+    sampling: _sampling_pb2.SamplingOptions
+    def __init__(self, text_embeddings: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., text_encodings: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., text_mask: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., seeds: _Optional[_Iterable[int]] = ..., num_candidates: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., sampling: _Optional[_Union[_sampling_pb2.SamplingOptions, _Mapping]] = ...) -> None: ...
+
+class SampleResponse(_message.Message):
+    __slots__ = ("image_embeddings",)
+    IMAGE_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    image_embeddings: _tensor_pb2.Tensor
+    def __init__(self, image_embeddings: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class GetPriorInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetPriorInfoResponse(_message.Message):
+    __slots__ = ("info",)
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    info: _model_info_pb2.ModelInfo
+    def __init__(self, info: _Optional[_Union[_model_info_pb2.ModelInfo, _Mapping]] = ...) -> None: ...
