@@ -64,7 +64,9 @@ def _checked_layout(message: tensor_pb2.Tensor, name: str) -> tuple[np.dtype, tu
 
 
 def _bfloat16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
-    return (bits.astype(np.uint32) << 16).view(np.float32)
+    # np.left_shift with out= keeps 0-d inputs as arrays (the << operator returns a scalar).
+    widened = bits.astype(np.uint32)
+    return np.left_shift(widened, 16, out=widened).view(np.float32)
 
 
 def _float32_to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
@@ -90,7 +92,10 @@ def from_numpy(array: np.ndarray, dtype: int | None = None) -> tensor_pb2.Tensor
     if dtype == DataType.DATA_TYPE_BFLOAT16:
         data = _float32_to_bfloat16_bits(array.astype(np.float32, copy=False)).astype("<u2").tobytes()
         return tensor_pb2.Tensor(dtype=dtype, shape=array.shape, data=data)
-    wire_dtype = _NUMPY_WIRE.get(array.dtype) if dtype is None else dtype
+    if dtype is not None and dtype not in _WIRE_NUMPY:
+        raise TypeError(f"cannot encode as dtype {dtype}; supported: {[DataType.Name(d) for d in _WIRE_NUMPY]}")
+    # Byte order is a wire detail: a big-endian float32 is still float32.
+    wire_dtype = _NUMPY_WIRE.get(array.dtype.newbyteorder("=")) if dtype is None else dtype
     if wire_dtype is None:
         raise TypeError(f"cannot encode numpy dtype {array.dtype}; supported: {sorted(str(d) for d in _NUMPY_WIRE)}")
     data = np.ascontiguousarray(array, dtype=_WIRE_NUMPY[wire_dtype]).tobytes()

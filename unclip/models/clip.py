@@ -6,6 +6,7 @@ The tiny model config shipped in open_clip_configs/ is registered with open_clip
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import open_clip
@@ -18,7 +19,14 @@ open_clip.add_model_config(Path(__file__).parent / "open_clip_configs")
 
 def create_clip(model_name: str) -> open_clip.CLIP:
     """An open_clip model with random weights (the caller loads its own)."""
-    model = open_clip.create_model(model_name, pretrained=None, load_weights=False)
+    # open_clip warns on the root logger that no pretrained weights were loaded: expected here.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        model = open_clip.create_model(model_name, pretrained=None, load_weights=False)
+    finally:
+        root.setLevel(level)
     if not hasattr(model, "token_embedding"):
         raise ValueError(f"{model_name}: only open_clip models with the built-in text tower are supported")
     return model

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +37,6 @@ class ClipEncoder:
         path = weights_path(directory, config)
         if not path.is_file():
             raise CheckpointError(f"{directory}: weights file {path} not found")
-        logging.getLogger("open_clip").setLevel(logging.ERROR)
         open_clip.load_checkpoint(model, str(path))
         return cls(config, model, weights_version(directory, config))
 
@@ -62,7 +60,8 @@ class ClipEncoder:
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> TextEncoding:
         tokens = self.tokenize(texts)
-        pooled, states = encode_text_tokens(self.model, tokens)
+        # Row by row so that a text's encoding never depends on what it was batched with.
+        pooled, states = (torch.cat(parts) for parts in zip(*(encode_text_tokens(self.model, row[None]) for row in tokens)))
         return TextEncoding(
             embeddings=F.normalize(pooled, dim=-1).numpy(),
             encodings=states.float().numpy(),
@@ -76,4 +75,5 @@ class ClipEncoder:
         if not (1 <= images.shape[1] <= MAX_IMAGE_SIDE and 1 <= images.shape[2] <= MAX_IMAGE_SIDE):
             raise InvalidArgument(f"images: sides must be 1..{MAX_IMAGE_SIDE} pixels, got {images.shape[1]}x{images.shape[2]}")
         pixels = preprocess_images(self.model, torch.from_numpy(np.ascontiguousarray(images)))
-        return F.normalize(self.model.encode_image(pixels), dim=-1).numpy()
+        embeddings = torch.cat([self.model.encode_image(row[None]) for row in pixels])
+        return F.normalize(embeddings, dim=-1).numpy()

@@ -97,6 +97,7 @@ class PriorSampler:
             denoised_fn=lambda x0: F.normalize(x0, dim=-1) * scale_norm,
         )
         candidates = F.normalize(samples, dim=-1).view(batch, num_candidates, cfg.embed_dim)
-        similarity = torch.einsum("bkd,bd->bk", candidates, F.normalize(torch.from_numpy(text_embeddings), dim=-1))
+        text = F.normalize(torch.from_numpy(text_embeddings), dim=-1)
+        similarity = (candidates * text[:, None, :]).sum(dim=-1)  # per row, unlike a batched matmul
         best = similarity.argmax(dim=1)
         return candidates[torch.arange(batch), best].numpy()

@@ -18,6 +18,7 @@ from unclip.stages.base import (
     build_diffusion,
     images_to_unit,
     load_module,
+    one_row_at_a_time,
     row_generators,
     sample_rows,
     unit_to_images,
@@ -72,9 +73,10 @@ class ImageUpsampler:
         seeds = check_seeds(seeds, batch)
         options = sampling.resolve(self.config.sampling, self.config.diffusion.timesteps)
         low_res = images_to_unit(np.ascontiguousarray(images))
+        row_model = one_row_at_a_time(self.model)
         samples = sample_rows(
             self.diffusion,
-            lambda x_t, t: self.model(x_t, t, low_res=low_res),
+            lambda x_t, t: row_model(x_t, t, low_res=low_res),
             (batch, self.config.model.out_channels, out_h, out_w),
             row_generators(seeds, f"upsampler/x{self.scale_factor}"),
             options,

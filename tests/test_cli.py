@@ -1,0 +1,59 @@
+"""The `unclip` command: in-process generation by default, through a gateway with --server."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from unclip.png import read_png_text
+from unclip.serving import BackgroundServer, Server
+
+STEPS = ["--prior-steps", "3", "--decoder-steps", "3", "--upsampler-steps", "2"]
+
+
+def unclip(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "unclip", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_generate_in_process_writes_pngs(tmp_path: Path):
+    result = unclip("generate", "a red circle in the top left corner", "-n", "2", "--seed", "7", "--out", str(tmp_path), *STEPS)
+    assert result.returncode == 0, result.stderr
+    paths = [Path(line) for line in result.stdout.split()]
+    assert [p.name for p in paths] == ["a-red-circle-in-the-top-left-corner-7.png", "a-red-circle-in-the-top-left-corner-8.png"]
+    for path, seed in zip(paths, (7, 8)):
+        assert Image.open(path).size == (128, 128)
+        text = read_png_text(path.read_bytes())
+        assert text["prompt"] == "a red circle in the top left corner" and text["seed"] == str(seed)
+    assert result.stderr == ""  # no progress bar and no warnings when not on a terminal
+
+
+def test_generate_reports_bad_input_without_a_traceback(tmp_path: Path):
+    result = unclip("generate", "circle " * 40, "--out", str(tmp_path), *STEPS)
+    assert result.returncode == 1
+    assert "context length" in result.stderr and "Traceback" not in result.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_generate_through_a_server_matches_in_process(tmp_path: Path):
+    from gateway.servicer import SERVICES, ImageServicer
+    from unclip.local import LocalStages
+
+    # A gateway whose backend is the in-process engines: the CLI's --server path end to end.
+    with BackgroundServer(lambda: Server(ImageServicer(LocalStages.load()), SERVICES, port=0)) as server:
+        remote = unclip("generate", "a blue square", "--seed", "3", "--server", server.address, "--out", str(tmp_path / "remote"), *STEPS)
+    assert remote.returncode == 0, remote.stderr
+    local = unclip("generate", "a blue square", "--seed", "3", "--out", str(tmp_path / "local"), *STEPS)
+    assert local.returncode == 0, local.stderr
+    remote_pixels = np.asarray(Image.open(remote.stdout.split()[0]))
+    local_pixels = np.asarray(Image.open(local.stdout.split()[0]))
+    np.testing.assert_array_equal(remote_pixels, local_pixels)
+
+
+def test_generate_server_unreachable_is_a_clear_error(tmp_path: Path):
+    result = unclip("generate", "a blue square", "--server", "127.0.0.1:1", "--timeout", "3", "--out", str(tmp_path))
+    assert result.returncode == 1
+    assert "UNAVAILABLE" in result.stderr and "127.0.0.1:1" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,134 @@
+"""The gateway end to end: `unclip serve all` started by the test, driven through the SDK,
+compared pixel for pixel with the in-process pipeline, then stopped with Ctrl-C (SIGINT)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import grpc
+import numpy as np
+import pytest
+from conftest import FAST_STEPS
+
+from unclip.client import AsyncClient, Client, StageProgress, UnclipError
+from unclip.launcher import check_health
+from unclip.pipeline import GenerationParameters, generate
+
+PROMPT = "a green triangle at the bottom"
+
+
+def _ports_free(ports) -> bool:
+    for port in ports:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
+
+
+def _free_port_block(size: int = 5) -> int:
+    for _ in range(200):
+        base = random.randint(20000, 60000)
+        if _ports_free(range(base, base + size)):
+            return base
+    raise RuntimeError("no block of free ports on 127.0.0.1")
+
+
+@pytest.fixture(scope="module")
+def serve_all():
+    port = _free_port_block()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "unclip", "serve", "all", "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while not check_health(address, timeout=1.0):
+            if process.poll() is not None:
+                pytest.fail(f"unclip serve all exited early:\n{process.stdout.read()}")
+            if time.monotonic() > deadline:
+                pytest.fail("unclip serve all did not become healthy in 240 s")
+            time.sleep(0.5)
+        yield process, address, port
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_distributed_images_equal_in_process_images(serve_all, local_stages):
+    _, address, _ = serve_all
+    with Client(address, timeout=120) as client:
+        remote = client.generate(PROMPT, n=2, seed=123, **FAST_STEPS)
+    local = asyncio.run(generate(local_stages, GenerationParameters(prompt=PROMPT, n=2, seed=123, **FAST_STEPS)))
+    assert [image.seed for image in remote] == [123, 124]
+    for remote_image, local_image in zip(remote, local):
+        assert (remote_image.width, remote_image.height) == (128, 128)
+        np.testing.assert_array_equal(np.asarray(remote_image.image), local_image.pixels)
+        assert remote_image.png == local_image.png  # metadata included
+    assert remote[0].metadata["prompt"] == PROMPT and remote[0].metadata["seed"] == 123
+
+
+def test_batch_image_reproducible_alone_through_services(serve_all):
+    _, address, _ = serve_all
+    with Client(address, timeout=120) as client:
+        batch = client.generate(PROMPT, n=3, seed=900, size=32, **FAST_STEPS)
+        alone = client.generate(PROMPT, n=1, seed=902, size=32, **FAST_STEPS)
+    np.testing.assert_array_equal(np.asarray(batch[2].image), np.asarray(alone[0].image))
+
+
+def test_stream_reports_each_stage_then_images(serve_all):
+    _, address, _ = serve_all
+
+    async def collect():
+        async with AsyncClient(address, timeout=120) as client:
+            return [event async for event in client.generate_stream(PROMPT, seed=4, **FAST_STEPS)]
+
+    events = asyncio.run(collect())
+    progress = [event for event in events if isinstance(event, StageProgress)]
+    assert [event.stage for event in progress] == ["encode", "prior", "decode", "upsample"]
+    assert [event.completed for event in progress] == [1, 2, 3, 4] and progress[-1].total == 4
+    assert isinstance(events[-1], list) and events[-1][0].seed == 4
+
+
+def test_gateway_errors_carry_the_right_status(serve_all):
+    _, address, _ = serve_all
+    with Client(address, timeout=60, retries=0) as client:
+        with pytest.raises(UnclipError) as info:
+            client.generate(PROMPT, n=9)
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(UnclipError) as info:
+            client.generate(PROMPT, decoder_steps=5000)
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and "decoder service" in info.value.details
+        with pytest.raises(UnclipError) as info:
+            client.generate(PROMPT, size=48)
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and "[32, 128]" in info.value.details
+        with pytest.raises(UnclipError) as info:
+            client.generate(PROMPT, prior_steps=1000, decoder_steps=1000, timeout=1.0)
+        assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        # A failed request leaves the chain usable.
+        assert client.generate(PROMPT, seed=1, size=32, **FAST_STEPS)[0].width == 32
+
+
+def test_ctrl_c_stops_every_service(serve_all):
+    process, address, port = serve_all
+    process.send_signal(signal.SIGINT)
+    try:
+        output, _ = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail("unclip serve all did not stop within 60 s of SIGINT")
+    assert process.returncode == 0, output
+    assert "stopping" in output
+    # Nothing listens on any of the five ports any more.
+    for service_port in range(port, port + 5):
+        with socket.socket() as sock:
+            assert sock.connect_ex(("127.0.0.1", service_port)) != 0, f"port {service_port} still accepts connections"
