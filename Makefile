@@ -7,7 +7,7 @@ BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
 PROMPT ?= a red circle in the top left corner
 
-.PHONY: demo test install tools protos lint-protos bench clean
+.PHONY: demo test install tools protos lint lint-protos bench clean
 
 # The venv is reinstalled whenever pyproject.toml changes.
 $(INSTALLED): pyproject.toml
@@ -31,6 +31,10 @@ test: $(INSTALLED) $(BUF)
 
 protos: $(INSTALLED)
 	$(BIN)/python tools/gen_protos.py
+
+lint: $(INSTALLED) $(BUF)
+	$(BIN)/ruff check unclip encoder_svc prior_svc decoder_svc gateway tools tests
+	$(BUF) lint protos
 
 lint-protos: $(BUF)
 	$(BUF) lint protos

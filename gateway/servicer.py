@@ -7,8 +7,8 @@ import logging
 import time
 
 from unclip.errors import UnclipError
-from unclip.pipeline import GeneratedImage, GenerationParameters, StageBackend, StageEvent, generate
 from unclip.options import sampler_from_proto
+from unclip.pipeline import GeneratedImage, GenerationParameters, StageBackend, StageEvent, generate
 from unclip.serving import ServiceSpec, rpc, streaming_rpc
 from unclip.v1 import images_pb2, images_pb2_grpc
 

@@ -236,7 +236,7 @@ def _serve_all(args: argparse.Namespace) -> int:
     import signal
     import time
 
-    from unclip.launcher import DEFAULT_GATEWAY_PORT, LocalCluster
+    from unclip.launcher import DEFAULT_GATEWAY_PORT, LocalCluster, check_health
 
     cluster = LocalCluster(host=args.host, gateway_port=args.port or DEFAULT_GATEWAY_PORT, weights=args.weights)
     stop_requested = False
@@ -255,7 +255,7 @@ def _serve_all(args: argparse.Namespace) -> int:
             if failed is not None:
                 print(f"unclip: {failed.name} exited with code {failed.process.returncode}; stopping", file=sys.stderr)
                 return 1
-            if not ready_reported and all(_healthy(s.address) for s in cluster.services):
+            if not ready_reported and all(check_health(s.address, timeout=1.0) for s in cluster.services):
                 print(f"unclip: serving; gateway at {cluster.gateway_address}", flush=True)
                 ready_reported = True
             time.sleep(0.5)
@@ -264,8 +264,3 @@ def _serve_all(args: argparse.Namespace) -> int:
     finally:
         cluster.stop()
 
-
-def _healthy(address: str) -> bool:
-    from unclip.launcher import check_health
-
-    return check_health(address, timeout=1.0)

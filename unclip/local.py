@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from unclip.cancel import CancelToken
 from unclip.pipeline import PipelineInfo, TextEncoding
 from unclip.stages import load_engine
-from unclip.cancel import CancelToken
 from unclip.stages.base import ProgressFn
 
 

@@ -13,7 +13,9 @@ SAMPLERS = ("ddim", "ddpm")
 _SAMPLER_ENUM = {"ddim": sampling_pb2.SAMPLER_DDIM, "ddpm": sampling_pb2.SAMPLER_DDPM}
 
 
-class SamplingDefaults(Protocol):
+class DefaultsLike(Protocol):
+    """A checkpoint's sampling defaults (unclip.config.SamplingDefaults, kept torch-free here)."""
+
     steps: int
     sampler: str
     eta: float
@@ -27,7 +29,7 @@ class SamplingOptions:
     sampler: str | None = None
     eta: float | None = None
 
-    def resolve(self, defaults: SamplingDefaults, max_steps: int) -> SamplingOptions:
+    def resolve(self, defaults: DefaultsLike, max_steps: int) -> SamplingOptions:
         steps = defaults.steps if self.steps is None else self.steps
         if not 1 <= steps <= max_steps:
             raise InvalidArgument(f"steps: must be between 1 and {max_steps}, got {steps}")

@@ -1,4 +1,4 @@
-"""What every stage engine shares: cancellation, per-row seeding, loading, sampling options.
+"""What every stage engine shares: per-row seeding and computation, loading, sampling, guidance.
 
 An engine is the in-process core of one stage: numpy in, numpy out, inputs validated. The
 gRPC services and the in-process pipeline call the same engines, which is what makes an image
@@ -17,19 +17,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from unclip.cancel import CancelToken
 from unclip.checkpoint import load_weights, read_config, weights_version
 from unclip.config import DiffusionConfig
-from unclip.options import SamplingOptions
 from unclip.diffusion import GaussianDiffusion, classifier_free_guidance, make_betas, sample
-from unclip.cancel import CancelToken
-from unclip.errors import Cancelled, DeadlineExceeded, InvalidArgument
+from unclip.errors import Cancelled, DeadlineExceeded
+from unclip.options import SamplingOptions
 from unclip.validation import check_range
 
+# Bounds on one request's cost.
 MAX_BATCH = 64
-# Bounds a request's cost; the models are trained with 1000 timesteps.
 MAX_CANDIDATES = 16
 MAX_GUIDANCE_SCALE = 50.0
-
 
 
 @dataclass

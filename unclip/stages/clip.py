@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from unclip.checkpoint import CheckpointError, read_config, weights_path, weights_version
 from unclip.config import ClipStageConfig
 from unclip.errors import InvalidArgument
-from unclip.pipeline import TextEncoding
 from unclip.models.clip import create_clip, encode_text_tokens, preprocess_images
+from unclip.pipeline import TextEncoding
 from unclip.stages.base import MAX_BATCH
 from unclip.validation import check_array, check_batch
 

@@ -10,6 +10,7 @@ import torch
 from unclip.config import DecoderStageConfig
 from unclip.errors import InvalidArgument
 from unclip.models.unet import UNet
+from unclip.options import SamplingOptions
 from unclip.stages.base import (
     MAX_BATCH,
     CancelToken,
@@ -24,7 +25,6 @@ from unclip.stages.base import (
     sample_rows,
     unit_to_images,
 )
-from unclip.options import SamplingOptions
 from unclip.validation import check_array, check_batch, check_seeds
 
 

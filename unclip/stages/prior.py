@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from unclip.config import PriorStageConfig
 from unclip.errors import InvalidArgument
 from unclip.models.prior import DiffusionPrior
+from unclip.options import SamplingOptions
 from unclip.stages.base import (
     MAX_BATCH,
     MAX_CANDIDATES,
@@ -24,7 +25,6 @@ from unclip.stages.base import (
     row_generators,
     sample_rows,
 )
-from unclip.options import SamplingOptions
 from unclip.validation import check_array, check_batch, check_seeds
 
 
