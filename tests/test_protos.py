@@ -24,9 +24,16 @@ BUF = ROOT / ".tools" / "node_modules" / ".bin" / "buf"
 EXPECTED_SERVICES = {
     "ClipEncoderService": {"GetEncoderInfo": (False, False), "EncodeText": (False, False), "EncodeImage": (False, False)},
     "PriorService": {"GetPriorInfo": (False, False), "Sample": (False, False)},
-    "DecoderService": {"GetDecoderInfo": (False, False), "Decode": (False, False)},
+    "DecoderService": {"GetDecoderInfo": (False, False), "Decode": (False, False), "DecodeStream": (False, True)},
     "UpsamplerService": {"GetUpsamplerInfo": (False, False), "Upsample": (False, False)},
-    "ImageService": {"Generate": (False, False), "GenerateStream": (False, True)},
+    "ImageService": {
+        "Generate": (False, False),
+        "GenerateStream": (False, True),
+        "CreateVariations": (False, False),
+        "Interpolate": (False, False),
+        "TextDiff": (False, False),
+        "Edit": (False, False),
+    },
 }
 
 

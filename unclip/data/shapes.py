@@ -1,0 +1,417 @@
+"""The Shapes domain: procedural pictures of coloured shapes and the captions that describe them.
+
+A scene is either one object in one cell of a 3x3 grid, or two objects of different colours in
+a spatial relation, on a uniform background. One small caption grammar drives everything:
+`format_caption` writes it, `parse_caption` reads it back into a `Spec`, and `sample_scene_for`
+draws a scene that a (possibly partial) spec describes. Training data (`ShapesDataset`),
+evaluation prompts (`canonical_prompts`) and the judge (`unclip.eval.judge`) all share it.
+
+Coordinates are fractions of the side, 0..1, with y pointing down.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+from torch.utils.data import IterableDataset, get_worker_info
+
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "black": (0, 0, 0),
+    "white": (255, 255, 255),
+    "gray": (128, 128, 128),
+}
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 210, 40),
+    "purple": (140, 60, 190),
+    "orange": (245, 140, 30),
+}
+SHAPES = ("circle", "square", "triangle")
+SIZES: dict[str, float] = {"small": 0.10, "large": 0.16}  # nominal half-width, fraction of the side
+SIZE_JITTER = 0.10  # relative, uniform
+COLOUR_JITTER = 12  # per channel, uniform
+
+# Grid cells as (column, row), and how a caption names them.
+POSITIONS: dict[str, tuple[int, int]] = {
+    "top left": (0, 0),
+    "top": (1, 0),
+    "top right": (2, 0),
+    "left": (0, 1),
+    "center": (1, 1),
+    "right": (2, 1),
+    "bottom left": (0, 2),
+    "bottom": (1, 2),
+    "bottom right": (2, 2),
+}
+POSITION_PHRASES: dict[str, str] = {
+    "top left": "in the top left corner",
+    "top": "at the top",
+    "top right": "in the top right corner",
+    "left": "on the left",
+    "center": "in the center",
+    "right": "on the right",
+    "bottom left": "in the bottom left corner",
+    "bottom": "at the bottom",
+    "bottom right": "in the bottom right corner",
+}
+# "left" means: the first object of the caption is to the left of the second.
+RELATIONS: dict[str, str] = {
+    "left": "to the left of",
+    "right": "to the right of",
+    "above": "above",
+    "below": "below",
+}
+SPLITS = ("train", "heldout", "all")
+DEFAULT_HELDOUT: list[tuple[str, str]] = [("purple", "triangle"), ("orange", "square")]
+
+# Stricter than the grammar needs, so that a judge measuring a blurry picture is not at the mercy
+# of a pixel: box centres stay this far inside their cell, a relation's axis separation beats the
+# other axis by this much, and two objects' boxes are at least this far apart.
+CELL_MARGIN = 0.03
+RELATION_MARGIN = 0.05
+MIN_RELATION_DISTANCE = 0.25
+BOX_GAP = 0.02
+SUPERSAMPLE = 4
+
+
+@dataclass(frozen=True)
+class ShapeObject:
+    shape: str
+    colour: str
+    size: str  # "small" | "large"
+    cx: float  # box centre
+    cy: float
+    half_width: float
+    rgb: tuple[int, int, int]
+
+    @property
+    def position(self) -> str:
+        return position_of(self.cx, self.cy)
+
+
+@dataclass(frozen=True)
+class Scene:
+    background: str
+    objects: tuple[ShapeObject, ...]
+    relation: str | None  # two-object scenes: objects[0] is <relation> objects[1]
+    caption: str
+    mentioned: dict[str, bool]  # which optional attributes (size, position, background) the caption states
+
+
+@dataclass(frozen=True)
+class ObjectSpec:
+    """What a caption says about one object; None is "not stated"."""
+
+    colour: str | None = None
+    shape: str | None = None
+    size: str | None = None
+    position: str | None = None
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What a caption says about a scene; None is "not stated"."""
+
+    objects: tuple[ObjectSpec, ...]
+    relation: str | None = None
+    background: str | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.objects) not in (1, 2):
+            raise ValueError(f"a scene has one or two objects, got {len(self.objects)}")
+        for o in self.objects:
+            _check_value("colour", o.colour, COLOURS)
+            _check_value("shape", o.shape, SHAPES)
+            _check_value("size", o.size, SIZES)
+            _check_value("position", o.position, POSITIONS)
+        _check_value("relation", self.relation, RELATIONS)
+        _check_value("background", self.background, BACKGROUNDS)
+        if len(self.objects) == 1 and self.relation is not None:
+            raise ValueError("a relation needs two objects")
+        if len(self.objects) == 2:
+            a, b = self.objects
+            if any(o.size or o.position for o in self.objects):
+                raise ValueError("two-object scenes state neither sizes nor positions")
+            if a.colour is not None and a.colour == b.colour:
+                raise ValueError(f"the two objects must have different colours, both are {a.colour}")
+
+
+def _check_value(name: str, value: str | None, allowed) -> None:
+    if value is not None and value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {list(allowed)}")
+
+
+def position_of(cx: float, cy: float) -> str:
+    """The grid cell that contains the point (cx, cy)."""
+    cell = (min(int(cx * 3), 2), min(int(cy * 3), 2))
+    return next(name for name, c in POSITIONS.items() if c == cell)
+
+
+# ---------------------------------------------------------------------------------------------
+# Captions
+
+
+def _with_article(words: list[str]) -> str:
+    text = " ".join(words)
+    return ("an " if text[0] in "aeiou" else "a ") + text
+
+
+def format_caption(spec: Spec) -> str:
+    """The caption that states exactly what `spec` states; colours, shapes and relation are required."""
+    if any(o.colour is None or o.shape is None for o in spec.objects):
+        raise ValueError("a caption states every object's colour and shape")
+    if len(spec.objects) == 1:
+        o = spec.objects[0]
+        text = _with_article([w for w in (o.size, o.colour, o.shape) if w is not None])
+        if o.position is not None:
+            text += " " + POSITION_PHRASES[o.position]
+    else:
+        if spec.relation is None:
+            raise ValueError("a two-object caption states the relation")
+        a, b = spec.objects
+        text = f"{_with_article([a.colour, a.shape])} {RELATIONS[spec.relation]} {_with_article([b.colour, b.shape])}"
+    if spec.background is not None:
+        text += f" on a {spec.background} background"
+    return text
+
+
+def _alternatives(words) -> str:
+    return "|".join(re.escape(w) for w in words)
+
+
+_COLOUR, _SHAPE = _alternatives(COLOURS), _alternatives(SHAPES)
+_BACKGROUND = rf"(?: on a (?P<background>{_alternatives(BACKGROUNDS)}) background)?"
+_ONE_OBJECT = re.compile(
+    rf"(?P<article>an?) (?:(?P<size>{_alternatives(SIZES)}) )?(?P<colour>{_COLOUR}) (?P<shape>{_SHAPE})"
+    rf"(?: (?P<position>{_alternatives(POSITION_PHRASES.values())}))?{_BACKGROUND}"
+)
+_TWO_OBJECTS = re.compile(
+    rf"(?P<article>an?) (?P<colour>{_COLOUR}) (?P<shape>{_SHAPE}) (?P<relation>{_alternatives(RELATIONS.values())})"
+    rf" (?P<article2>an?) (?P<colour2>{_COLOUR}) (?P<shape2>{_SHAPE}){_BACKGROUND}"
+)
+
+
+def parse_caption(caption: str) -> Spec:
+    """The inverse of `format_caption`: raises ValueError on text outside the grammar."""
+    text = " ".join(caption.lower().split()).removesuffix(".")
+    phrase_to_position = {p: name for name, p in POSITION_PHRASES.items()}
+    phrase_to_relation = {p: name for name, p in RELATIONS.items()}
+    if m := _ONE_OBJECT.fullmatch(text):
+        _check_article(m["article"], m["size"] or m["colour"], caption)
+        obj = ObjectSpec(m["colour"], m["shape"], m["size"], phrase_to_position.get(m["position"]))
+        return Spec((obj,), background=m["background"])
+    if m := _TWO_OBJECTS.fullmatch(text):
+        _check_article(m["article"], m["colour"], caption)
+        _check_article(m["article2"], m["colour2"], caption)
+        objects = (ObjectSpec(m["colour"], m["shape"]), ObjectSpec(m["colour2"], m["shape2"]))
+        return Spec(objects, phrase_to_relation[m["relation"]], m["background"])
+    raise ValueError(f"not a Shapes caption: {caption!r}")
+
+
+def _check_article(article: str, word: str, caption: str) -> None:
+    if _with_article([word]).split()[0] != article:
+        raise ValueError(f"wrong article {article!r} before {word!r} in {caption!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Scenes
+
+
+def _choice(rng: np.random.Generator, options):
+    options = list(options)
+    return options[rng.integers(len(options))]
+
+
+def _make_object(rng: np.random.Generator, colour: str, shape: str, size: str, cx=0.5, cy=0.5) -> ShapeObject:
+    half_width = SIZES[size] * rng.uniform(1 - SIZE_JITTER, 1 + SIZE_JITTER)
+    jitter = rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, size=3)
+    rgb = tuple(int(v) for v in np.clip(np.array(COLOURS[colour]) + jitter, 0, 255))
+    return ShapeObject(shape, colour, size, cx, cy, half_width, rgb)
+
+
+def _point_in_cell(rng: np.random.Generator, position: str, half_width: float) -> tuple[float, float]:
+    """A box centre inside the cell (by CELL_MARGIN) that keeps the whole box on the canvas."""
+
+    def coordinate(index: int) -> float:
+        low = max(index / 3 + CELL_MARGIN, half_width)
+        high = min((index + 1) / 3 - CELL_MARGIN, 1 - half_width)
+        return rng.uniform(low, high)
+
+    col, row = POSITIONS[position]
+    return coordinate(col), coordinate(row)
+
+
+def _place_pair(rng: np.random.Generator, hw_a: float, hw_b: float, relation: str) -> np.ndarray:
+    """Box centres [[ax, ay], [bx, by]] with a <relation> b, by rejection sampling."""
+    axis, sign = {"left": (0, -1), "right": (0, 1), "above": (1, -1), "below": (1, 1)}[relation]
+    for _ in range(10_000):
+        a = rng.uniform(hw_a, 1 - hw_a, size=2)
+        b = rng.uniform(hw_b, 1 - hw_b, size=2)
+        d = a - b
+        along, across = sign * d[axis], abs(d[1 - axis])
+        apart = max(abs(d[0]), abs(d[1])) >= hw_a + hw_b + BOX_GAP
+        if along >= MIN_RELATION_DISTANCE and along >= across + RELATION_MARGIN and apart:
+            return np.stack([a, b])
+    raise RuntimeError(f"could not place two objects {relation!r} of each other")  # never seen in practice
+
+
+def sample_scene_for(spec: Spec, rng: np.random.Generator) -> Scene:
+    """A scene that satisfies `spec`; whatever it leaves open is drawn at random.
+
+    The caption states exactly what the spec states (plus the colours and shapes drawn for it).
+    """
+    free_colours = [c for c in COLOURS if c not in {o.colour for o in spec.objects}]
+    objects = []
+    for o in spec.objects:
+        colour = o.colour
+        if colour is None:
+            colour = _choice(rng, free_colours)
+            free_colours.remove(colour)
+        objects.append(_make_object(rng, colour, o.shape or _choice(rng, SHAPES), o.size or _choice(rng, SIZES)))
+    background = spec.background or _choice(rng, BACKGROUNDS)
+    relation = None
+    if len(objects) == 1:
+        (obj,) = objects
+        cx, cy = _point_in_cell(rng, spec.objects[0].position or _choice(rng, POSITIONS), obj.half_width)
+        objects = [_moved(obj, cx, cy)]
+    else:
+        relation = spec.relation or _choice(rng, RELATIONS)
+        centres = _place_pair(rng, objects[0].half_width, objects[1].half_width, relation)
+        objects = [_moved(obj, *centre) for obj, centre in zip(objects, centres)]
+    stated = Spec(
+        tuple(ObjectSpec(obj.colour, obj.shape, o.size, o.position) for obj, o in zip(objects, spec.objects)),
+        relation,
+        spec.background,
+    )
+    mentioned = {
+        "size": spec.objects[0].size is not None,
+        "position": spec.objects[0].position is not None,
+        "background": spec.background is not None,
+    }
+    return Scene(background, tuple(objects), relation, format_caption(stated), mentioned)
+
+
+def _moved(obj: ShapeObject, cx: float, cy: float) -> ShapeObject:
+    return ShapeObject(obj.shape, obj.colour, obj.size, float(cx), float(cy), obj.half_width, obj.rgb)
+
+
+def _draw_combos(
+    rng: np.random.Generator, count: int, heldout: list[tuple[str, str]], split: str
+) -> list[tuple[str, str]]:
+    """(colour, shape) for `count` objects of different colours, honouring the held-out split."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
+    heldout = [tuple(c) for c in heldout]
+    if split == "heldout" and not heldout:
+        raise ValueError("the heldout split needs at least one held-out (colour, shape)")
+    combos = [(c, s) for c in COLOURS for s in SHAPES]
+    if split == "train":
+        combos = [c for c in combos if c not in heldout]
+    while True:
+        drawn = [_choice(rng, combos) for _ in range(count)]
+        if split == "heldout":  # one object is held out, the other anything
+            drawn[rng.integers(count)] = _choice(rng, heldout)
+        if len({colour for colour, _ in drawn}) == count:
+            return drawn
+
+
+def _random_spec(
+    rng: np.random.Generator, combos: list[tuple[str, str]], mention_p: float, always_position: bool = False
+) -> Spec:
+    """A spec for these objects that states each optional attribute with probability mention_p."""
+
+    def maybe(options):
+        return _choice(rng, options) if rng.random() < mention_p else None
+
+    background = maybe(BACKGROUNDS)
+    if len(combos) == 1:
+        (colour, shape), size = combos[0], maybe(SIZES)
+        position = _choice(rng, POSITIONS) if always_position else maybe(POSITIONS)
+        return Spec((ObjectSpec(colour, shape, size, position),), background=background)
+    objects = tuple(ObjectSpec(colour, shape) for colour, shape in combos)
+    return Spec(objects, _choice(rng, RELATIONS), background)
+
+
+def sample(
+    rng: np.random.Generator,
+    two_object_fraction: float = 0.3,
+    heldout: list[tuple[str, str]] = DEFAULT_HELDOUT,
+    split: str = "all",
+    mention_p: float = 0.5,
+) -> Scene:
+    """One random scene with its caption."""
+    count = 2 if rng.random() < two_object_fraction else 1
+    spec = _random_spec(rng, _draw_combos(rng, count, heldout, split), mention_p)
+    return sample_scene_for(spec, rng)
+
+
+def render(scene: Scene, size: int = 128) -> np.ndarray:
+    """The scene as a [size, size, 3] uint8 image: drawn SUPERSAMPLE times larger, then box-filtered."""
+    big = size * SUPERSAMPLE
+    image = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
+    draw = ImageDraw.Draw(image)
+    for obj in scene.objects:
+        # PIL boxes include their last pixel, hence the - 1.
+        x0, y0 = (obj.cx - obj.half_width) * big, (obj.cy - obj.half_width) * big
+        x1, y1 = (obj.cx + obj.half_width) * big - 1, (obj.cy + obj.half_width) * big - 1
+        if obj.shape == "circle":
+            draw.ellipse((x0, y0, x1, y1), fill=obj.rgb)
+        elif obj.shape == "square":
+            draw.rectangle((x0, y0, x1, y1), fill=obj.rgb)
+        else:  # triangle pointing up: apex at the top centre of its box, base along the bottom
+            draw.polygon([(obj.cx * big - 0.5, y0), (x1, y1), (x0, y1)], fill=obj.rgb)
+    return np.asarray(image.resize((size, size), Image.Resampling.BOX))
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets and prompts
+
+
+class ShapesDataset(IterableDataset):
+    """An endless, seeded stream of {"image": uint8 [size, size, 3], "caption": str}.
+
+    split "train" never shows a held-out (colour, shape), in pictures or captions; "heldout"
+    shows at least one in every scene; "all" ignores the held-out list. Each DataLoader worker
+    draws its own stream from (seed, worker id), so workers never repeat each other.
+    """
+
+    def __init__(
+        self,
+        seed: int = 0,
+        size: int = 128,
+        two_object_fraction: float = 0.3,
+        heldout: list[tuple[str, str]] = DEFAULT_HELDOUT,
+        split: str = "train",
+    ) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
+        self.seed, self.size, self.split = seed, size, split
+        self.two_object_fraction = two_object_fraction
+        self.heldout = list(heldout)
+
+    def __iter__(self):
+        worker = get_worker_info()
+        rng = np.random.default_rng([self.seed, 0 if worker is None else worker.id])
+        while True:
+            scene = sample(rng, self.two_object_fraction, self.heldout, self.split)
+            yield {"image": render(scene, self.size), "caption": scene.caption}
+
+
+def canonical_prompts(
+    n: int, seed: int = 0, split: str = "all", heldout: list[tuple[str, str]] = DEFAULT_HELDOUT
+) -> list[str]:
+    """n evaluation prompts, the same for the same arguments: 60% one object (colour, shape and
+    position always stated), 40% two objects in a relation, shuffled; held-out split as in ShapesDataset."""
+    rng = np.random.default_rng(seed)
+    n_one = round(0.6 * n)
+    prompts = []
+    for i in range(n):
+        combos = _draw_combos(rng, 1 if i < n_one else 2, heldout, split)
+        prompts.append(format_caption(_random_spec(rng, combos, mention_p=0.5, always_position=True)))
+    rng.shuffle(prompts)
+    return prompts
