@@ -14,9 +14,9 @@ import grpc
 import numpy as np
 
 from unclip import codec
-from unclip.errors import DeadlineExceeded, error_for_status
+from unclip.errors import DeadlineExceeded, Unavailable, error_for_status
 from unclip.options import SamplingOptions
-from unclip.pipeline import PipelineInfo, TextEncoding
+from unclip.pipeline import PipelineInfo, PreviewFn, TextEncoding
 from unclip.transport import GRPC_OPTIONS
 from unclip.v1 import (
     decoder_pb2,
@@ -50,18 +50,24 @@ class RemoteStages:
     async def close(self) -> None:
         await asyncio.gather(*(channel.close() for channel in self._channels.values()))
 
+    @staticmethod
+    def _timeout(stage: str, deadline: float | None) -> float | None:
+        if deadline is None:
+            return None
+        timeout = deadline - time.monotonic()
+        if timeout <= 0:
+            raise DeadlineExceeded(f"the deadline passed before the {stage} stage was called")
+        return timeout
+
+    def _error(self, stage: str, error: grpc.aio.AioRpcError):
+        return error_for_status(error.code().name, f"{stage} service at {self.addresses[stage]}: {error.details()}")
+
     async def _call(self, stage: str, method, request, deadline: float | None):
-        timeout = None
-        if deadline is not None:
-            timeout = deadline - time.monotonic()
-            if timeout <= 0:
-                raise DeadlineExceeded(f"the deadline passed before the {stage} stage was called")
+        timeout = self._timeout(stage, deadline)
         try:
             return await method(request, timeout=timeout)
         except grpc.aio.AioRpcError as error:
-            raise error_for_status(
-                error.code().name, f"{stage} service at {self.addresses[stage]}: {error.details()}"
-            ) from None
+            raise self._error(stage, error) from None
 
     async def describe(self) -> PipelineInfo:
         if self._info is not None and time.monotonic() - self._info_time < INFO_TTL_SECONDS:
@@ -105,9 +111,15 @@ class RemoteStages:
         reply = await self._call("prior", self.prior.Sample, request, deadline)
         return codec.to_numpy(reply.image_embeddings, "image_embeddings")
 
+    async def encode_image(self, images: np.ndarray, *, deadline: float | None) -> np.ndarray:
+        request = encoder_pb2.EncodeImageRequest(images=codec.from_numpy(images))
+        reply = await self._call("encoder", self.encoder.EncodeImage, request, deadline)
+        return codec.to_numpy(reply.image_embeddings, "image_embeddings")
+
     async def decode(
         self, image_embeddings: np.ndarray, text: TextEncoding | None, seeds: list[int], *,
         guidance_scale: float | None, sampling: SamplingOptions, deadline: float | None,
+        inpaint: tuple[np.ndarray, np.ndarray] | None = None, preview_every: int = 0, on_preview: PreviewFn | None = None,
     ) -> np.ndarray:
         request = decoder_pb2.DecodeRequest(
             image_embeddings=codec.from_numpy(image_embeddings), seeds=seeds, sampling=sampling.to_proto()
@@ -117,12 +129,35 @@ class RemoteStages:
             request.text_mask.CopyFrom(codec.from_numpy(text.mask))
         if guidance_scale is not None:
             request.guidance_scale = guidance_scale
-        reply = await self._call("decoder", self.decoder.Decode, request, deadline)
-        return codec.to_numpy(reply.images, "images")
+        _set_inpaint(request, inpaint)
+        if on_preview is None or preview_every <= 0:
+            reply = await self._call("decoder", self.decoder.Decode, request, deadline)
+            return codec.to_numpy(reply.images, "images")
+        return await self._decode_streaming(decoder_pb2.DecodeStreamRequest(request=request, preview_every=preview_every), deadline, on_preview)
+
+    async def _decode_streaming(self, request, deadline: float | None, on_preview: PreviewFn) -> np.ndarray:
+        timeout = self._timeout("decoder", deadline)
+        try:
+            async for event in self.decoder.DecodeStream(request, timeout=timeout):
+                if event.HasField("preview"):
+                    on_preview(event.preview.step, event.preview.total_steps, codec.to_numpy(event.preview.images, "preview"))
+                else:
+                    return codec.to_numpy(event.result.images, "images")
+        except grpc.aio.AioRpcError as error:
+            raise self._error("decoder", error) from None
+        raise Unavailable(f"decoder service at {self.addresses['decoder']}: the stream ended without images")
 
     async def upsample(
         self, index: int, images: np.ndarray, seeds: list[int], *, sampling: SamplingOptions, deadline: float | None,
+        inpaint: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> np.ndarray:
         request = upsampler_pb2.UpsampleRequest(images=codec.from_numpy(images), seeds=seeds, sampling=sampling.to_proto())
+        _set_inpaint(request, inpaint)
         reply = await self._call(f"upsampler{index}", self.upsamplers[index].Upsample, request, deadline)
         return codec.to_numpy(reply.images, "images")
+
+
+def _set_inpaint(request, inpaint: tuple[np.ndarray, np.ndarray] | None) -> None:
+    if inpaint is not None:
+        request.inpaint_images.CopyFrom(codec.from_numpy(inpaint[0]))
+        request.inpaint_mask.CopyFrom(codec.from_numpy(inpaint[1]))

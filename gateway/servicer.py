@@ -1,4 +1,4 @@
-"""gRPC ImageService: prompt in, PNG images out, through the four stage services."""
+"""gRPC ImageService: the gateway's public API, a thin layer over `gateway.api.ImageAPI`."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ import asyncio
 import logging
 import time
 
-from unclip.errors import UnclipError
+from gateway.api import ImageAPI, Result
+from unclip.errors import InvalidArgument, UnclipError
 from unclip.options import sampler_from_proto
-from unclip.pipeline import GeneratedImage, GenerationParameters, StageBackend, StageEvent, generate
-from unclip.serving import ServiceSpec, rpc, streaming_rpc
+from unclip.pipeline import GenerationParameters, StageEvent
+from unclip.png import encode_png
+from unclip.serving import ServiceSpec, events_until_done, rpc, streaming_rpc
 from unclip.v1 import images_pb2, images_pb2_grpc
 
 log = logging.getLogger("unclip.gateway")
@@ -38,15 +40,30 @@ def parameters_from_proto(message: images_pb2.GenerationParameters) -> Generatio
         upsampler_steps=optional("upsampler_steps"),
         sampler=sampler_from_proto(message.sampler),
         prior_candidates=optional("prior_candidates") or 1,
+        preview_every=message.preview_every,
     )
 
 
-def response_from_images(images: list[GeneratedImage]) -> images_pb2.GenerateResponse:
+def response_from_result(result: Result, delivery: images_pb2.Delivery) -> images_pb2.GenerateResponse:
+    as_url = delivery.response_format == images_pb2.RESPONSE_FORMAT_URL
     return images_pb2.GenerateResponse(
+        request_id=result.request_id,
         images=[
-            images_pb2.GeneratedImage(png=image.png, seed=image.seed, width=image.width, height=image.height)
-            for image in images
-        ]
+            images_pb2.GeneratedImage(
+                png=b"" if as_url else image.png, url=image.url or "", seed=image.seed, width=image.width,
+                height=image.height,
+            )
+            for image in result.images
+        ],
+        gif=b"" if as_url or result.gif is None else result.gif,
+        gif_url=result.gif_url or "",
+    )
+
+
+def delivery_options(delivery: images_pb2.Delivery) -> dict:
+    return dict(
+        want_url=delivery.response_format == images_pb2.RESPONSE_FORMAT_URL,
+        idempotency_key=delivery.idempotency_key or None,
     )
 
 
@@ -58,14 +75,14 @@ def progress_from_event(event: StageEvent) -> images_pb2.StageProgress:
 
 
 class ImageServicer(images_pb2_grpc.ImageServiceServicer):
-    def __init__(self, backend: StageBackend):
-        self.backend = backend
+    def __init__(self, api: ImageAPI):
+        self.api = api
 
     async def load(self) -> None:
         """Ready once every stage answers; until then health says NOT_SERVING."""
         while True:
             try:
-                info = await self.backend.describe()
+                info = await self.api.backend.describe()
             except UnclipError as error:
                 log.info("waiting for the stage services: %s", error)
                 await asyncio.sleep(STAGE_RETRY_SECONDS)
@@ -74,9 +91,10 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
             return
 
     async def close(self) -> None:
-        close = getattr(self.backend, "close", None)
-        if close is not None:
-            await close()
+        for resource in (self.api.backend, self.api.store):
+            close = getattr(resource, "close", None)
+            if close is not None:
+                await close()
 
     @staticmethod
     def _deadline(context) -> float | None:
@@ -85,28 +103,71 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
 
     @rpc
     async def Generate(self, request, context):
-        params = parameters_from_proto(request.parameters)
-        images = await generate(self.backend, params, deadline=self._deadline(context))
-        return response_from_images(images)
+        result = await self.api.generate(
+            parameters_from_proto(request.parameters), deadline=self._deadline(context), **delivery_options(request.delivery)
+        )
+        return response_from_result(result, request.delivery)
 
     @streaming_rpc
     async def GenerateStream(self, request, context):
-        params = parameters_from_proto(request.parameters)
-        events: asyncio.Queue[StageEvent] = asyncio.Queue()
-        task = asyncio.create_task(
-            generate(self.backend, params, deadline=self._deadline(context), on_stage=events.put_nowait)
+        events: asyncio.Queue = asyncio.Queue()
+
+        def on_preview(step: int, total: int, images) -> None:
+            pngs = [encode_png(pixels, {}) for pixels in images]
+            events.put_nowait(images_pb2.GenerateStreamResponse(preview=images_pb2.Preview(step=step, total_steps=total, png=pngs)))
+
+        def on_stage(event: StageEvent) -> None:
+            events.put_nowait(images_pb2.GenerateStreamResponse(progress=progress_from_event(event)))
+
+        task = asyncio.ensure_future(
+            self.api.generate(
+                parameters_from_proto(request.parameters), deadline=self._deadline(context), on_stage=on_stage,
+                on_preview=on_preview, **delivery_options(request.delivery),
+            )
         )
         try:
-            while not task.done() or not events.empty():
-                getter = asyncio.ensure_future(events.get())
-                await asyncio.wait([getter, task], return_when=asyncio.FIRST_COMPLETED)
-                if getter.done():
-                    yield images_pb2.GenerateStreamResponse(progress=progress_from_event(getter.result()))
-                else:
-                    getter.cancel()
-            yield images_pb2.GenerateStreamResponse(result=response_from_images(task.result()))
+            async for event in events_until_done(events, task):
+                yield event
+            yield images_pb2.GenerateStreamResponse(result=response_from_result(await task, request.delivery))
         finally:
             task.cancel()  # the client went away: stop the chain (and, through gRPC, the stages)
+
+    @rpc
+    async def CreateVariations(self, request, context):
+        result = await self.api.variations(
+            request.image, parameters_from_proto(request.parameters), deadline=self._deadline(context),
+            **delivery_options(request.delivery),
+        )
+        return images_pb2.CreateVariationsResponse(result=response_from_result(result, request.delivery))
+
+    @rpc
+    async def Interpolate(self, request, context):
+        endpoints = request.WhichOneof("endpoints")
+        if endpoints is None:
+            raise InvalidArgument("endpoints: give two images or two prompts")
+        pair = getattr(request, endpoints)
+        result = await self.api.interpolate(
+            parameters_from_proto(request.parameters), request.frames, animated_gif=request.animated_gif,
+            deadline=self._deadline(context), **{endpoints: (pair.first, pair.second)}, **delivery_options(request.delivery),
+        )
+        return images_pb2.InterpolateResponse(result=response_from_result(result, request.delivery))
+
+    @rpc
+    async def TextDiff(self, request, context):
+        result = await self.api.text_diff(
+            request.image, request.caption, request.target_caption, parameters_from_proto(request.parameters),
+            request.frames, max_rotation=request.max_rotation if request.HasField("max_rotation") else 0.5,
+            animated_gif=request.animated_gif, deadline=self._deadline(context), **delivery_options(request.delivery),
+        )
+        return images_pb2.TextDiffResponse(result=response_from_result(result, request.delivery))
+
+    @rpc
+    async def Edit(self, request, context):
+        result = await self.api.edit(
+            request.image, request.mask or None, parameters_from_proto(request.parameters),
+            deadline=self._deadline(context), **delivery_options(request.delivery),
+        )
+        return images_pb2.EditResponse(result=response_from_result(result, request.delivery))
 
 
 SERVICES = [ServiceSpec(images_pb2_grpc.add_ImageServiceServicer_to_server, "unclip.v1.ImageService")]

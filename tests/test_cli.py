@@ -39,11 +39,12 @@ def test_generate_reports_bad_input_without_a_traceback(tmp_path: Path):
 
 
 def test_generate_through_a_server_matches_in_process(tmp_path: Path):
+    from gateway.api import ImageAPI
     from gateway.servicer import SERVICES, ImageServicer
     from unclip.local import LocalStages
 
     # A gateway whose backend is the in-process engines: the CLI's --server path end to end.
-    with BackgroundServer(lambda: Server(ImageServicer(LocalStages.load()), SERVICES, port=0)) as server:
+    with BackgroundServer(lambda: Server(ImageServicer(ImageAPI(LocalStages.load())), SERVICES, port=0)) as server:
         remote = unclip("generate", "a blue square", "--seed", "3", "--server", server.address, "--out", str(tmp_path / "remote"), *STEPS)
     assert remote.returncode == 0, remote.stderr
     local = unclip("generate", "a blue square", "--seed", "3", "--out", str(tmp_path / "local"), *STEPS)

@@ -54,6 +54,7 @@ class LocalCluster:
     host: str = "127.0.0.1"
     gateway_port: int = DEFAULT_GATEWAY_PORT
     stage_ports: dict[str, int] | None = None  # default: gateway_port + 1 .. + 4
+    http_port: int = 0  # the gateway's OpenAI-compatible HTTP API; 0: off
     weights: Path | None = None
     quiet: bool = False
     services: list[ServiceProcess] = field(default_factory=list)
@@ -66,7 +67,7 @@ class LocalCluster:
             if self.weights is not None:
                 args += ["--checkpoint", str(Path(self.weights) / ("clip" if stage == "encoder" else stage))]
             self.services.append(ServiceProcess(stage, addresses[stage], args))
-        gateway_args = ["serve", "gateway", "--host", self.host, "--port", str(self.gateway_port)]
+        gateway_args = ["serve", "gateway", "--host", self.host, "--port", str(self.gateway_port), "--http-port", str(self.http_port)]
         gateway_args += [arg for stage in STAGES for arg in (f"--{stage}", addresses[stage])]
         self.services.append(ServiceProcess("gateway", f"{self.host}:{self.gateway_port}", gateway_args))
 

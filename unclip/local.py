@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from unclip.cancel import CancelToken
-from unclip.pipeline import PipelineInfo, TextEncoding
+from unclip.pipeline import PipelineInfo, PreviewFn, TextEncoding, preview_due
 from unclip.stages import load_engine
-from unclip.stages.base import ProgressFn
+from unclip.stages.base import ProgressFn, unit_to_images
 
 
 class LocalStages:
@@ -52,18 +52,41 @@ class LocalStages:
             guidance_scale=guidance_scale, sampling=sampling, deadline=deadline,
         )
 
-    async def decode(self, image_embeddings, text, seeds, *, guidance_scale, sampling, deadline) -> np.ndarray:
+    async def encode_image(self, images: np.ndarray, *, deadline: float | None) -> np.ndarray:
+        return await asyncio.to_thread(self.encoder.encode_image, images)
+
+    async def decode(
+        self, image_embeddings, text, seeds, *, guidance_scale, sampling, deadline,
+        inpaint=None, preview_every=0, on_preview: PreviewFn | None = None,
+    ) -> np.ndarray:
         return await self._run(
             self.decoder.decode, image_embeddings, seeds,
             text_encodings=None if text is None else text.encodings, text_mask=None if text is None else text.mask,
-            guidance_scale=guidance_scale, sampling=sampling, progress=self.progress, deadline=deadline,
+            guidance_scale=guidance_scale, sampling=sampling, inpaint=inpaint, deadline=deadline,
+            progress=self._progress(preview_every, on_preview),
         )
 
-    async def upsample(self, index, images, seeds, *, sampling, deadline) -> np.ndarray:
+    async def upsample(self, index, images, seeds, *, sampling, deadline, inpaint=None) -> np.ndarray:
         return await self._run(
-            self.upsamplers[index].upsample, images, seeds, sampling=sampling,
-            progress=self.progress, deadline=deadline,
+            self.upsamplers[index].upsample, images, seeds, sampling=sampling, inpaint=inpaint,
+            progress=self._progress(0, None), deadline=deadline,
         )
+
+    def _progress(self, preview_every: int, on_preview: PreviewFn | None) -> ProgressFn | None:
+        """The engine's per-step callback (it runs on the worker thread): the progress bar, and
+        previews handed to the event loop every `preview_every` steps and after the last."""
+        if on_preview is None:
+            return self.progress
+        loop = asyncio.get_running_loop()
+
+        def on_step(step: int, total: int, x0) -> None:
+            if self.progress is not None:
+                self.progress(step, total, x0)
+            done = step + 1
+            if preview_due(done, total, preview_every):
+                loop.call_soon_threadsafe(on_preview, done, total, unit_to_images(x0))
+
+        return on_step
 
     @staticmethod
     async def _run(method, *args, deadline: float | None, **kwargs):

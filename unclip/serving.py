@@ -11,7 +11,7 @@ import inspect
 import logging
 import signal
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +69,23 @@ def streaming_rpc(method):
             await abort_with(context, error)
 
     return wrapper
+
+
+async def events_until_done(events: asyncio.Queue, task: asyncio.Future) -> AsyncIterator[Any]:
+    """Yield what `task` puts on `events` while it runs, then whatever is still queued.
+
+    For server-streaming RPCs whose progress comes from a running computation; the caller
+    awaits `task` afterwards for its result (or its exception).
+    """
+    while not task.done():
+        getter = asyncio.ensure_future(events.get())
+        await asyncio.wait([getter, task], return_when=asyncio.FIRST_COMPLETED)
+        if getter.done():
+            yield getter.result()
+        else:
+            getter.cancel()
+    while not events.empty():
+        yield events.get_nowait()
 
 
 class ModelServicer:
@@ -141,6 +158,8 @@ class Server:
             raise RuntimeError(f"could not bind {self.address}")
         self.address = f"{host}:{self.port}"
         self.ready = asyncio.Event()
+        # Companion servers sharing this process and loop (the gateway's HTTP API): (start, stop).
+        self.companions: list[tuple[Callable[[], Awaitable[None]], Callable[[], Awaitable[None]]]] = []
 
     async def _set_all(self, status: int) -> None:
         for name in ["", *(spec.full_name for spec in self.services)]:
@@ -150,6 +169,8 @@ class Server:
         await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
         log.info("listening on %s", self.address)
+        for start_companion, _ in self.companions:
+            await start_companion()
         if inspect.iscoroutinefunction(self.servicer.load):
             await self.servicer.load()
         else:
@@ -160,6 +181,8 @@ class Server:
 
     async def stop(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
         await self.health.enter_graceful_shutdown()
+        for _, stop_companion in reversed(self.companions):
+            await stop_companion()
         await self.server.stop(grace)
         result = self.servicer.close()
         if inspect.isawaitable(result):

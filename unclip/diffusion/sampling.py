@@ -57,6 +57,7 @@ def sample(
     progress: ProgressFn | None = None,
     x_T: Tensor | None = None,
     device: torch.device | str | None = None,
+    known: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Generate x_0 by running `diffusion`, respaced to `steps` steps, in reverse.
 
@@ -66,11 +67,17 @@ def sample(
     the result so the step stays consistent with it. `check_cancelled()` runs before each step and
     stops sampling by raising; `progress(step_index, steps, x0_pred)` runs after each step.
     `device` (default: x_T's, else the first generator's) is where sampling happens.
+
+    `known = (x0_known, keep)` inpaints: where `keep` is 1 the result is x0_known, and at every
+    step that region of x_t is replaced by x0_known noised to the same level (per-row noise), so
+    the model fills in the rest consistently with it.
     """
     shape = tuple(shape)
     _validate_arguments(shape, generators, sampler, eta, x_T)
     process = respace_to_steps(diffusion, steps)
     x = row_noise(generators, shape[1:], device=device) if x_T is None else x_T.to(device or x_T.device)
+    if known is not None:
+        x = _impose_known(process, x, known, generators, process.num_timesteps - 1)
 
     for step_index, t_index in enumerate(reversed(range(process.num_timesteps))):
         if check_cancelled is not None:
@@ -82,6 +89,8 @@ def sample(
             x = process.ddpm_step(x0_pred, x, t, noise)
         else:
             x = process.ddim_step(x0_pred, eps_pred, x, t, eta, noise)
+        if known is not None:
+            x = _impose_known(process, x, known, generators, t_index - 1)
         if progress is not None:
             progress(step_index, process.num_timesteps, x0_pred)
     return x
@@ -119,3 +128,17 @@ def _step_noise(
     if not stochastic or is_last_step:
         return None
     return row_noise(generators, x_t.shape[1:], dtype=x_t.dtype, device=x_t.device)
+
+
+def _impose_known(
+    process: GaussianDiffusion, x: Tensor, known: tuple[Tensor, Tensor], generators: Sequence[torch.Generator], t_index: int
+) -> Tensor:
+    """Replace the kept region of x (now at respaced step t_index; -1 means clean) with the known
+    content at that noise level."""
+    x0_known, keep = known
+    if t_index < 0:
+        noised = x0_known
+    else:
+        t = torch.full((x.shape[0],), t_index, dtype=torch.long, device=x.device)
+        noised = process.q_sample(x0_known, t, row_noise(generators, x.shape[1:], dtype=x.dtype, device=x.device))
+    return keep * noised + (1 - keep) * x

@@ -23,7 +23,7 @@ from unclip.config import DiffusionConfig
 from unclip.diffusion import GaussianDiffusion, classifier_free_guidance, make_betas, sample
 from unclip.errors import Cancelled, DeadlineExceeded
 from unclip.options import SamplingOptions
-from unclip.validation import check_range
+from unclip.validation import check_array, check_range
 
 # Bounds on one request's cost.
 MAX_BATCH = 64
@@ -70,7 +70,7 @@ def resolve_guidance(scale: float | None, default: float) -> float:
 
 def images_to_unit(images: np.ndarray) -> torch.Tensor:
     """uint8 [B, H, W, 3] -> float [B, 3, H, W] in [-1, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return torch.from_numpy(np.array(images, dtype=np.uint8)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def unit_to_images(x: torch.Tensor) -> np.ndarray:
@@ -101,6 +101,20 @@ def build_diffusion(config: DiffusionConfig) -> GaussianDiffusion:
     return GaussianDiffusion(make_betas(config.schedule, config.timesteps), parameterization=config.parameterization)
 
 
+def inpaint_condition(
+    inpaint: tuple[np.ndarray, np.ndarray] | None, batch: int, height: int, width: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Validate (images uint8 [B,H,W,3], regenerate-mask bool [B,H,W]) and turn them into the
+    sampler's (x0_known in [-1, 1], keep mask) pair."""
+    if inpaint is None:
+        return None
+    images, mask = inpaint
+    check_array(images, "inpaint_images", shape=(batch, height, width, 3), dtypes=[np.uint8])
+    check_array(mask, "inpaint_mask", shape=(batch, height, width), dtypes=[np.bool_])
+    keep = torch.from_numpy(~mask)[:, None].float()
+    return images_to_unit(images), keep
+
+
 def sample_rows(
     diffusion: GaussianDiffusion,
     model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -112,6 +126,7 @@ def sample_rows(
     cancel: CancelToken | None = None,
     denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     progress: ProgressFn | None = None,
+    known: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Run the sampler, counting steps and whether it finished or was stopped."""
 
@@ -132,6 +147,7 @@ def sample_rows(
             denoised_fn=denoised_fn,
             check_cancelled=cancel.check if cancel is not None else None,
             progress=on_step,
+            known=known,
         )
     except (Cancelled, DeadlineExceeded):
         stats.finish(stopped=True)

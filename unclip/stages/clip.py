@@ -74,6 +74,6 @@ class ClipEncoder:
         check_batch(images.shape[0], "images", MAX_BATCH)
         if not (1 <= images.shape[1] <= MAX_IMAGE_SIDE and 1 <= images.shape[2] <= MAX_IMAGE_SIDE):
             raise InvalidArgument(f"images: sides must be 1..{MAX_IMAGE_SIDE} pixels, got {images.shape[1]}x{images.shape[2]}")
-        pixels = preprocess_images(self.model, torch.from_numpy(np.ascontiguousarray(images)))
+        pixels = preprocess_images(self.model, torch.from_numpy(np.array(images, dtype=np.uint8)))
         embeddings = torch.cat([self.model.encode_image(row[None]) for row in pixels])
         return F.normalize(embeddings, dim=-1).numpy()

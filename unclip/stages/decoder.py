@@ -19,6 +19,7 @@ from unclip.stages.base import (
     build_diffusion,
     embedding_to_model_space,
     guided,
+    inpaint_condition,
     load_module,
     resolve_guidance,
     row_generators,
@@ -56,9 +57,11 @@ class ImageDecoder:
         sampling: SamplingOptions = SamplingOptions(),
         cancel: CancelToken | None = None,
         progress: ProgressFn | None = None,
+        inpaint: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> np.ndarray:
         """uint8 images [B, S, S, 3]. Text encodings are used by decoders trained with them and
-        ignored otherwise; without them a text-conditioned decoder decodes from the image alone."""
+        ignored otherwise; without them a text-conditioned decoder decodes from the image alone.
+        `inpaint = (images, mask)` keeps the images' pixels where mask is False."""
         cfg = self.config.model
         batch = image_embeddings.shape[0] if image_embeddings.ndim else 0
         check_batch(batch, "image_embeddings", MAX_BATCH)
@@ -88,6 +91,7 @@ class ImageDecoder:
         if "drop_text" in cond:
             uncond["drop_text"] = ~keep
         size = self.config.image_size
+        known = inpaint_condition(inpaint, batch, size, size)
         samples = sample_rows(
             self.diffusion,
             guided(self.model, cond, uncond, scale),
@@ -98,5 +102,6 @@ class ImageDecoder:
             cancel=cancel,
             denoised_fn=lambda x0: x0.clamp(-1, 1),
             progress=progress,
+            known=known,
         )
         return unit_to_images(samples)

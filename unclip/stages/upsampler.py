@@ -18,6 +18,7 @@ from unclip.stages.base import (
     StageStats,
     build_diffusion,
     images_to_unit,
+    inpaint_condition,
     load_module,
     one_row_at_a_time,
     row_generators,
@@ -56,8 +57,10 @@ class ImageUpsampler:
         sampling: SamplingOptions = SamplingOptions(),
         cancel: CancelToken | None = None,
         progress: ProgressFn | None = None,
+        inpaint: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> np.ndarray:
-        """uint8 [B, h, w, 3] -> uint8 [B, h*f, w*f, 3]; convolutional, so any size that fits."""
+        """uint8 [B, h, w, 3] -> uint8 [B, h*f, w*f, 3]; convolutional, so any size that fits.
+        `inpaint = (images, mask)` at the output size keeps the images' pixels where mask is False."""
         check_array(images, "images", shape=(None, None, None, 3), dtypes=[np.uint8])
         batch, height, width, _ = images.shape
         check_batch(batch, "images", MAX_BATCH)
@@ -72,7 +75,8 @@ class ImageUpsampler:
             )
         seeds = check_seeds(seeds, batch)
         options = sampling.resolve(self.config.sampling, self.config.diffusion.timesteps)
-        low_res = images_to_unit(np.ascontiguousarray(images))
+        known = inpaint_condition(inpaint, batch, out_h, out_w)
+        low_res = images_to_unit(images)
         row_model = one_row_at_a_time(self.model)
         samples = sample_rows(
             self.diffusion,
@@ -84,5 +88,6 @@ class ImageUpsampler:
             cancel=cancel,
             denoised_fn=lambda x0: x0.clamp(-1, 1),
             progress=progress,
+            known=known,
         )
         return unit_to_images(samples)

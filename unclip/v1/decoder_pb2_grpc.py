@@ -45,6 +45,11 @@ class DecoderServiceStub:
                 request_serializer=unclip_dot_v1_dot_decoder__pb2.DecodeRequest.SerializeToString,
                 response_deserializer=unclip_dot_v1_dot_decoder__pb2.DecodeResponse.FromString,
                 _registered_method=True)
+        self.DecodeStream = channel.unary_stream(
+                '/unclip.v1.DecoderService/DecodeStream',
+                request_serializer=unclip_dot_v1_dot_decoder__pb2.DecodeStreamRequest.SerializeToString,
+                response_deserializer=unclip_dot_v1_dot_decoder__pb2.DecodeStreamResponse.FromString,
+                _registered_method=True)
 
 
 class DecoderServiceServicer:
@@ -64,6 +69,13 @@ class DecoderServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DecodeStream(self, request, context):
+        """Like Decode, also sending the current clean-image estimate every few steps.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecoderServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -76,6 +88,11 @@ def add_DecoderServiceServicer_to_server(servicer, server):
                     servicer.Decode,
                     request_deserializer=unclip_dot_v1_dot_decoder__pb2.DecodeRequest.FromString,
                     response_serializer=unclip_dot_v1_dot_decoder__pb2.DecodeResponse.SerializeToString,
+            ),
+            'DecodeStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.DecodeStream,
+                    request_deserializer=unclip_dot_v1_dot_decoder__pb2.DecodeStreamRequest.FromString,
+                    response_serializer=unclip_dot_v1_dot_decoder__pb2.DecodeStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -133,6 +150,33 @@ class DecoderService:
             '/unclip.v1.DecoderService/Decode',
             unclip_dot_v1_dot_decoder__pb2.DecodeRequest.SerializeToString,
             unclip_dot_v1_dot_decoder__pb2.DecodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DecodeStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/unclip.v1.DecoderService/DecodeStream',
+            unclip_dot_v1_dot_decoder__pb2.DecodeStreamRequest.SerializeToString,
+            unclip_dot_v1_dot_decoder__pb2.DecodeStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

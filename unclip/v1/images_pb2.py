@@ -25,29 +25,55 @@ _sym_db = _symbol_database.Default()
 from unclip.v1 import sampling_pb2 as unclip_dot_v1_dot_sampling__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16unclip/v1/images.proto\x12\tunclip.v1\x1a\x18unclip/v1/sampling.proto\"\xba\x03\n\x14GenerationParameters\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\t\n\x01n\x18\x02 \x01(\r\x12\x0c\n\x04size\x18\x03 \x01(\r\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12!\n\x14prior_guidance_scale\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12#\n\x16\x64\x65\x63oder_guidance_scale\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x18\n\x0bprior_steps\x18\x07 \x01(\rH\x03\x88\x01\x01\x12\x1a\n\rdecoder_steps\x18\x08 \x01(\rH\x04\x88\x01\x01\x12\x1c\n\x0fupsampler_steps\x18\t \x01(\rH\x05\x88\x01\x01\x12#\n\x07sampler\x18\n \x01(\x0e\x32\x12.unclip.v1.Sampler\x12\x1d\n\x10prior_candidates\x18\x0b \x01(\rH\x06\x88\x01\x01\x42\x07\n\x05_seedB\x17\n\x15_prior_guidance_scaleB\x19\n\x17_decoder_guidance_scaleB\x0e\n\x0c_prior_stepsB\x10\n\x0e_decoder_stepsB\x12\n\x10_upsampler_stepsB\x13\n\x11_prior_candidates\"F\n\x0fGenerateRequest\x12\x33\n\nparameters\x18\x01 \x01(\x0b\x32\x1f.unclip.v1.GenerationParameters\"J\n\x0eGeneratedImage\x12\x0b\n\x03png\x18\x01 \x01(\x0c\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\"=\n\x10GenerateResponse\x12)\n\x06images\x18\x01 \x03(\x0b\x32\x19.unclip.v1.GeneratedImage\"L\n\x15GenerateStreamRequest\x12\x33\n\nparameters\x18\x01 \x01(\x0b\x32\x1f.unclip.v1.GenerationParameters\"\x8c\x01\n\rStageProgress\x12\x1f\n\x05stage\x18\x01 \x01(\x0e\x32\x10.unclip.v1.Stage\x12\x13\n\x0bstage_index\x18\x02 \x01(\r\x12\x18\n\x10\x63ompleted_stages\x18\x03 \x01(\r\x12\x14\n\x0ctotal_stages\x18\x04 \x01(\r\x12\x15\n\rstage_seconds\x18\x05 \x01(\x01\"~\n\x16GenerateStreamResponse\x12,\n\x08progress\x18\x01 \x01(\x0b\x32\x18.unclip.v1.StageProgressH\x00\x12-\n\x06result\x18\x02 \x01(\x0b\x32\x1b.unclip.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent*g\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTAGE_ENCODE\x10\x01\x12\x0f\n\x0bSTAGE_PRIOR\x10\x02\x12\x10\n\x0cSTAGE_DECODE\x10\x03\x12\x12\n\x0eSTAGE_UPSAMPLE\x10\x04\x32\xac\x01\n\x0cImageService\x12\x43\n\x08Generate\x12\x1a.unclip.v1.GenerateRequest\x1a\x1b.unclip.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12 .unclip.v1.GenerateStreamRequest\x1a!.unclip.v1.GenerateStreamResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16unclip/v1/images.proto\x12\tunclip.v1\x1a\x18unclip/v1/sampling.proto\"W\n\x08\x44\x65livery\x12\x32\n\x0fresponse_format\x18\x01 \x01(\x0e\x32\x19.unclip.v1.ResponseFormat\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"\xd1\x03\n\x14GenerationParameters\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\t\n\x01n\x18\x02 \x01(\r\x12\x0c\n\x04size\x18\x03 \x01(\r\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12!\n\x14prior_guidance_scale\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12#\n\x16\x64\x65\x63oder_guidance_scale\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x18\n\x0bprior_steps\x18\x07 \x01(\rH\x03\x88\x01\x01\x12\x1a\n\rdecoder_steps\x18\x08 \x01(\rH\x04\x88\x01\x01\x12\x1c\n\x0fupsampler_steps\x18\t \x01(\rH\x05\x88\x01\x01\x12#\n\x07sampler\x18\n \x01(\x0e\x32\x12.unclip.v1.Sampler\x12\x1d\n\x10prior_candidates\x18\x0b \x01(\rH\x06\x88\x01\x01\x12\x15\n\rpreview_every\x18\x0c \x01(\rB\x07\n\x05_seedB\x17\n\x15_prior_guidance_scaleB\x19\n\x17_decoder_guidance_scaleB\x0e\n\x0c_prior_stepsB\x10\n\x0e_decoder_stepsB\x12\n\x10_upsampler_stepsB\x13\n\x11_prior_candidates\"m\n\x0fGenerateRequest\x12\x33\n\nparameters\x18\x01 \x01(\x0b\x32\x1f.unclip.v1.GenerationParameters\x12%\n\x08\x64\x65livery\x18\x02 \x01(\x0b\x32\x13.unclip.v1.Delivery\"W\n\x0eGeneratedImage\x12\x0b\n\x03png\x18\x01 \x01(\x0c\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\x0b\n\x03url\x18\x05 \x01(\t\"o\n\x10GenerateResponse\x12)\n\x06images\x18\x01 \x03(\x0b\x32\x19.unclip.v1.GeneratedImage\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0b\n\x03gif\x18\x03 \x01(\x0c\x12\x0f\n\x07gif_url\x18\x04 \x01(\t\"s\n\x15GenerateStreamRequest\x12\x33\n\nparameters\x18\x01 \x01(\x0b\x32\x1f.unclip.v1.GenerationParameters\x12%\n\x08\x64\x65livery\x18\x02 \x01(\x0b\x32\x13.unclip.v1.Delivery\"\x8c\x01\n\rStageProgress\x12\x1f\n\x05stage\x18\x01 \x01(\x0e\x32\x10.unclip.v1.Stage\x12\x13\n\x0bstage_index\x18\x02 \x01(\r\x12\x18\n\x10\x63ompleted_stages\x18\x03 \x01(\r\x12\x14\n\x0ctotal_stages\x18\x04 \x01(\r\x12\x15\n\rstage_seconds\x18\x05 \x01(\x01\"9\n\x07Preview\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x13\n\x0btotal_steps\x18\x02 \x01(\r\x12\x0b\n\x03png\x18\x03 \x03(\x0c\"\xa5\x01\n\x16GenerateStreamResponse\x12,\n\x08progress\x18\x01 \x01(\x0b\x32\x18.unclip.v1.StageProgressH\x00\x12-\n\x06result\x18\x02 \x01(\x0b\x32\x1b.unclip.v1.GenerateResponseH\x00\x12%\n\x07preview\x18\x03 \x01(\x0b\x32\x12.unclip.v1.PreviewH\x00\x42\x07\n\x05\x65vent\"\x84\x01\n\x17\x43reateVariationsRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x33\n\nparameters\x18\x02 \x01(\x0b\x32\x1f.unclip.v1.GenerationParameters\x12%\n\x08\x64\x65livery\x18\x03 \x01(\x0b\x32\x13.unclip.v1.Delivery\"G\n\x18\x43reateVariationsResponse\x12+\n\x06result\x18\x01 \x01(\x0b\x32\x1b.unclip.v1.GenerateResponse\"*\n\tImagePair\x12\r\n\x05\x66irst\x18\x01 \x01(\x0c\x12\x0e\n\x06second\x18\x02 \x01(\x0c\"+\n\nPromptPair\x12\r\n\x05\x66irst\x18\x01 \x01(\t\x12\x0e\n\x06second\x18\x02 \x01(\t\"\xf5\x01\n\x12InterpolateRequest\x12&\n\x06images\x18\x01 \x01(\x0b\x32\x14.unclip.v1.ImagePairH\x00\x12(\n\x07prompts\x18\x02 \x01(\x0b\x32\x15.unclip.v1.PromptPairH\x00\x12\x0e\n\x06\x66rames\x18\x03 \x01(\r\x12\x14\n\x0c\x61nimated_gif\x18\x04 \x01(\x08\x12\x33\n\nparameters\x18\x05 \x01(\x0b\x32\x1f.unclip.v1.GenerationParameters\x12%\n\x08\x64\x65livery\x18\x06 \x01(\x0b\x32\x13.unclip.v1.DeliveryB\x0b\n\tendpoints\"B\n\x13InterpolateResponse\x12+\n\x06result\x18\x01 \x01(\x0b\x32\x1b.unclip.v1.GenerateResponse\"\xf7\x01\n\x0fTextDiffRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x0f\n\x07\x63\x61ption\x18\x02 \x01(\t\x12\x16\n\x0etarget_caption\x18\x03 \x01(\t\x12\x0e\n\x06\x66rames\x18\x04 \x01(\r\x12\x19\n\x0cmax_rotation\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\x14\n\x0c\x61nimated_gif\x18\x06 \x01(\x08\x12\x33\n\nparameters\x18\x07 \x01(\x0b\x32\x1f.unclip.v1.GenerationParameters\x12%\n\x08\x64\x65livery\x18\x08 \x01(\x0b\x32\x13.unclip.v1.DeliveryB\x0f\n\r_max_rotation\"?\n\x10TextDiffResponse\x12+\n\x06result\x18\x01 \x01(\x0b\x32\x1b.unclip.v1.GenerateResponse\"\x86\x01\n\x0b\x45\x64itRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x0c\n\x04mask\x18\x02 \x01(\x0c\x12\x33\n\nparameters\x18\x03 \x01(\x0b\x32\x1f.unclip.v1.GenerationParameters\x12%\n\x08\x64\x65livery\x18\x04 \x01(\x0b\x32\x13.unclip.v1.Delivery\";\n\x0c\x45\x64itResponse\x12+\n\x06result\x18\x01 \x01(\x0b\x32\x1b.unclip.v1.GenerateResponse*i\n\x0eResponseFormat\x12\x1f\n\x1bRESPONSE_FORMAT_UNSPECIFIED\x10\x00\x12\x1d\n\x19RESPONSE_FORMAT_PNG_BYTES\x10\x01\x12\x17\n\x13RESPONSE_FORMAT_URL\x10\x02*g\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTAGE_ENCODE\x10\x01\x12\x0f\n\x0bSTAGE_PRIOR\x10\x02\x12\x10\n\x0cSTAGE_DECODE\x10\x03\x12\x12\n\x0eSTAGE_UPSAMPLE\x10\x04\x32\xd5\x03\n\x0cImageService\x12\x43\n\x08Generate\x12\x1a.unclip.v1.GenerateRequest\x1a\x1b.unclip.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12 .unclip.v1.GenerateStreamRequest\x1a!.unclip.v1.GenerateStreamResponse0\x01\x12[\n\x10\x43reateVariations\x12\".unclip.v1.CreateVariationsRequest\x1a#.unclip.v1.CreateVariationsResponse\x12L\n\x0bInterpolate\x12\x1d.unclip.v1.InterpolateRequest\x1a\x1e.unclip.v1.InterpolateResponse\x12\x43\n\x08TextDiff\x12\x1a.unclip.v1.TextDiffRequest\x1a\x1b.unclip.v1.TextDiffResponse\x12\x37\n\x04\x45\x64it\x12\x16.unclip.v1.EditRequest\x1a\x17.unclip.v1.EditResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'unclip.v1.images_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STAGE']._serialized_start=1068
-  _globals['_STAGE']._serialized_end=1171
-  _globals['_GENERATIONPARAMETERS']._serialized_start=64
-  _globals['_GENERATIONPARAMETERS']._serialized_end=506
-  _globals['_GENERATEREQUEST']._serialized_start=508
-  _globals['_GENERATEREQUEST']._serialized_end=578
-  _globals['_GENERATEDIMAGE']._serialized_start=580
-  _globals['_GENERATEDIMAGE']._serialized_end=654
-  _globals['_GENERATERESPONSE']._serialized_start=656
-  _globals['_GENERATERESPONSE']._serialized_end=717
-  _globals['_GENERATESTREAMREQUEST']._serialized_start=719
-  _globals['_GENERATESTREAMREQUEST']._serialized_end=795
-  _globals['_STAGEPROGRESS']._serialized_start=798
-  _globals['_STAGEPROGRESS']._serialized_end=938
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=940
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1066
-  _globals['_IMAGESERVICE']._serialized_start=1174
-  _globals['_IMAGESERVICE']._serialized_end=1346
+  _globals['_RESPONSEFORMAT']._serialized_start=2546
+  _globals['_RESPONSEFORMAT']._serialized_end=2651
+  _globals['_STAGE']._serialized_start=2653
+  _globals['_STAGE']._serialized_end=2756
+  _globals['_DELIVERY']._serialized_start=63
+  _globals['_DELIVERY']._serialized_end=150
+  _globals['_GENERATIONPARAMETERS']._serialized_start=153
+  _globals['_GENERATIONPARAMETERS']._serialized_end=618
+  _globals['_GENERATEREQUEST']._serialized_start=620
+  _globals['_GENERATEREQUEST']._serialized_end=729
+  _globals['_GENERATEDIMAGE']._serialized_start=731
+  _globals['_GENERATEDIMAGE']._serialized_end=818
+  _globals['_GENERATERESPONSE']._serialized_start=820
+  _globals['_GENERATERESPONSE']._serialized_end=931
+  _globals['_GENERATESTREAMREQUEST']._serialized_start=933
+  _globals['_GENERATESTREAMREQUEST']._serialized_end=1048
+  _globals['_STAGEPROGRESS']._serialized_start=1051
+  _globals['_STAGEPROGRESS']._serialized_end=1191
+  _globals['_PREVIEW']._serialized_start=1193
+  _globals['_PREVIEW']._serialized_end=1250
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1253
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1418
+  _globals['_CREATEVARIATIONSREQUEST']._serialized_start=1421
+  _globals['_CREATEVARIATIONSREQUEST']._serialized_end=1553
+  _globals['_CREATEVARIATIONSRESPONSE']._serialized_start=1555
+  _globals['_CREATEVARIATIONSRESPONSE']._serialized_end=1626
+  _globals['_IMAGEPAIR']._serialized_start=1628
+  _globals['_IMAGEPAIR']._serialized_end=1670
+  _globals['_PROMPTPAIR']._serialized_start=1672
+  _globals['_PROMPTPAIR']._serialized_end=1715
+  _globals['_INTERPOLATEREQUEST']._serialized_start=1718
+  _globals['_INTERPOLATEREQUEST']._serialized_end=1963
+  _globals['_INTERPOLATERESPONSE']._serialized_start=1965
+  _globals['_INTERPOLATERESPONSE']._serialized_end=2031
+  _globals['_TEXTDIFFREQUEST']._serialized_start=2034
+  _globals['_TEXTDIFFREQUEST']._serialized_end=2281
+  _globals['_TEXTDIFFRESPONSE']._serialized_start=2283
+  _globals['_TEXTDIFFRESPONSE']._serialized_end=2346
+  _globals['_EDITREQUEST']._serialized_start=2349
+  _globals['_EDITREQUEST']._serialized_end=2483
+  _globals['_EDITRESPONSE']._serialized_start=2485
+  _globals['_EDITRESPONSE']._serialized_end=2544
+  _globals['_IMAGESERVICE']._serialized_start=2759
+  _globals['_IMAGESERVICE']._serialized_end=3228
 # @@protoc_insertion_point(module_scope)

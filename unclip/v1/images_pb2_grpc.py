@@ -45,6 +45,26 @@ class ImageServiceStub:
                 request_serializer=unclip_dot_v1_dot_images__pb2.GenerateStreamRequest.SerializeToString,
                 response_deserializer=unclip_dot_v1_dot_images__pb2.GenerateStreamResponse.FromString,
                 _registered_method=True)
+        self.CreateVariations = channel.unary_unary(
+                '/unclip.v1.ImageService/CreateVariations',
+                request_serializer=unclip_dot_v1_dot_images__pb2.CreateVariationsRequest.SerializeToString,
+                response_deserializer=unclip_dot_v1_dot_images__pb2.CreateVariationsResponse.FromString,
+                _registered_method=True)
+        self.Interpolate = channel.unary_unary(
+                '/unclip.v1.ImageService/Interpolate',
+                request_serializer=unclip_dot_v1_dot_images__pb2.InterpolateRequest.SerializeToString,
+                response_deserializer=unclip_dot_v1_dot_images__pb2.InterpolateResponse.FromString,
+                _registered_method=True)
+        self.TextDiff = channel.unary_unary(
+                '/unclip.v1.ImageService/TextDiff',
+                request_serializer=unclip_dot_v1_dot_images__pb2.TextDiffRequest.SerializeToString,
+                response_deserializer=unclip_dot_v1_dot_images__pb2.TextDiffResponse.FromString,
+                _registered_method=True)
+        self.Edit = channel.unary_unary(
+                '/unclip.v1.ImageService/Edit',
+                request_serializer=unclip_dot_v1_dot_images__pb2.EditRequest.SerializeToString,
+                response_deserializer=unclip_dot_v1_dot_images__pb2.EditResponse.FromString,
+                _registered_method=True)
 
 
 class ImageServiceServicer:
@@ -58,7 +78,35 @@ class ImageServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GenerateStream(self, request, context):
-        """One event per finished stage, then the images.
+        """One event per finished stage (and decoder previews when asked for), then the images.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateVariations(self, request, context):
+        """n variations of an uploaded image: its CLIP image embedding decoded again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Interpolate(self, request, context):
+        """Frames between two images or two prompts: their image embeddings slerped.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TextDiff(self, request, context):
+        """Frames moving an image's embedding toward a target caption (DALL-E 2 text diffs).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Edit(self, request, context):
+        """Inpainting: regenerate the masked region of an image for a prompt.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -76,6 +124,26 @@ def add_ImageServiceServicer_to_server(servicer, server):
                     servicer.GenerateStream,
                     request_deserializer=unclip_dot_v1_dot_images__pb2.GenerateStreamRequest.FromString,
                     response_serializer=unclip_dot_v1_dot_images__pb2.GenerateStreamResponse.SerializeToString,
+            ),
+            'CreateVariations': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateVariations,
+                    request_deserializer=unclip_dot_v1_dot_images__pb2.CreateVariationsRequest.FromString,
+                    response_serializer=unclip_dot_v1_dot_images__pb2.CreateVariationsResponse.SerializeToString,
+            ),
+            'Interpolate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Interpolate,
+                    request_deserializer=unclip_dot_v1_dot_images__pb2.InterpolateRequest.FromString,
+                    response_serializer=unclip_dot_v1_dot_images__pb2.InterpolateResponse.SerializeToString,
+            ),
+            'TextDiff': grpc.unary_unary_rpc_method_handler(
+                    servicer.TextDiff,
+                    request_deserializer=unclip_dot_v1_dot_images__pb2.TextDiffRequest.FromString,
+                    response_serializer=unclip_dot_v1_dot_images__pb2.TextDiffResponse.SerializeToString,
+            ),
+            'Edit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Edit,
+                    request_deserializer=unclip_dot_v1_dot_images__pb2.EditRequest.FromString,
+                    response_serializer=unclip_dot_v1_dot_images__pb2.EditResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -133,6 +201,114 @@ class ImageService:
             '/unclip.v1.ImageService/GenerateStream',
             unclip_dot_v1_dot_images__pb2.GenerateStreamRequest.SerializeToString,
             unclip_dot_v1_dot_images__pb2.GenerateStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateVariations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/unclip.v1.ImageService/CreateVariations',
+            unclip_dot_v1_dot_images__pb2.CreateVariationsRequest.SerializeToString,
+            unclip_dot_v1_dot_images__pb2.CreateVariationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Interpolate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/unclip.v1.ImageService/Interpolate',
+            unclip_dot_v1_dot_images__pb2.InterpolateRequest.SerializeToString,
+            unclip_dot_v1_dot_images__pb2.InterpolateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TextDiff(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/unclip.v1.ImageService/TextDiff',
+            unclip_dot_v1_dot_images__pb2.TextDiffRequest.SerializeToString,
+            unclip_dot_v1_dot_images__pb2.TextDiffResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Edit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/unclip.v1.ImageService/Edit',
+            unclip_dot_v1_dot_images__pb2.EditRequest.SerializeToString,
+            unclip_dot_v1_dot_images__pb2.EditResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,331 @@
+"""Generation results in an S3-compatible bucket (SeaweedFS, MinIO, AWS S3) through the `minio` SDK.
+
+A result is a folder of objects under `{prefix}{request_id}/`: `image-{i}.png`, any extras (e.g. an
+animated GIF), and `record.json`, written last. The record's presence marks a complete result, so a
+reader never sees a half-written one; a save that fails part-way deletes what it wrote.
+
+Clients download through presigned URLs signed for the endpoint *they* reach (`public_endpoint`),
+which may differ from the one the gateway writes to (e.g. a cluster-internal service name).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import os
+import re
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import certifi
+import urllib3
+from minio import Minio
+from minio.deleteobjects import DeleteObject
+from minio.error import MinioException, S3Error
+from minio.helpers import check_bucket_name
+
+from unclip.errors import Unavailable
+
+log = logging.getLogger("unclip.storage")
+
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
+_IMAGE_NAME = re.compile(r"image-\d+\.png")
+RECORD_NAME = "record.json"
+# Keys the store adds to the caller's record to list the result's objects.
+IMAGE_KEYS = "image_keys"
+EXTRA_KEYS = "extra_keys"
+
+# What a store failure looks like from minio: an S3 error answer, or a connection-level failure.
+_STORE_ERRORS = (MinioException, urllib3.exceptions.HTTPError, OSError)
+_DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
+_MISSING = {"NoSuchKey", "NoSuchBucket"}
+_BUCKET_EXISTS = {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}
+_MAX_PRESIGN_SECONDS = 7 * 24 * 3600  # the S3 limit for a presigned URL
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _flag(environ: Mapping[str, str], name: str) -> bool | None:
+    value = environ.get(name)
+    if value is None:
+        return None
+    if value.strip().lower() in _TRUE:
+        return True
+    if value.strip().lower() in _FALSE:
+        return False
+    raise ValueError(f"{name}={value!r} is not a boolean (use true/false, 1/0, yes/no, on/off)")
+
+
+def _check_endpoint(name: str, endpoint: str) -> None:
+    # minio wants bare host[:port]; a scheme or path here is the most common misconfiguration.
+    if not endpoint or "://" in endpoint or "/" in endpoint:
+        raise ValueError(f"{name} must be host:port without scheme or path, got {endpoint!r}")
+
+
+def _check_name(what: str, name: str) -> None:
+    # "." and ".." match the charset but would turn into path traversal in filer-backed stores.
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or set(name) == {"."}:
+        raise ValueError(f"{what} must be 1-128 characters of A-Z a-z 0-9 . _ - (and not only dots), got {name!r}")
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    endpoint: str  # host:port the gateway writes to, e.g. "seaweedfs:8333"
+    access_key: str
+    secret_key: str
+    bucket: str = "unclip"
+    secure: bool = False
+    region: str = "us-east-1"
+    public_endpoint: str | None = None  # host:port clients reach; presigned URLs are signed for it (default: endpoint)
+    public_secure: bool | None = None  # default: secure
+    url_expiry_seconds: int = 3600
+    prefix: str = "results/"
+
+    def __post_init__(self) -> None:
+        _check_endpoint("endpoint", self.endpoint)
+        if self.public_endpoint is not None:
+            _check_endpoint("public_endpoint", self.public_endpoint)
+        check_bucket_name(self.bucket, strict=True)  # what make_bucket would reject at the first save
+        if not 1 <= self.url_expiry_seconds <= _MAX_PRESIGN_SECONDS:
+            raise ValueError(f"url_expiry_seconds must be in 1..{_MAX_PRESIGN_SECONDS}, got {self.url_expiry_seconds}")
+        if self.prefix.startswith("/"):
+            raise ValueError(f"prefix must not start with '/', got {self.prefix!r}")
+
+    @property
+    def where(self) -> str:
+        """How error messages name the store."""
+        return f"object store at {self.endpoint} (bucket {self.bucket})"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> StorageConfig | None:
+        """The config from UNCLIP_S3_* variables; None when UNCLIP_S3_ENDPOINT is unset (storage disabled).
+
+        UNCLIP_S3_ENDPOINT, UNCLIP_S3_ACCESS_KEY, UNCLIP_S3_SECRET_KEY (required together),
+        UNCLIP_S3_BUCKET, UNCLIP_S3_SECURE, UNCLIP_S3_PUBLIC_ENDPOINT, UNCLIP_S3_PUBLIC_SECURE,
+        UNCLIP_S3_URL_EXPIRY (seconds).
+        """
+        endpoint = environ.get("UNCLIP_S3_ENDPOINT")
+        if not endpoint:
+            return None
+        missing = [name for name in ("UNCLIP_S3_ACCESS_KEY", "UNCLIP_S3_SECRET_KEY") if not environ.get(name)]
+        if missing:
+            raise ValueError(f"UNCLIP_S3_ENDPOINT is set but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not")
+        kwargs: dict = {}
+        if environ.get("UNCLIP_S3_BUCKET"):
+            kwargs["bucket"] = environ["UNCLIP_S3_BUCKET"]
+        if (secure := _flag(environ, "UNCLIP_S3_SECURE")) is not None:
+            kwargs["secure"] = secure
+        if environ.get("UNCLIP_S3_PUBLIC_ENDPOINT"):
+            kwargs["public_endpoint"] = environ["UNCLIP_S3_PUBLIC_ENDPOINT"]
+        if (public_secure := _flag(environ, "UNCLIP_S3_PUBLIC_SECURE")) is not None:
+            kwargs["public_secure"] = public_secure
+        if expiry := environ.get("UNCLIP_S3_URL_EXPIRY"):
+            try:
+                kwargs["url_expiry_seconds"] = int(expiry)
+            except ValueError:
+                raise ValueError(f"UNCLIP_S3_URL_EXPIRY={expiry!r} is not a whole number of seconds") from None
+        return cls(
+            endpoint=endpoint, access_key=environ["UNCLIP_S3_ACCESS_KEY"], secret_key=environ["UNCLIP_S3_SECRET_KEY"], **kwargs
+        )
+
+
+@dataclass
+class StoredResult:
+    request_id: str
+    record: dict  # the JSON record as stored (the caller's record plus image_keys and extra_keys)
+    images: list[bytes]  # PNG bytes in order
+    keys: list[str]  # object keys of the images, same order
+    extras: dict[str, bytes] = field(default_factory=dict)  # extra name -> bytes
+
+
+def _http_client() -> urllib3.PoolManager:
+    # minio's default waits 5 minutes and retries 5 times; an outage must surface in seconds.
+    # One read retry stays so that a pooled keep-alive connection the server closed is re-dialled.
+    return urllib3.PoolManager(
+        timeout=urllib3.Timeout(connect=2.0, read=10.0),
+        maxsize=10,
+        cert_reqs="CERT_REQUIRED",
+        ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+        retries=urllib3.Retry(
+            total=2,
+            connect=1,
+            read=1,
+            backoff_factor=0.2,
+            status_forcelist=(500, 502, 503, 504),
+            respect_retry_after_header=False,
+        ),
+    )
+
+
+class ResultStore:
+    def __init__(self, config: StorageConfig):
+        self.config = config
+        self._http = _http_client()
+        self._client = Minio(
+            config.endpoint,
+            access_key=config.access_key,
+            secret_key=config.secret_key,
+            secure=config.secure,
+            region=config.region,  # explicit, so minio never asks the server for the bucket's location
+            http_client=self._http,
+        )
+        # A separate client only for signing: the URL's host is part of the signature. Presigning with an
+        # explicit region is pure computation, so this client never opens a connection.
+        public_secure = config.secure if config.public_secure is None else config.public_secure
+        self._signer = Minio(
+            config.public_endpoint or config.endpoint,
+            access_key=config.access_key,
+            secret_key=config.secret_key,
+            secure=public_secure,
+            region=config.region,
+            http_client=self._http,
+        )
+        self._bucket_ready = False
+        self._bucket_lock = threading.Lock()
+
+    def _folder(self, request_id: str) -> str:
+        _check_name("request_id", request_id)
+        return f"{self.config.prefix}{request_id}/"
+
+    def _unavailable(self, error: Exception) -> Unavailable:
+        where = self.config.where
+        if isinstance(error, S3Error) and error.code in _DENIED:
+            return Unavailable(f"{where} denied access ({error.code}: {error.message}); check the access key and secret key")
+        if isinstance(error, S3Error):
+            return Unavailable(f"{where} failed: {error.code}: {error.message}")
+        if isinstance(error, MinioException):
+            return Unavailable(f"{where} failed: {error}")
+        if isinstance(error, urllib3.exceptions.MaxRetryError) and error.reason is not None:
+            error = error.reason
+        return Unavailable(f"{where} is unreachable: {error}")
+
+    def _ensure_bucket(self) -> None:
+        with self._bucket_lock:
+            if self._bucket_ready:
+                return
+            if not self._client.bucket_exists(self.config.bucket):
+                try:
+                    self._client.make_bucket(self.config.bucket)
+                except S3Error as error:
+                    # Another store (or gateway replica) may have created it since bucket_exists.
+                    if error.code not in _BUCKET_EXISTS:
+                        raise
+            self._bucket_ready = True
+
+    async def save(
+        self,
+        request_id: str,
+        images: list[bytes],
+        record: dict,
+        extras: dict[str, tuple[bytes, str]] | None = None,
+    ) -> list[str]:
+        """Store the images, extras and record; return the image keys. Raises Unavailable on a store failure."""
+        folder = self._folder(request_id)
+        extras = extras or {}
+        for name in extras:
+            _check_name("extra name", name)
+            if name == RECORD_NAME or _IMAGE_NAME.fullmatch(name):
+                raise ValueError(f"extra name {name!r} collides with the result's own objects")
+        if not isinstance(record, dict) or IMAGE_KEYS in record or EXTRA_KEYS in record:
+            raise ValueError(f"record must be a dict without the reserved keys {IMAGE_KEYS!r} and {EXTRA_KEYS!r}")
+        for i, image in enumerate(images):
+            if not isinstance(image, (bytes, bytearray)):
+                raise TypeError(f"images[{i}] must be PNG bytes, got {type(image).__name__}")
+        objects = [(f"{folder}image-{i}.png", image, "image/png") for i, image in enumerate(images)]
+        objects += [(folder + name, data, content_type) for name, (data, content_type) in extras.items()]
+        image_keys = [key for key, _, _ in objects[: len(images)]]
+        stored = {**record, IMAGE_KEYS: image_keys, EXTRA_KEYS: {name: folder + name for name in extras}}
+        # Serialised before anything is written, so an unserialisable record leaves nothing behind.
+        objects.append((folder + RECORD_NAME, json.dumps(stored).encode(), "application/json"))
+        await asyncio.to_thread(self._save_sync, objects)
+        return image_keys
+
+    def _save_sync(self, objects: list[tuple[str, bytes, str]]) -> None:
+        try:
+            self._ensure_bucket()
+        except _STORE_ERRORS as error:
+            raise self._unavailable(error) from error
+        attempted: list[str] = []
+        try:
+            for key, data, content_type in objects:
+                # Counted before the call: a put that times out may still have landed.
+                attempted.append(key)
+                self._client.put_object(self.config.bucket, key, io.BytesIO(data), len(data), content_type=content_type)
+        except BaseException as error:
+            self._remove(attempted)
+            if isinstance(error, _STORE_ERRORS):
+                raise self._unavailable(error) from error
+            raise
+
+    def _remove(self, keys: list[str]) -> None:
+        """Best effort: one batch request, so cleanup during an outage costs one timeout, not one per key."""
+        try:
+            for failure in self._client.remove_objects(self.config.bucket, [DeleteObject(key) for key in keys]):
+                log.warning("could not remove %s from %s: %s", failure.name, self.config.where, failure.message)
+        except Exception as error:
+            log.warning("could not remove %d objects of a failed save from %s: %s", len(keys), self.config.where, error)
+
+    async def load(self, request_id: str) -> StoredResult | None:
+        """The complete result, or None when its record does not exist (never saved, or a save that failed)."""
+        folder = self._folder(request_id)
+        try:
+            return await asyncio.to_thread(self._load_sync, request_id, folder)
+        except _STORE_ERRORS as error:
+            raise self._unavailable(error) from error
+
+    def _load_sync(self, request_id: str, folder: str) -> StoredResult | None:
+        try:
+            raw = self._get(folder + RECORD_NAME)
+        except S3Error as error:
+            if error.code in _MISSING:
+                return None
+            raise
+        try:
+            record = json.loads(raw)
+            keys = [str(key) for key in record[IMAGE_KEYS]]
+        except (ValueError, KeyError, TypeError) as error:
+            raise Unavailable(f"{self.config.where} holds a corrupt record for {request_id!r}: {error}") from error
+        images = []
+        for key in keys:
+            try:
+                images.append(self._get(key))
+            except S3Error as error:
+                if error.code in _MISSING:
+                    raise Unavailable(
+                        f"{self.config.where} holds an incomplete result {request_id!r}: {key} is missing"
+                    ) from error
+                raise
+        try:
+            extras = {str(name): self._get(str(key)) for name, key in record.get(EXTRA_KEYS, {}).items()}
+        except S3Error as error:
+            if error.code in _MISSING:
+                raise Unavailable(f"{self.config.where} holds an incomplete result {request_id!r}: an extra is missing") from error
+            raise
+        return StoredResult(request_id=request_id, record=record, images=images, keys=keys, extras=extras)
+
+    def _get(self, key: str) -> bytes:
+        response = self._client.get_object(self.config.bucket, key)
+        try:
+            return response.read()
+        finally:
+            response.close()
+            response.release_conn()
+
+    def key(self, request_id: str, name: str) -> str:
+        """The object key of `name` (an image or extra) in a result's folder."""
+        return self._folder(request_id) + name
+
+    def presigned_url(self, key: str) -> str:
+        """A GET URL for `key` on the public endpoint, valid for url_expiry_seconds. No network round trip."""
+        return self._signer.presigned_get_object(
+            self.config.bucket, key, expires=timedelta(seconds=self.config.url_expiry_seconds)
+        )
+
+    async def close(self) -> None:
+        """Close pooled connections."""
+        self._http.clear()
