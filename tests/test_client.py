@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import socket
 import subprocess
 import sys
@@ -14,9 +15,10 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 import pytest
+from google.protobuf.message import Message
 from PIL import Image
 
-from unclip.client import AsyncClient, Client, GeneratedImage, StageProgress, UnclipError
+from unclip.client import Animation, AsyncClient, Client, GeneratedImage, Preview, StageProgress, UnclipError
 from unclip.png import encode_png
 from unclip.transport import GRPC_OPTIONS
 from unclip.v1 import images_pb2, images_pb2_grpc, sampling_pb2
@@ -34,18 +36,34 @@ STAGES = [(images_pb2.STAGE_ENCODE, 0), (images_pb2.STAGE_PRIOR, 0), (images_pb2
 MODELS = {"clip": "clip-test", "prior": "prior-test", "decoder": "decoder-test"}
 DEFAULT_SEED = 1234
 DEFAULT_SIZE = 8
+REQUEST_ID = "req-0123"
+PREVIEW_STEPS = 4
 
 
 def fake_pixels(seed: int, size: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
 
 
-def fake_images(parameters: images_pb2.GenerationParameters) -> images_pb2.GenerateResponse:
-    """What the gateway would answer, with noise for pixels and the same PNG text chunks."""
+def fake_images(
+    parameters: images_pb2.GenerationParameters,
+    delivery: images_pb2.Delivery | None = None,
+    frames: int | None = None,
+) -> images_pb2.GenerateResponse:
+    """What the gateway would answer, with noise for pixels and the same PNG text chunks.
+
+    With `frames`, that many images sharing the first seed (an interpolation or text diff); with
+    a URL response format, URLs instead of PNG bytes.
+    """
     first_seed = parameters.seed if parameters.HasField("seed") else DEFAULT_SEED
     size = parameters.size or DEFAULT_SIZE
+    seeds = [first_seed] * frames if frames else range(first_seed, first_seed + (parameters.n or 1))
+    as_url = delivery is not None and delivery.response_format == images_pb2.RESPONSE_FORMAT_URL
     images = []
-    for seed in range(first_seed, first_seed + (parameters.n or 1)):
+    for index, seed in enumerate(seeds):
+        if as_url:
+            url = f"https://store.test/{REQUEST_ID}/{index}.png?signature=x"
+            images.append(images_pb2.GeneratedImage(url=url, seed=seed, width=size, height=size))
+            continue
         text = {
             "prompt": parameters.prompt,
             "seed": str(seed),
@@ -55,7 +73,24 @@ def fake_images(parameters: images_pb2.GenerationParameters) -> images_pb2.Gener
         }
         png = encode_png(fake_pixels(seed, size), text)
         images.append(images_pb2.GeneratedImage(png=png, seed=seed, width=size, height=size))
-    return images_pb2.GenerateResponse(images=images)
+    return images_pb2.GenerateResponse(images=images, request_id=REQUEST_ID)
+
+
+def fake_animation(request: images_pb2.InterpolateRequest | images_pb2.TextDiffRequest) -> images_pb2.GenerateResponse:
+    response = fake_images(request.parameters, request.delivery, frames=request.frames)
+    if request.animated_gif:
+        if request.delivery.response_format == images_pb2.RESPONSE_FORMAT_URL:
+            response.gif_url = f"https://store.test/{REQUEST_ID}/animation.gif"
+        else:
+            response.gif = gif_bytes(request.frames)
+    return response
+
+
+def gif_bytes(frames: int) -> bytes:
+    pictures = [Image.fromarray(fake_pixels(index, DEFAULT_SIZE)) for index in range(frames)]
+    buffer = io.BytesIO()
+    pictures[0].save(buffer, format="GIF", save_all=True, append_images=pictures[1:], loop=0)
+    return buffer.getvalue()
 
 
 @dataclass
@@ -67,28 +102,53 @@ class FakeImageService(images_pb2_grpc.ImageServiceServicer):
     delay: float = 0.0  # seconds each call takes before answering
     fail_after_first_event: bool = False
     requests: list[images_pb2.GenerationParameters] = field(default_factory=list)
+    received: list[Message] = field(default_factory=list)  # the whole requests
 
-    def _start(self, parameters: images_pb2.GenerationParameters, context: grpc.ServicerContext) -> None:
-        self.requests.append(parameters)
+    def _start(self, request: Message, context: grpc.ServicerContext) -> None:
+        self.requests.append(request.parameters)
+        self.received.append(request)
         time.sleep(self.delay)
         code = self.failures.pop(0) if self.failures else self.always
         if code is not None:
             context.abort(code, f"fake failure {code.name}")
 
     def Generate(self, request, context):
-        self._start(request.parameters, context)
-        return fake_images(request.parameters)
+        self._start(request, context)
+        return fake_images(request.parameters, request.delivery)
 
     def GenerateStream(self, request, context):
-        self._start(request.parameters, context)
+        self._start(request, context)
+        parameters = request.parameters
         for completed, (stage, index) in enumerate(STAGES, start=1):
+            if stage == images_pb2.STAGE_DECODE and parameters.preview_every:
+                for step in range(parameters.preview_every, PREVIEW_STEPS + 1, parameters.preview_every):
+                    pngs = [encode_png(fake_pixels(step, 4), {}) for _ in range(parameters.n or 1)]
+                    yield images_pb2.GenerateStreamResponse(
+                        preview=images_pb2.Preview(step=step, total_steps=PREVIEW_STEPS, png=pngs)
+                    )
             progress = images_pb2.StageProgress(
                 stage=stage, stage_index=index, completed_stages=completed, total_stages=len(STAGES), stage_seconds=0.25
             )
             yield images_pb2.GenerateStreamResponse(progress=progress)
             if self.fail_after_first_event:
                 context.abort(grpc.StatusCode.UNAVAILABLE, "fake failure mid-stream")
-        yield images_pb2.GenerateStreamResponse(result=fake_images(request.parameters))
+        yield images_pb2.GenerateStreamResponse(result=fake_images(parameters, request.delivery))
+
+    def CreateVariations(self, request, context):
+        self._start(request, context)
+        return images_pb2.CreateVariationsResponse(result=fake_images(request.parameters, request.delivery))
+
+    def Edit(self, request, context):
+        self._start(request, context)
+        return images_pb2.EditResponse(result=fake_images(request.parameters, request.delivery))
+
+    def Interpolate(self, request, context):
+        self._start(request, context)
+        return images_pb2.InterpolateResponse(result=fake_animation(request))
+
+    def TextDiff(self, request, context):
+        self._start(request, context)
+        return images_pb2.TextDiffResponse(result=fake_animation(request))
 
 
 @pytest.fixture
@@ -385,6 +445,282 @@ def test_async_stream_is_not_retried_after_an_event(target, service):
 
     assert asyncio.run(main()) == [StageProgress("encode", 0, 1, 4, 0.25)]
     assert len(service.requests) == 1
+
+
+# --- Delivery and previews ------------------------------------------------------------------------
+
+
+def test_generate_sends_png_delivery_by_default_and_returns_the_request_id(target, service):
+    with fast_client(target) as client:
+        (image,) = client.generate("a red cube")
+
+    (sent,) = service.received
+    assert sent.delivery.response_format == images_pb2.RESPONSE_FORMAT_PNG_BYTES
+    assert sent.delivery.idempotency_key == ""
+    assert image.request_id == REQUEST_ID and image.url is None
+
+
+def test_generate_with_urls_returns_urls_without_pngs(target, service, tmp_path):
+    with fast_client(target) as client:
+        images = client.generate("a red cube", n=2, seed=3, response_format="url", idempotency_key="order-17")
+
+    (sent,) = service.received
+    assert sent.delivery.response_format == images_pb2.RESPONSE_FORMAT_URL
+    assert sent.delivery.idempotency_key == "order-17"
+    assert [image.url for image in images] == [f"https://store.test/{REQUEST_ID}/{i}.png?signature=x" for i in (0, 1)]
+    for index, image in enumerate(images):
+        assert (image.png, image.image, image.metadata) == (b"", None, {})
+        assert (image.seed, image.width, image.request_id) == (3 + index, DEFAULT_SIZE, REQUEST_ID)
+    with pytest.raises(ValueError, match="URL"):
+        images[0].save(tmp_path / "cube.png")
+
+
+def test_stream_yields_previews_of_the_decoder(target, service):
+    with fast_client(target) as client:
+        events = list(client.generate_stream("a red cube", n=2, seed=9, preview_every=2))
+
+    assert service.requests[0].preview_every == 2
+    previews = [event for event in events if isinstance(event, Preview)]
+    assert [(p.step, p.total_steps) for p in previews] == [(2, PREVIEW_STEPS), (4, PREVIEW_STEPS)]
+    for preview in previews:
+        assert len(preview.images) == 2
+        np.testing.assert_array_equal(np.asarray(preview.images[0]), fake_pixels(preview.step, 4))
+    # Previews come while the decoder runs: before its progress event; the images come last.
+    assert [type(event).__name__ for event in events[2:5]] == ["Preview", "Preview", "StageProgress"]
+    check_stream_events([event for event in events if not isinstance(event, Preview)])
+
+
+def test_stream_sends_no_previews_unless_asked(target, service):
+    with fast_client(target) as client:
+        events = list(client.generate_stream("a red cube", n=2, seed=9))
+    assert service.requests[0].preview_every == 0
+    check_stream_events(events)
+
+
+# --- Variations, edits, interpolations, text diffs ------------------------------------------------
+
+
+def rgba_image() -> Image.Image:
+    pixels = np.zeros((6, 6, 4), dtype=np.uint8)
+    pixels[..., 0] = 200
+    pixels[..., 3] = 255
+    pixels[2:4, 2:4, 3] = 0  # a transparent hole
+    return Image.fromarray(pixels, mode="RGBA")
+
+
+def decode(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+def test_variations_send_a_pil_image_as_png_with_alpha(target, service):
+    picture = rgba_image()
+    with fast_client(target) as client:
+        images = client.variations(picture, n=2, seed=5, decoder_steps=3)
+
+    (sent,) = service.received
+    uploaded = decode(sent.image)
+    assert uploaded.format == "PNG" and uploaded.mode == "RGBA"
+    np.testing.assert_array_equal(np.asarray(uploaded), np.asarray(picture))
+    assert (sent.parameters.n, sent.parameters.seed, sent.parameters.decoder_steps) == (2, 5, 3)
+    assert [name for name in OPTIONAL_FIELDS if sent.parameters.HasField(name)] == ["seed", "decoder_steps"]
+    assert sent.parameters.prompt == "" and sent.parameters.size == 0
+    assert sent.delivery.response_format == images_pb2.RESPONSE_FORMAT_PNG_BYTES
+    check_images(images, "", [5, 6], DEFAULT_SIZE)
+    assert {image.request_id for image in images} == {REQUEST_ID}
+
+
+def test_variations_read_a_path_and_send_delivery(target, service, tmp_path):
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(b"any bytes: the server decodes them")
+    with fast_client(target) as client:
+        (image,) = client.variations(path, response_format="url", idempotency_key="k1")
+        client.variations(str(path))
+
+    first, second = service.received
+    assert first.image == second.image == path.read_bytes()
+    assert first.delivery.response_format == images_pb2.RESPONSE_FORMAT_URL and first.delivery.idempotency_key == "k1"
+    assert image.url and image.image is None and image.png == b""
+
+
+def test_edit_sends_image_mask_and_prompt(target, service, tmp_path):
+    mask_path = tmp_path / "mask.png"
+    rgba_image().save(mask_path)
+    with fast_client(target) as client:
+        images = client.edit(b"image bytes", "a red cube on a table", mask=mask_path, n=2, seed=1, size=16, sampler="ddim")
+        client.edit(rgba_image(), "a red cube")
+
+    with_mask, without_mask = service.received
+    assert with_mask.image == b"image bytes" and with_mask.mask == mask_path.read_bytes()
+    parameters = with_mask.parameters
+    assert (parameters.prompt, parameters.n, parameters.seed, parameters.size) == ("a red cube on a table", 2, 1, 16)
+    assert parameters.sampler == sampling_pb2.SAMPLER_DDIM
+    assert [name for name in OPTIONAL_FIELDS if parameters.HasField(name)] == ["seed"]
+    check_images(images, "a red cube on a table", [1, 2], 16)
+    assert without_mask.mask == b"" and decode(without_mask.image).mode == "RGBA"
+
+
+def test_interpolate_prompts_returns_frames_and_a_gif(target, service, tmp_path):
+    with fast_client(target) as client:
+        animation = client.interpolate(prompts=("a red cube", "a blue ball"), frames=4, animated_gif=True, seed=8, prior_steps=2)
+
+    (sent,) = service.received
+    assert sent.WhichOneof("endpoints") == "prompts"
+    assert (sent.prompts.first, sent.prompts.second) == ("a red cube", "a blue ball")
+    assert (sent.frames, sent.animated_gif) == (4, True)
+    assert [name for name in OPTIONAL_FIELDS if sent.parameters.HasField(name)] == ["seed", "prior_steps"]
+    assert isinstance(animation, Animation) and animation.request_id == REQUEST_ID
+    assert [frame.seed for frame in animation.frames] == [8] * 4
+    assert animation.gif_url is None
+    animation.save_gif(tmp_path / "a.gif")
+    with Image.open(tmp_path / "a.gif") as gif:
+        assert gif.format == "GIF" and gif.n_frames == 4
+
+
+def test_interpolate_images_sends_both_images(target, service, tmp_path):
+    path = tmp_path / "first.png"
+    path.write_bytes(b"first image")
+    with fast_client(target) as client:
+        animation = client.interpolate(images=(path, rgba_image()), response_format="url", animated_gif=True)
+
+    (sent,) = service.received
+    assert sent.WhichOneof("endpoints") == "images" and sent.frames == 5
+    assert sent.images.first == b"first image" and decode(sent.images.second).mode == "RGBA"
+    assert animation.gif is None and animation.gif_url == f"https://store.test/{REQUEST_ID}/animation.gif"
+    assert all(frame.url and frame.image is None for frame in animation.frames)
+    with pytest.raises(ValueError, match="URL"):
+        animation.save_gif(tmp_path / "a.gif")
+
+
+def test_text_diff_sends_captions_and_rotation(target, service):
+    with fast_client(target) as client:
+        animation = client.text_diff(b"cat", "a cat", "an angry cat", frames=3, seed=2, upsampler_steps=1)
+        client.text_diff(b"cat", "a cat", "an angry cat", max_rotation=0.25)
+
+    first, second = service.received
+    assert (first.image, first.caption, first.target_caption, first.frames) == (b"cat", "a cat", "an angry cat", 3)
+    assert not first.HasField("max_rotation") and not first.animated_gif
+    assert [name for name in OPTIONAL_FIELDS if first.parameters.HasField(name)] == ["seed", "upsampler_steps"]
+    assert second.max_rotation == 0.25 and second.frames == 5
+    assert len(animation.frames) == 3 and animation.gif is None and animation.gif_url is None
+    with pytest.raises(ValueError, match="animated_gif=True"):
+        animation.save_gif("never-written.gif")
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "field_name"),
+    [
+        (lambda c: c.variations(b"x", response_format="jpeg"), ValueError, "response_format"),
+        (lambda c: c.variations(b"x", idempotency_key=""), ValueError, "idempotency_key"),
+        (lambda c: c.variations(b"x", idempotency_key=7), TypeError, "idempotency_key"),
+        (lambda c: c.variations(b"x", n=0), ValueError, "n"),
+        (lambda c: c.variations(42), TypeError, "image"),
+        (lambda c: c.variations(b""), ValueError, "image"),
+        (lambda c: c.edit(b"x", "a cat", mask=3.5), TypeError, "mask"),
+        (lambda c: c.edit(b"x", None), TypeError, "prompt"),
+        (lambda c: c.interpolate(prompts=("a", "b"), frames=1), ValueError, "frames"),
+        (lambda c: c.interpolate(), ValueError, "images, prompts"),
+        (lambda c: c.interpolate(images=(b"a", b"b"), prompts=("a", "b")), ValueError, "images, prompts"),
+        (lambda c: c.interpolate(prompts=("a", "b", "c")), ValueError, "prompts"),
+        (lambda c: c.interpolate(prompts="ab"), ValueError, "prompts"),
+        (lambda c: c.interpolate(prompts=("a", 2)), TypeError, "prompts"),
+        (lambda c: c.text_diff(b"x", "a", "b", max_rotation=1.5), ValueError, "max_rotation"),
+        (lambda c: c.text_diff(b"x", "a", None), TypeError, "target_caption"),
+        (lambda c: c.text_diff(b"x", "a", "b", frames=0), ValueError, "frames"),
+        (lambda c: c.generate_stream("a", preview_every=-1), ValueError, "preview_every"),
+    ],
+)
+def test_arguments_of_the_new_calls_are_checked_before_any_call(target, service, call, error, field_name):
+    with fast_client(target) as client:
+        with pytest.raises(error, match=field_name):
+            call(client)
+    assert service.received == []
+
+
+def test_unreadable_path_raises_oserror(target, service, tmp_path):
+    with fast_client(target) as client:
+        with pytest.raises(FileNotFoundError):
+            client.variations(tmp_path / "missing.png")
+    assert service.received == []
+
+
+CALLS = {
+    "CreateVariations": lambda c: c.variations(b"x"),
+    "Edit": lambda c: c.edit(b"x", "a cat"),
+    "Interpolate": lambda c: c.interpolate(prompts=("a", "b")),
+    "TextDiff": lambda c: c.text_diff(b"x", "a", "b"),
+}
+
+
+@pytest.mark.parametrize("method", CALLS)
+def test_new_calls_retry_unavailable_only(target, service, method):
+    service.failures = [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE]
+    with fast_client(target, retries=3) as client:
+        assert CALLS[method](client)
+        assert len(service.received) == 3
+
+        service.received.clear()
+        service.failures = [grpc.StatusCode.INVALID_ARGUMENT]
+        with pytest.raises(UnclipError) as caught:
+            CALLS[method](client)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT and caught.value.attempts == 1
+    assert method in str(caught.value)
+    assert len(service.received) == 1
+
+
+# --- AsyncClient: the new calls -------------------------------------------------------------------
+
+
+def test_async_new_calls(target, service):
+    async def main() -> tuple[list[GeneratedImage], list[GeneratedImage], Animation, Animation]:
+        async with fast_async_client(target) as client:
+            return (
+                await client.variations(rgba_image(), n=2, seed=4),
+                await client.edit(b"image", "a cat", mask=b"mask", response_format="url"),
+                await client.interpolate(images=(b"a", b"b"), frames=3, animated_gif=True),
+                await client.text_diff(b"cat", "a cat", "a dog", max_rotation=0.5, idempotency_key="td"),
+            )
+
+    variations, edits, interpolation, diff = asyncio.run(main())
+
+    check_images(variations, "", [4, 5], DEFAULT_SIZE)
+    assert edits[0].url and edits[0].image is None
+    assert len(interpolation.frames) == 3 and interpolation.gif is not None
+    assert len(diff.frames) == 5 and diff.request_id == REQUEST_ID
+    sent_variation, sent_edit, sent_interpolation, sent_diff = service.received
+    assert decode(sent_variation.image).mode == "RGBA"
+    assert (sent_edit.mask, sent_edit.delivery.response_format) == (b"mask", images_pb2.RESPONSE_FORMAT_URL)
+    assert (sent_interpolation.images.first, sent_interpolation.images.second) == (b"a", b"b")
+    assert sent_diff.max_rotation == 0.5 and sent_diff.delivery.idempotency_key == "td"
+
+
+@pytest.mark.parametrize("method", CALLS)
+def test_async_new_calls_retry_unavailable_only(target, service, method):
+    async def main() -> None:
+        async with fast_async_client(target, retries=3) as client:
+            service.failures = [grpc.StatusCode.UNAVAILABLE]
+            await CALLS[method](client)
+            assert len(service.received) == 2
+
+            service.failures = [grpc.StatusCode.INVALID_ARGUMENT]
+            with pytest.raises(UnclipError) as caught:
+                await CALLS[method](client)
+            assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+            assert len(service.received) == 3
+
+    asyncio.run(main())
+
+
+def test_async_stream_yields_previews(target, service):
+    async def main() -> list:
+        async with fast_async_client(target) as client:
+            return [event async for event in client.generate_stream("a red cube", n=2, seed=9, preview_every=4)]
+
+    events = asyncio.run(main())
+    (preview,) = [event for event in events if isinstance(event, Preview)]
+    assert (preview.step, preview.total_steps, len(preview.images)) == (4, PREVIEW_STEPS, 2)
+    check_stream_events([event for event in events if not isinstance(event, Preview)])
 
 
 # --- Import footprint -----------------------------------------------------------------------------

@@ -5,20 +5,31 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from types import TracebackType
+from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 
 from unclip.client._common import (
     DEFAULT,
+    Animation,
     Attempts,
     GeneratedImage,
+    ImageInput,
     RetryPolicy,
-    StageProgress,
+    StreamEvent,
     Timeout,
+    animation_from_response,
+    build_delivery,
     build_parameters,
+    check_frames,
+    check_max_rotation,
+    check_text,
     check_timeout,
+    event_from_stream,
+    image_bytes,
     images_from_response,
-    progress_from_proto,
+    interpolate_endpoints,
 )
 from unclip.transport import GRPC_OPTIONS
 from unclip.v1 import images_pb2, images_pb2_grpc
@@ -29,7 +40,8 @@ class AsyncClient:
 
     Takes the same arguments as `Client` and offers the same methods as coroutines. The channel is
     opened on the first call, inside the running event loop; use the client from that loop only.
-    Use it as an async context manager, or `await close()` when done.
+    Use it as an async context manager, or `await close()` when done. Images given as paths are
+    read with blocking I/O when the call is made.
     """
 
     def __init__(
@@ -64,6 +76,8 @@ class AsyncClient:
         upsampler_steps: int | None = None,
         sampler: str | None = None,
         prior_candidates: int | None = None,
+        response_format: str = "png",
+        idempotency_key: str | None = None,
         timeout: Timeout = DEFAULT,
     ) -> list[GeneratedImage]:
         """Generate `n` images for `prompt`; see `Client.generate` for the arguments.
@@ -78,20 +92,10 @@ class AsyncClient:
                 decoder_guidance_scale=decoder_guidance_scale, prior_steps=prior_steps,
                 decoder_steps=decoder_steps, upsampler_steps=upsampler_steps, sampler=sampler,
                 prior_candidates=prior_candidates,
-            )
+            ),
+            delivery=build_delivery(response_format, idempotency_key),
         )
-        stub = self._stub()
-        attempts = Attempts("Generate", self.target, self._policy, self._resolve(timeout))
-        while True:
-            try:
-                response = await stub.Generate(request, timeout=attempts.start())
-            except grpc.RpcError as error:
-                delay = attempts.retry_delay(error)
-                if delay is None:
-                    raise attempts.error(error) from error
-                await asyncio.sleep(delay)
-            else:
-                return images_from_response(response)
+        return images_from_response(await self._unary("Generate", request, timeout))
 
     async def generate_stream(
         self,
@@ -107,9 +111,16 @@ class AsyncClient:
         upsampler_steps: int | None = None,
         sampler: str | None = None,
         prior_candidates: int | None = None,
+        preview_every: int = 0,
+        response_format: str = "png",
+        idempotency_key: str | None = None,
         timeout: Timeout = DEFAULT,
-    ) -> AsyncIterator[StageProgress | list[GeneratedImage]]:
-        """Like `generate`, but yields a `StageProgress` as each stage finishes, then the images.
+    ) -> AsyncIterator[StreamEvent]:
+        """Like `generate`, but yields events as the work goes on, then the images.
+
+        Yields a `StageProgress` as each stage finishes and, when `preview_every` > 0, a
+        `Preview` of the decoder's current estimate every `preview_every` decoder steps (and
+        after its last); the last item is the list of `GeneratedImage`s.
 
         Use it with `async for`. The arguments are checked and the call starts when iteration
         does; its timeout covers the whole stream. A call that fails before the first event is
@@ -121,8 +132,9 @@ class AsyncClient:
                 prompt, n=n, size=size, seed=seed, prior_guidance_scale=prior_guidance_scale,
                 decoder_guidance_scale=decoder_guidance_scale, prior_steps=prior_steps,
                 decoder_steps=decoder_steps, upsampler_steps=upsampler_steps, sampler=sampler,
-                prior_candidates=prior_candidates,
-            )
+                prior_candidates=prior_candidates, preview_every=preview_every,
+            ),
+            delivery=build_delivery(response_format, idempotency_key),
         )
         stub = self._stub()
         attempts = Attempts("GenerateStream", self.target, self._policy, self._resolve(timeout))
@@ -132,11 +144,12 @@ class AsyncClient:
             try:
                 async for response in call:
                     received = True
-                    if response.HasField("result"):
-                        yield images_from_response(response.result)
+                    event = event_from_stream(response)
+                    if event is None:
+                        continue  # an event kind newer than this SDK
+                    yield event
+                    if isinstance(event, list):
                         return
-                    if response.HasField("progress"):
-                        yield progress_from_proto(response.progress)
             except grpc.RpcError as error:
                 delay = None if received else attempts.retry_delay(error)
                 if delay is None:
@@ -146,6 +159,173 @@ class AsyncClient:
             finally:
                 call.cancel()  # a no-op once the call is over; stops the server's work if not
             await asyncio.sleep(delay)
+
+    async def variations(
+        self,
+        image: ImageInput,
+        *,
+        n: int = 1,
+        size: int | None = None,
+        seed: int | None = None,
+        decoder_guidance_scale: float | None = None,
+        decoder_steps: int | None = None,
+        upsampler_steps: int | None = None,
+        sampler: str | None = None,
+        response_format: str = "png",
+        idempotency_key: str | None = None,
+        timeout: Timeout = DEFAULT,
+    ) -> list[GeneratedImage]:
+        """`n` variations of `image`; see `Client.variations` for the arguments.
+
+        Raises:
+            UnclipError: the call failed (after retries, for UNAVAILABLE).
+            ValueError, TypeError: an argument cannot be sent at all.
+            OSError: `image` is a path that cannot be read.
+        """
+        request = images_pb2.CreateVariationsRequest(
+            parameters=build_parameters(
+                n=n, size=size, seed=seed, decoder_guidance_scale=decoder_guidance_scale,
+                decoder_steps=decoder_steps, upsampler_steps=upsampler_steps, sampler=sampler,
+            ),
+            delivery=build_delivery(response_format, idempotency_key),
+            image=image_bytes(image, "image"),
+        )
+        return images_from_response((await self._unary("CreateVariations", request, timeout)).result)
+
+    async def edit(
+        self,
+        image: ImageInput,
+        prompt: str,
+        *,
+        mask: ImageInput | None = None,
+        n: int = 1,
+        size: int | None = None,
+        seed: int | None = None,
+        prior_guidance_scale: float | None = None,
+        decoder_guidance_scale: float | None = None,
+        prior_steps: int | None = None,
+        decoder_steps: int | None = None,
+        upsampler_steps: int | None = None,
+        sampler: str | None = None,
+        prior_candidates: int | None = None,
+        response_format: str = "png",
+        idempotency_key: str | None = None,
+        timeout: Timeout = DEFAULT,
+    ) -> list[GeneratedImage]:
+        """Inpainting: regenerate the masked region of `image`; see `Client.edit` for the arguments.
+
+        Raises:
+            UnclipError: the call failed (after retries, for UNAVAILABLE).
+            ValueError, TypeError: an argument cannot be sent at all.
+            OSError: `image` or `mask` is a path that cannot be read.
+        """
+        request = images_pb2.EditRequest(
+            parameters=build_parameters(
+                prompt, n=n, size=size, seed=seed, prior_guidance_scale=prior_guidance_scale,
+                decoder_guidance_scale=decoder_guidance_scale, prior_steps=prior_steps,
+                decoder_steps=decoder_steps, upsampler_steps=upsampler_steps, sampler=sampler,
+                prior_candidates=prior_candidates,
+            ),
+            delivery=build_delivery(response_format, idempotency_key),
+            image=image_bytes(image, "image"),
+            mask=b"" if mask is None else image_bytes(mask, "mask"),
+        )
+        return images_from_response((await self._unary("Edit", request, timeout)).result)
+
+    async def interpolate(
+        self,
+        *,
+        images: tuple[ImageInput, ImageInput] | None = None,
+        prompts: tuple[str, str] | None = None,
+        frames: int = 5,
+        animated_gif: bool = False,
+        size: int | None = None,
+        seed: int | None = None,
+        prior_guidance_scale: float | None = None,
+        decoder_guidance_scale: float | None = None,
+        prior_steps: int | None = None,
+        decoder_steps: int | None = None,
+        upsampler_steps: int | None = None,
+        sampler: str | None = None,
+        prior_candidates: int | None = None,
+        response_format: str = "png",
+        idempotency_key: str | None = None,
+        timeout: Timeout = DEFAULT,
+    ) -> Animation:
+        """Frames between two images or two prompts; see `Client.interpolate` for the arguments.
+
+        Raises:
+            UnclipError: the call failed (after retries, for UNAVAILABLE).
+            ValueError, TypeError: an argument cannot be sent at all.
+            OSError: an image is a path that cannot be read.
+        """
+        request = images_pb2.InterpolateRequest(
+            frames=check_frames(frames),
+            animated_gif=animated_gif,
+            parameters=build_parameters(
+                size=size, seed=seed, prior_guidance_scale=prior_guidance_scale,
+                decoder_guidance_scale=decoder_guidance_scale, prior_steps=prior_steps,
+                decoder_steps=decoder_steps, upsampler_steps=upsampler_steps, sampler=sampler,
+                prior_candidates=prior_candidates,
+            ),
+            delivery=build_delivery(response_format, idempotency_key),
+            **interpolate_endpoints(images, prompts),
+        )
+        return animation_from_response((await self._unary("Interpolate", request, timeout)).result)
+
+    async def text_diff(
+        self,
+        image: ImageInput,
+        caption: str,
+        target_caption: str,
+        *,
+        frames: int = 5,
+        max_rotation: float | None = None,
+        animated_gif: bool = False,
+        size: int | None = None,
+        seed: int | None = None,
+        decoder_guidance_scale: float | None = None,
+        decoder_steps: int | None = None,
+        upsampler_steps: int | None = None,
+        sampler: str | None = None,
+        response_format: str = "png",
+        idempotency_key: str | None = None,
+        timeout: Timeout = DEFAULT,
+    ) -> Animation:
+        """Frames moving `image` toward `target_caption`; see `Client.text_diff` for the arguments.
+
+        Raises:
+            UnclipError: the call failed (after retries, for UNAVAILABLE).
+            ValueError, TypeError: an argument cannot be sent at all.
+            OSError: `image` is a path that cannot be read.
+        """
+        request = images_pb2.TextDiffRequest(
+            caption=check_text(caption, "caption"),
+            target_caption=check_text(target_caption, "target_caption"),
+            frames=check_frames(frames),
+            max_rotation=check_max_rotation(max_rotation),
+            animated_gif=animated_gif,
+            parameters=build_parameters(
+                size=size, seed=seed, decoder_guidance_scale=decoder_guidance_scale,
+                decoder_steps=decoder_steps, upsampler_steps=upsampler_steps, sampler=sampler,
+            ),
+            delivery=build_delivery(response_format, idempotency_key),
+            image=image_bytes(image, "image"),
+        )
+        return animation_from_response((await self._unary("TextDiff", request, timeout)).result)
+
+    async def _unary(self, method: str, request: Message, timeout: Timeout) -> Any:
+        """The response of the unary RPC `method`; UNAVAILABLE is retried with backoff within the timeout."""
+        call = getattr(self._stub(), method)
+        attempts = Attempts(method, self.target, self._policy, self._resolve(timeout))
+        while True:
+            try:
+                return await call(request, timeout=attempts.start())
+            except grpc.RpcError as error:
+                delay = attempts.retry_delay(error)
+                if delay is None:
+                    raise attempts.error(error) from error
+                await asyncio.sleep(delay)
 
     async def close(self) -> None:
         """Close the channel; calls still running are cancelled."""

@@ -5,20 +5,31 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from types import TracebackType
+from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 
 from unclip.client._common import (
     DEFAULT,
+    Animation,
     Attempts,
     GeneratedImage,
+    ImageInput,
     RetryPolicy,
-    StageProgress,
+    StreamEvent,
     Timeout,
+    animation_from_response,
+    build_delivery,
     build_parameters,
+    check_frames,
+    check_max_rotation,
+    check_text,
     check_timeout,
+    event_from_stream,
+    image_bytes,
     images_from_response,
-    progress_from_proto,
+    interpolate_endpoints,
 )
 from unclip.transport import GRPC_OPTIONS
 from unclip.v1 import images_pb2, images_pb2_grpc
@@ -39,6 +50,13 @@ class Client:
 
     Use it as a context manager, or call `close()` when done. Failed calls raise `UnclipError`.
     A client may be shared between threads.
+
+    Every method takes `response_format` ("png": the PNG bytes in the response, the default;
+    "url": presigned URLs of the stored PNGs, which the SDK does not download) and
+    `idempotency_key` (a retry with the same key returns the stored result instead of
+    generating again); both URLs and keys need a gateway with an object store. Images to upload
+    (`image`, `mask`, `images`) are PNG, JPEG or WebP bytes, a path to such a file, or a PIL
+    image (sent as PNG, alpha kept).
     """
 
     def __init__(
@@ -74,6 +92,8 @@ class Client:
         upsampler_steps: int | None = None,
         sampler: str | None = None,
         prior_candidates: int | None = None,
+        response_format: str = "png",
+        idempotency_key: str | None = None,
         timeout: Timeout = DEFAULT,
     ) -> list[GeneratedImage]:
         """Generate `n` images for `prompt`.
@@ -87,6 +107,9 @@ class Client:
             prior_steps, decoder_steps, upsampler_steps: denoising steps per stage.
             sampler: "ddim" or "ddpm".
             prior_candidates: image embeddings sampled per image; the closest to the prompt is kept.
+            response_format: "png" (bytes in the response) or "url" (then each image's `url` is
+                set, and its `png`, `image` and `metadata` are empty).
+            idempotency_key: a retry with the same key returns the stored result.
             timeout: seconds for the whole call, retries included; None for no limit. By default
                 the client's.
 
@@ -102,19 +125,10 @@ class Client:
                 decoder_guidance_scale=decoder_guidance_scale, prior_steps=prior_steps,
                 decoder_steps=decoder_steps, upsampler_steps=upsampler_steps, sampler=sampler,
                 prior_candidates=prior_candidates,
-            )
+            ),
+            delivery=build_delivery(response_format, idempotency_key),
         )
-        attempts = Attempts("Generate", self.target, self._policy, self._resolve(timeout))
-        while True:
-            try:
-                response = self._stub.Generate(request, timeout=attempts.start())
-            except grpc.RpcError as error:
-                delay = attempts.retry_delay(error)
-                if delay is None:
-                    raise attempts.error(error) from error
-                time.sleep(delay)
-            else:
-                return images_from_response(response)
+        return images_from_response(self._unary("Generate", request, timeout))
 
     def generate_stream(
         self,
@@ -130,9 +144,16 @@ class Client:
         upsampler_steps: int | None = None,
         sampler: str | None = None,
         prior_candidates: int | None = None,
+        preview_every: int = 0,
+        response_format: str = "png",
+        idempotency_key: str | None = None,
         timeout: Timeout = DEFAULT,
-    ) -> Iterator[StageProgress | list[GeneratedImage]]:
-        """Like `generate`, but yields a `StageProgress` as each stage finishes, then the images.
+    ) -> Iterator[StreamEvent]:
+        """Like `generate`, but yields events as the work goes on, then the images.
+
+        Yields a `StageProgress` as each stage finishes and, when `preview_every` > 0, a
+        `Preview` of the decoder's current estimate every `preview_every` decoder steps (and
+        after its last); the last item is the list of `GeneratedImage`s.
 
         The arguments are checked now; the call starts when iteration does, and its timeout covers
         the whole stream. A call that fails before the first event is retried like `generate`;
@@ -144,14 +165,214 @@ class Client:
                 prompt, n=n, size=size, seed=seed, prior_guidance_scale=prior_guidance_scale,
                 decoder_guidance_scale=decoder_guidance_scale, prior_steps=prior_steps,
                 decoder_steps=decoder_steps, upsampler_steps=upsampler_steps, sampler=sampler,
-                prior_candidates=prior_candidates,
-            )
+                prior_candidates=prior_candidates, preview_every=preview_every,
+            ),
+            delivery=build_delivery(response_format, idempotency_key),
         )
         return self._stream(request, self._resolve(timeout))
 
-    def _stream(
-        self, request: images_pb2.GenerateStreamRequest, timeout: float | None
-    ) -> Iterator[StageProgress | list[GeneratedImage]]:
+    def variations(
+        self,
+        image: ImageInput,
+        *,
+        n: int = 1,
+        size: int | None = None,
+        seed: int | None = None,
+        decoder_guidance_scale: float | None = None,
+        decoder_steps: int | None = None,
+        upsampler_steps: int | None = None,
+        sampler: str | None = None,
+        response_format: str = "png",
+        idempotency_key: str | None = None,
+        timeout: Timeout = DEFAULT,
+    ) -> list[GeneratedImage]:
+        """`n` variations of `image`: its CLIP image embedding decoded again, image i with seed + i.
+
+        The other arguments are as for `generate`; the prompt and prior play no part.
+
+        Raises:
+            UnclipError: the call failed (after retries, for UNAVAILABLE); an image the server
+                cannot decode is INVALID_ARGUMENT.
+            ValueError, TypeError: an argument cannot be sent at all.
+            OSError: `image` is a path that cannot be read.
+        """
+        request = images_pb2.CreateVariationsRequest(
+            parameters=build_parameters(
+                n=n, size=size, seed=seed, decoder_guidance_scale=decoder_guidance_scale,
+                decoder_steps=decoder_steps, upsampler_steps=upsampler_steps, sampler=sampler,
+            ),
+            delivery=build_delivery(response_format, idempotency_key),
+            image=image_bytes(image, "image"),
+        )
+        return images_from_response(self._unary("CreateVariations", request, timeout).result)
+
+    def edit(
+        self,
+        image: ImageInput,
+        prompt: str,
+        *,
+        mask: ImageInput | None = None,
+        n: int = 1,
+        size: int | None = None,
+        seed: int | None = None,
+        prior_guidance_scale: float | None = None,
+        decoder_guidance_scale: float | None = None,
+        prior_steps: int | None = None,
+        decoder_steps: int | None = None,
+        upsampler_steps: int | None = None,
+        sampler: str | None = None,
+        prior_candidates: int | None = None,
+        response_format: str = "png",
+        idempotency_key: str | None = None,
+        timeout: Timeout = DEFAULT,
+    ) -> list[GeneratedImage]:
+        """Inpainting: regenerate part of `image` so that the whole matches `prompt`.
+
+        Args:
+            image: the image to edit, at any size (it is centre-cropped and resized to `size`).
+            prompt: describes the whole edited image, not only the new part.
+            mask: an image of the same size whose fully transparent pixels (alpha 0) mark the
+                region to regenerate; None to use `image`'s own alpha channel.
+
+        The other arguments are as for `generate`. Pixels outside the region are kept.
+
+        Raises:
+            UnclipError: the call failed (after retries, for UNAVAILABLE); a mask without
+                transparent pixels, or of another size, is INVALID_ARGUMENT.
+            ValueError, TypeError: an argument cannot be sent at all.
+            OSError: `image` or `mask` is a path that cannot be read.
+        """
+        request = images_pb2.EditRequest(
+            parameters=build_parameters(
+                prompt, n=n, size=size, seed=seed, prior_guidance_scale=prior_guidance_scale,
+                decoder_guidance_scale=decoder_guidance_scale, prior_steps=prior_steps,
+                decoder_steps=decoder_steps, upsampler_steps=upsampler_steps, sampler=sampler,
+                prior_candidates=prior_candidates,
+            ),
+            delivery=build_delivery(response_format, idempotency_key),
+            image=image_bytes(image, "image"),
+            mask=b"" if mask is None else image_bytes(mask, "mask"),
+        )
+        return images_from_response(self._unary("Edit", request, timeout).result)
+
+    def interpolate(
+        self,
+        *,
+        images: tuple[ImageInput, ImageInput] | None = None,
+        prompts: tuple[str, str] | None = None,
+        frames: int = 5,
+        animated_gif: bool = False,
+        size: int | None = None,
+        seed: int | None = None,
+        prior_guidance_scale: float | None = None,
+        decoder_guidance_scale: float | None = None,
+        prior_steps: int | None = None,
+        decoder_steps: int | None = None,
+        upsampler_steps: int | None = None,
+        sampler: str | None = None,
+        prior_candidates: int | None = None,
+        response_format: str = "png",
+        idempotency_key: str | None = None,
+        timeout: Timeout = DEFAULT,
+    ) -> Animation:
+        """Frames between two images or two prompts: their image embeddings slerped.
+
+        Args:
+            images: the two end images; or
+            prompts: the two end prompts (their embeddings come from the prior).
+            frames: number of frames, both ends included (at least 2).
+            animated_gif: also return the frames as an animated GIF.
+            seed: shared by every frame, so only the embedding changes; None for a random one.
+
+        The other arguments are as for `generate` (the prior settings apply to prompts only).
+
+        Raises:
+            UnclipError: the call failed (after retries, for UNAVAILABLE).
+            ValueError, TypeError: an argument cannot be sent at all, or not exactly one of
+                `images` and `prompts` is given.
+            OSError: an image is a path that cannot be read.
+        """
+        request = images_pb2.InterpolateRequest(
+            frames=check_frames(frames),
+            animated_gif=animated_gif,
+            parameters=build_parameters(
+                size=size, seed=seed, prior_guidance_scale=prior_guidance_scale,
+                decoder_guidance_scale=decoder_guidance_scale, prior_steps=prior_steps,
+                decoder_steps=decoder_steps, upsampler_steps=upsampler_steps, sampler=sampler,
+                prior_candidates=prior_candidates,
+            ),
+            delivery=build_delivery(response_format, idempotency_key),
+            **interpolate_endpoints(images, prompts),
+        )
+        return animation_from_response(self._unary("Interpolate", request, timeout).result)
+
+    def text_diff(
+        self,
+        image: ImageInput,
+        caption: str,
+        target_caption: str,
+        *,
+        frames: int = 5,
+        max_rotation: float | None = None,
+        animated_gif: bool = False,
+        size: int | None = None,
+        seed: int | None = None,
+        decoder_guidance_scale: float | None = None,
+        decoder_steps: int | None = None,
+        upsampler_steps: int | None = None,
+        sampler: str | None = None,
+        response_format: str = "png",
+        idempotency_key: str | None = None,
+        timeout: Timeout = DEFAULT,
+    ) -> Animation:
+        """A text diff (DALL-E 2): frames moving `image` from `caption` toward `target_caption`.
+
+        Args:
+            image: the image to change.
+            caption: what the image shows now.
+            target_caption: what it should show.
+            frames: number of frames, the unchanged start included (at least 2).
+            max_rotation: how far the last frame moves along the arc toward the text-diff
+                direction, in (0, 1]; None for the server's default (0.5).
+            animated_gif: also return the frames as an animated GIF.
+            seed: shared by every frame; None for a random one.
+
+        The other arguments are as for `generate`.
+
+        Raises:
+            UnclipError: the call failed (after retries, for UNAVAILABLE).
+            ValueError, TypeError: an argument cannot be sent at all.
+            OSError: `image` is a path that cannot be read.
+        """
+        request = images_pb2.TextDiffRequest(
+            caption=check_text(caption, "caption"),
+            target_caption=check_text(target_caption, "target_caption"),
+            frames=check_frames(frames),
+            max_rotation=check_max_rotation(max_rotation),
+            animated_gif=animated_gif,
+            parameters=build_parameters(
+                size=size, seed=seed, decoder_guidance_scale=decoder_guidance_scale,
+                decoder_steps=decoder_steps, upsampler_steps=upsampler_steps, sampler=sampler,
+            ),
+            delivery=build_delivery(response_format, idempotency_key),
+            image=image_bytes(image, "image"),
+        )
+        return animation_from_response(self._unary("TextDiff", request, timeout).result)
+
+    def _unary(self, method: str, request: Message, timeout: Timeout) -> Any:
+        """The response of the unary RPC `method`; UNAVAILABLE is retried with backoff within the timeout."""
+        call = getattr(self._stub, method)
+        attempts = Attempts(method, self.target, self._policy, self._resolve(timeout))
+        while True:
+            try:
+                return call(request, timeout=attempts.start())
+            except grpc.RpcError as error:
+                delay = attempts.retry_delay(error)
+                if delay is None:
+                    raise attempts.error(error) from error
+                time.sleep(delay)
+
+    def _stream(self, request: images_pb2.GenerateStreamRequest, timeout: float | None) -> Iterator[StreamEvent]:
         attempts = Attempts("GenerateStream", self.target, self._policy, timeout)
         while True:
             call = self._stub.GenerateStream(request, timeout=attempts.start())
@@ -159,11 +380,12 @@ class Client:
             try:
                 for response in call:
                     received = True
-                    if response.HasField("result"):
-                        yield images_from_response(response.result)
+                    event = event_from_stream(response)
+                    if event is None:
+                        continue  # an event kind newer than this SDK
+                    yield event
+                    if isinstance(event, list):
                         return
-                    if response.HasField("progress"):
-                        yield progress_from_proto(response.progress)
             except grpc.RpcError as error:
                 delay = None if received else attempts.retry_delay(error)
                 if delay is None:

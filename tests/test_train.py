@@ -1,0 +1,280 @@
+"""Training: data sources, per-stage objectives, checkpoints the engines load, exact resumption, CLI."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader, IterableDataset
+
+from unclip.config import ClipStageConfig, DecoderStageConfig, PriorStageConfig, UpsamplerStageConfig
+from unclip.models.prior import PriorConfig
+from unclip.options import SamplingOptions
+from unclip.stages import default_checkpoint, load_engine
+from unclip.stages.clip import ClipEncoder
+from unclip.train.cli import add_train_parser, run_train
+from unclip.train.data import BatchStream, DataError, IterableSource, open_source
+from unclip.train.loop import TRAIN_STATE_JSON, TRAIN_WEIGHTS, TrainOptions, train
+from unclip.train.stages import FrozenClip, gaussian_blur, make_objective
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
+
+
+class Squares(IterableDataset):
+    """ShapesDataset's interface in miniature: an endless seeded stream of coloured squares."""
+
+    def __init__(self, seed: int, size: int = 128):
+        self.seed = seed
+        self.size = size
+
+    def __iter__(self):
+        rng = np.random.default_rng(self.seed)
+        while True:
+            name = list(COLOURS)[rng.integers(len(COLOURS))]
+            image = np.zeros((self.size, self.size, 3), np.uint8)
+            side = self.size // 2
+            y, x = rng.integers(0, self.size - side, 2)
+            image[y : y + side, x : x + side] = COLOURS[name]
+            yield {"image": image, "caption": f"a {name} square"}
+
+
+def squares() -> IterableSource:
+    return IterableSource(lambda epoch: Squares(seed=epoch), name="squares")
+
+
+def tiny_config(kind: str):
+    if kind == "clip":
+        return ClipStageConfig()
+    if kind == "prior":
+        return PriorStageConfig(model=PriorConfig(width=32, layers=1, heads=2))
+    if kind == "decoder":
+        model = dataclasses.replace(DecoderStageConfig().model, model_channels=16, num_head_channels=16, num_res_blocks=1)
+        return DecoderStageConfig(model=model)
+    return UpsamplerStageConfig(model=dataclasses.replace(UpsamplerStageConfig().model, model_channels=16, num_res_blocks=1))
+
+
+def run(kind: str, out: Path, steps: int, *, seed: int = 0, init_seed: int = 0, **options) -> list[float]:
+    torch.manual_seed(init_seed)
+    objective = make_objective(tiny_config(kind))
+    options = TrainOptions(steps=steps, batch_size=4, lr=1e-3, seed=seed, device="cpu", progress=False, **options)
+    return train(objective, squares(), out, options).losses
+
+
+@pytest.fixture(scope="module")
+def clip_encoder() -> ClipEncoder:
+    return ClipEncoder.from_checkpoint(default_checkpoint("clip"))
+
+
+# -- each stage trains and its checkpoint runs in the inference engine ----------------------------
+
+
+@pytest.mark.parametrize("kind", ["clip", "prior", "decoder", "upsampler"])
+def test_checkpoint_loads_in_the_inference_engine(kind: str, tmp_path: Path, clip_encoder: ClipEncoder):
+    losses = run(kind, tmp_path / kind, steps=3)
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    engine = load_engine(kind, tmp_path / kind)
+    fast = SamplingOptions(steps=2)
+    text = clip_encoder.encode_text(["a red square"])
+    if kind == "clip":
+        assert engine.encode_text(["a red square"]).embeddings.shape == (1, 64)
+        assert engine.encode_image(np.zeros((1, 128, 128, 3), np.uint8)).shape == (1, 64)
+    elif kind == "prior":
+        embedding = engine.sample(text.embeddings, text.encodings, text.mask, [0], sampling=fast)
+        assert embedding.shape == (1, 64) and np.allclose(np.linalg.norm(embedding, axis=1), 1.0, atol=1e-5)
+    elif kind == "decoder":
+        image = engine.decode(text.embeddings, [0], text_encodings=text.encodings, text_mask=text.mask, sampling=fast)
+        assert image.shape == (1, 32, 32, 3) and image.dtype == np.uint8
+    else:
+        image = engine.upsample(np.full((1, 8, 8, 3), 128, np.uint8), [0], sampling=fast)
+        assert image.shape == (1, 32, 32, 3) and image.dtype == np.uint8
+
+
+@pytest.mark.parametrize("kind", ["clip", "decoder"])
+def test_loss_decreases_on_a_learnable_toy(kind: str, tmp_path: Path):
+    losses = run(kind, tmp_path / kind, steps=30)
+    assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10])
+
+
+def test_conditioning_matches_the_clip_engine(clip_encoder: ClipEncoder):
+    frozen = FrozenClip(default_checkpoint("clip"))
+    captions = ["a red square", "a big blue circle in the corner"]
+    images = next(iter(BatchStream(squares(), 2)))["images"]
+    embeddings, states, mask = frozen.encode_text(captions, torch.device("cpu"))
+    expected = clip_encoder.encode_text(captions)
+    torch.testing.assert_close(embeddings, torch.from_numpy(expected.embeddings), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(states, torch.from_numpy(expected.encodings), atol=1e-5, rtol=1e-4)
+    assert torch.equal(mask, torch.from_numpy(expected.mask))
+    image_embeddings = frozen.encode_image(images, torch.device("cpu"))
+    expected_images = torch.from_numpy(clip_encoder.encode_image(images.numpy()))
+    torch.testing.assert_close(image_embeddings, expected_images, atol=1e-5, rtol=1e-4)
+
+
+def test_gaussian_blur_keeps_sharp_rows_and_the_mean():
+    x = torch.rand(2, 3, 8, 8) * 255
+    blurred = gaussian_blur(x, torch.tensor([0.0, 1.0]))
+    torch.testing.assert_close(blurred[0], x[0])
+    assert not torch.allclose(blurred[1], x[1])
+    torch.testing.assert_close(blurred[1].mean(), x[1].mean(), rtol=0.02, atol=0.0)
+
+
+# -- checkpoints and resumption -------------------------------------------------------------------
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path: Path):
+    straight = run("decoder", tmp_path / "straight", steps=6, checkpoint_every=100)
+    first = run("decoder", tmp_path / "resumed", steps=3, checkpoint_every=100)
+    assert json.loads((tmp_path / "resumed" / TRAIN_STATE_JSON).read_text())["step"] == 3
+    # A different initialisation: resuming must replace it with the saved weights.
+    second = run("decoder", tmp_path / "resumed", steps=6, init_seed=123, resume=True)
+    assert first + second == straight
+    for name in ("model.safetensors", TRAIN_WEIGHTS, "train_state.safetensors"):
+        expected, actual = load_file(str(tmp_path / "straight" / name)), load_file(str(tmp_path / "resumed" / name))
+        assert expected.keys() == actual.keys()
+        for key in expected:
+            assert torch.allclose(expected[key].float(), actual[key].float()), f"{name}: {key}"
+
+    ema, raw = load_file(str(tmp_path / "straight" / "model.safetensors")), load_file(str(tmp_path / "straight" / TRAIN_WEIGHTS))
+    assert ema.keys() == raw.keys()
+    assert any(not torch.equal(ema[key], raw[key]) for key in raw)
+
+
+def test_checkpoints_are_written_periodically_and_never_silently_overwritten(tmp_path: Path):
+    run("upsampler", tmp_path / "run", steps=4, checkpoint_every=2)
+    assert json.loads((tmp_path / "run" / TRAIN_STATE_JSON).read_text())["step"] == 4
+    with pytest.raises(FileExistsError, match="--resume"):
+        run("upsampler", tmp_path / "run", steps=6)
+    with pytest.raises(Exception, match="no config.json"):
+        run("upsampler", tmp_path / "missing", steps=6, resume=True)
+
+
+# -- data sources ---------------------------------------------------------------------------------
+
+
+def png_bytes(colour: tuple[int, int, int], size: tuple[int, int] = (40, 30), mode: str = "RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def take(source, count: int) -> list[dict]:
+    stream = iter(source)
+    return [next(stream) for _ in range(count)]
+
+
+def test_folder_source_reads_captioned_images_recursively(tmp_path: Path):
+    (tmp_path / "nested").mkdir()
+    (tmp_path / "a.png").write_bytes(png_bytes((255, 0, 0)))
+    (tmp_path / "a.txt").write_text("a red thing\n")
+    (tmp_path / "nested" / "b.png").write_bytes(png_bytes((0, 0, 255, 128), mode="RGBA"))
+    (tmp_path / "nested" / "b.txt").write_text("a blue thing")
+    (tmp_path / "uncaptioned.png").write_bytes(png_bytes((0, 255, 0)))
+    examples = take(open_source(str(tmp_path), 16, seed=0), 4)  # two epochs
+    assert sorted(e["caption"] for e in examples) == ["a blue thing"] * 2 + ["a red thing"] * 2
+    for example in examples:
+        assert example["image"].shape == (16, 16, 3) and example["image"].dtype == np.uint8
+    red = next(e["image"] for e in examples if e["caption"] == "a red thing")
+    assert (red == [255, 0, 0]).all()
+
+
+def write_shard(path: Path, samples: dict[str, tuple[str, bytes]]) -> None:
+    """img2dataset layout: <key>.jpg|png, <key>.txt, <key>.json, consecutive per key."""
+    with tarfile.open(path, "w") as archive:
+        for key, (caption, image) in samples.items():
+            for name, data in ((f"{key}.png", image), (f"{key}.txt", caption.encode()), (f"{key}.json", b"{}")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+
+
+def test_tar_shards_as_a_file_a_directory_and_a_glob(tmp_path: Path):
+    write_shard(tmp_path / "00000.tar", {f"0000{i}": (f"caption {i}", png_bytes((i * 40, 0, 0))) for i in range(3)})
+    write_shard(tmp_path / "00001.tar", {f"0001{i}": (f"caption {i + 3}", png_bytes((0, i * 40, 0))) for i in range(3)})
+    captions = {f"caption {i}" for i in range(6)}
+    for spec in (str(tmp_path), str(tmp_path / "*.tar")):
+        examples = take(open_source(spec, 8, seed=1), 6)  # one epoch: every sample once
+        assert {e["caption"] for e in examples} == captions
+        assert all(e["image"].shape == (8, 8, 3) for e in examples)
+    single = take(open_source(str(tmp_path / "00001.tar"), 8, seed=1), 3)
+    assert {e["caption"] for e in single} == {"caption 3", "caption 4", "caption 5"}
+    # The order is shuffled by the seed, and repeatable.
+    orders = [[e["caption"] for e in take(open_source(str(tmp_path), 8, seed=s), 6)] for s in (1, 1, 2)]
+    assert orders[0] == orders[1] and sorted(orders[0]) == sorted(orders[2])
+
+
+def test_bad_data_paths_give_clear_errors(tmp_path: Path):
+    with pytest.raises(DataError, match="no such file or directory"):
+        open_source(str(tmp_path / "missing"), 32, 0)
+    with pytest.raises(DataError, match="no images"):
+        open_source(str(tmp_path), 32, 0)
+    (tmp_path / "a.png").write_bytes(png_bytes((1, 2, 3)))
+    with pytest.raises(DataError, match="none with a same-named .txt caption"):
+        open_source(str(tmp_path), 32, 0)
+    with pytest.raises(DataError, match="matches no .tar files"):
+        open_source(str(tmp_path / "*.tar"), 32, 0)
+    with pytest.raises(DataError, match="must be a .tar shard"):
+        open_source(str(tmp_path / "a.png"), 32, 0)
+    write_shard(tmp_path / "empty.tar", {})
+    with pytest.raises(DataError, match="no examples"):
+        take(open_source(str(tmp_path / "empty.tar"), 32, 0), 1)
+
+
+def test_batches_are_the_same_with_any_number_of_workers():
+    def batches(workers: int) -> list[dict]:
+        loader = DataLoader(BatchStream(squares(), 3, start=2), batch_size=None, num_workers=workers)
+        stream = iter(loader)
+        return [next(stream) for _ in range(4)]
+
+    for alone, shared in zip(batches(0), batches(2)):
+        assert alone["captions"] == shared["captions"] and torch.equal(alone["images"], shared["images"])
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+
+def unclip_train(*argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="unclip")
+    add_train_parser(parser.add_subparsers(dest="command"))
+    return run_train(parser.parse_args(["train", *argv]))
+
+
+def write_folder(data: Path) -> Path:
+    data.mkdir()
+    for index, (name, colour) in enumerate(COLOURS.items()):
+        (data / f"{index}.png").write_bytes(png_bytes(colour, size=(128, 128)))
+        (data / f"{index}.txt").write_text(f"a {name} picture")
+    return data
+
+
+def test_cli_trains_resumes_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    data = write_folder(tmp_path / "data")
+    out = tmp_path / "upsampler"
+    common = ["upsampler", "--data", str(data), "--out", str(out), "--batch-size", "2", "--device", "cpu"]
+    assert unclip_train(*common, "--steps", "2") == 0
+    assert "step 2 (2 this run)" in capsys.readouterr().out
+    assert unclip_train(*common, "--steps", "3", "--resume") == 0
+    report = capsys.readouterr().out
+    assert "step 3 (1 this run)" in report and "steps/s" in report and "final loss" in report
+    assert unclip_train(*common, "--steps", "4") == 1
+    assert "--resume" in capsys.readouterr().err
+    assert unclip_train("prior", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "p")) == 1
+    assert "no such file or directory" in capsys.readouterr().err
+
+
+def test_cli_resumes_the_prior_with_the_clip_it_started_with(tmp_path: Path):
+    clip = tmp_path / "my-clip"
+    shutil.copytree(default_checkpoint("clip"), clip)
+    common = ["prior", "--data", str(write_folder(tmp_path / "data")), "--out", str(tmp_path / "prior"), "--batch-size", "2", "--device", "cpu"]
+    assert unclip_train(*common, "--steps", "1", "--clip", str(clip)) == 0
+    assert unclip_train(*common, "--steps", "2", "--resume") == 0
+    state = json.loads((tmp_path / "prior" / TRAIN_STATE_JSON).read_text())
+    assert state["step"] == 2 and state["clip"] == str(clip)

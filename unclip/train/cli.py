@@ -1,0 +1,77 @@
+"""`unclip train clip|prior|decoder|upsampler`: train one stage with its shipped default config."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from unclip.stages import STAGE_KINDS
+
+DATA_SIZE = 128  # the side training images are loaded at: the upsampler's output size
+
+
+def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("train", help="train one stage and write a checkpoint directory")
+    parser.add_argument("stage", choices=STAGE_KINDS)
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="'shapes', a directory of images + .txt captions, a .tar shard, a directory of shards, or a glob of shards",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="checkpoint directory to write (and to resume from)")
+    parser.add_argument("--steps", type=int, default=10_000, help="total steps, counting resumed ones (default: 10000)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, help="AdamW learning rate (default: per stage)")
+    parser.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    parser.add_argument("--clip", type=Path, help="prior, decoder: frozen CLIP (default: the shipped one or the resumed run's)")
+    parser.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints (and one at the end)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--workers", type=int, default=0, help="data loading processes (default: load in the training process)")
+    parser.add_argument("--image-size", type=int, default=DATA_SIZE, help=f"side of the training images (default: {DATA_SIZE})")
+    return parser
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Exit code 0 on success; 1, with a message and no traceback, for bad data or checkpoints."""
+    import torch
+
+    from unclip.checkpoint import CheckpointError, read_config
+    from unclip.config import STAGE_CONFIGS
+    from unclip.train.data import DataError, open_source
+    from unclip.train.loop import TrainOptions, read_train_state, train
+    from unclip.train.stages import DEFAULT_LR, make_objective
+
+    options = TrainOptions(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr if args.lr is not None else DEFAULT_LR[args.stage],
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+        device=args.device,
+        workers=args.workers,
+        resume=args.resume,
+        progress=sys.stderr.isatty(),
+    )
+    try:
+        # A resumed run keeps the configuration it was started with.
+        config = read_config(args.out) if args.resume else STAGE_CONFIGS[args.stage]()
+        if config.kind != args.stage:
+            raise CheckpointError(f"{args.out}: holds a checkpoint of stage {config.kind!r}, not {args.stage!r}")
+        # The prior and decoder must go on with the CLIP they started with.
+        clip = read_train_state(args.out).get("clip") if args.resume and args.clip is None else args.clip
+        source = open_source(args.data, args.image_size, args.seed)
+        torch.manual_seed(args.seed)  # the freshly initialised network
+        objective = make_objective(config, clip)
+        metadata = {"data": args.data, "clip": None if clip is None else str(clip)}
+        result = train(objective, source, args.out, options, metadata)
+    except (DataError, CheckpointError, FileExistsError, FloatingPointError, ValueError) as error:
+        print(f"unclip train: {error}", file=sys.stderr)
+        return 1
+    loss = "n/a" if result.final_loss is None else f"{result.final_loss:.4f}"
+    print(
+        f"{args.stage}: step {result.step} ({result.steps_run} this run) in {result.seconds:.1f} s, "
+        f"{result.steps_per_second:.2f} steps/s, final loss {loss}; checkpoint {args.out}"
+    )
+    return 0
