@@ -19,6 +19,7 @@ import numpy as np
 from unclip.data.shapes import DEFAULT_HELDOUT, canonical_prompts, parse_caption, render, sample_scene_for
 from unclip.eval.judge import judge
 from unclip.pipeline import GenerationParameters, StageEvent, generate
+from unclip.stages.base import MAX_BATCH
 
 ATTRIBUTES = ("colour_ok", "shape_ok", "position_ok", "relation_ok", "size_ok", "background_ok")
 
@@ -55,8 +56,9 @@ def clip_retrieval_top1(encoder, n: int, seed: int, heldout=DEFAULT_HELDOUT) -> 
     rng = np.random.default_rng(seed)
     captions = canonical_prompts(n, seed=seed, split="heldout", heldout=heldout)
     images = np.stack([render(sample_scene_for(parse_caption(c), rng)) for c in captions])
-    image_embeddings = encoder.encode_image(images)
-    text_embeddings = encoder.encode_text(captions).embeddings
+    chunks = range(0, n, MAX_BATCH)  # the encoder takes at most MAX_BATCH rows a call
+    image_embeddings = np.concatenate([encoder.encode_image(images[i : i + MAX_BATCH]) for i in chunks])
+    text_embeddings = np.concatenate([encoder.encode_text(captions[i : i + MAX_BATCH]).embeddings for i in chunks])
     best = (image_embeddings @ text_embeddings.T).argmax(axis=1)
     return float(np.mean([captions[j] == captions[i] for i, j in enumerate(best)]))
 
