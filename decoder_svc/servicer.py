@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -24,6 +25,58 @@ def inpaint_from_proto(request) -> tuple[np.ndarray, np.ndarray] | None:
     return codec.to_numpy(request.inpaint_images, "inpaint_images"), codec.to_numpy(request.inpaint_mask, "inpaint_mask")
 
 
+@dataclass
+class DecodeCall:
+    """A parsed DecodeRequest: the engine call it stands for (the Ray layer batches these)."""
+
+    image_embeddings: np.ndarray
+    seeds: list[int]
+    text_encodings: np.ndarray | None
+    text_mask: np.ndarray | None
+    guidance_scale: float | None
+    sampling: SamplingOptions
+    inpaint: tuple[np.ndarray, np.ndarray] | None
+
+    @classmethod
+    def from_proto(cls, request: decoder_pb2.DecodeRequest) -> DecodeCall:
+        return cls(
+            codec.to_numpy(request.image_embeddings, "image_embeddings"),
+            list(request.seeds),
+            codec.to_numpy(request.text_encodings, "text_encodings") if request.HasField("text_encodings") else None,
+            codec.to_numpy(request.text_mask, "text_mask") if request.HasField("text_mask") else None,
+            request.guidance_scale if request.HasField("guidance_scale") else None,
+            SamplingOptions.from_proto(request.sampling),
+            inpaint_from_proto(request),
+        )
+
+    def run(self, engine, cancel, progress=None) -> np.ndarray:
+        return engine.decode(
+            self.image_embeddings, self.seeds, text_encodings=self.text_encodings, text_mask=self.text_mask,
+            guidance_scale=self.guidance_scale, sampling=self.sampling, inpaint=self.inpaint, cancel=cancel,
+            progress=progress,
+        )
+
+
+@dataclass
+class UpsampleCall:
+    """A parsed UpsampleRequest: the engine call it stands for (the Ray layer batches these)."""
+
+    images: np.ndarray
+    seeds: list[int]
+    sampling: SamplingOptions
+    inpaint: tuple[np.ndarray, np.ndarray] | None
+
+    @classmethod
+    def from_proto(cls, request: upsampler_pb2.UpsampleRequest) -> UpsampleCall:
+        return cls(
+            codec.to_numpy(request.images, "images"), list(request.seeds), SamplingOptions.from_proto(request.sampling),
+            inpaint_from_proto(request),
+        )
+
+    def run(self, engine, cancel) -> np.ndarray:
+        return engine.upsample(self.images, self.seeds, sampling=self.sampling, inpaint=self.inpaint, cancel=cancel)
+
+
 class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer, ModelServicer):
     STAGE_KIND = "decoder"
 
@@ -36,29 +89,10 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer, ModelServicer):
         )
         return decoder_pb2.GetDecoderInfoResponse(info=info)
 
-    @staticmethod
-    def _decode_call(request: decoder_pb2.DecodeRequest, progress=None):
-        """Parse a DecodeRequest into the engine call `call(cancel)` the model thread runs."""
-        embeddings = codec.to_numpy(request.image_embeddings, "image_embeddings")
-        text_encodings = codec.to_numpy(request.text_encodings, "text_encodings") if request.HasField("text_encodings") else None
-        text_mask = codec.to_numpy(request.text_mask, "text_mask") if request.HasField("text_mask") else None
-        seeds = list(request.seeds)
-        guidance = request.guidance_scale if request.HasField("guidance_scale") else None
-        sampling = SamplingOptions.from_proto(request.sampling)
-        inpaint = inpaint_from_proto(request)
-
-        def call(engine, cancel):
-            return engine.decode(
-                embeddings, seeds, text_encodings=text_encodings, text_mask=text_mask, guidance_scale=guidance,
-                sampling=sampling, inpaint=inpaint, cancel=cancel, progress=progress,
-            )
-
-        return call
-
     @rpc
     async def Decode(self, request, context):
-        call = self._decode_call(request)
-        images = await self.run(context, lambda cancel: call(self.engine, cancel))
+        call = DecodeCall.from_proto(request)
+        images = await self.run(context, lambda cancel: call.run(self.engine, cancel))
         return decoder_pb2.DecodeResponse(images=codec.from_numpy(images))
 
     @streaming_rpc
@@ -72,8 +106,8 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer, ModelServicer):
             if preview_due(done, total, every):
                 loop.call_soon_threadsafe(previews.put_nowait, (done, total, unit_to_images(x0)))
 
-        call = self._decode_call(request.request, progress=on_step)
-        task = asyncio.ensure_future(self.run(context, lambda cancel: call(self.engine, cancel)))
+        call = DecodeCall.from_proto(request.request)
+        task = asyncio.ensure_future(self.run(context, lambda cancel: call.run(self.engine, cancel, on_step)))
         try:
             async for done, total, images in events_until_done(previews, task):
                 preview = decoder_pb2.DecodePreview(step=done, total_steps=total, images=codec.from_numpy(images))
@@ -98,13 +132,8 @@ class UpsamplerServicer(upsampler_pb2_grpc.UpsamplerServiceServicer, ModelServic
 
     @rpc
     async def Upsample(self, request, context):
-        images = codec.to_numpy(request.images, "images")
-        seeds = list(request.seeds)
-        sampling = SamplingOptions.from_proto(request.sampling)
-        inpaint = inpaint_from_proto(request)
-        upsampled = await self.run(
-            context, lambda cancel: self.engine.upsample(images, seeds, sampling=sampling, inpaint=inpaint, cancel=cancel)
-        )
+        call = UpsampleCall.from_proto(request)
+        upsampled = await self.run(context, lambda cancel: call.run(self.engine, cancel))
         return upsampler_pb2.UpsampleResponse(images=codec.from_numpy(upsampled))
 
 

@@ -103,6 +103,7 @@ class FakeImageService(images_pb2_grpc.ImageServiceServicer):
     fail_after_first_event: bool = False
     requests: list[images_pb2.GenerationParameters] = field(default_factory=list)
     received: list[Message] = field(default_factory=list)  # the whole requests
+    metadata: list[dict[str, str]] = field(default_factory=list)  # invocation metadata of Generate calls
 
     def _start(self, request: Message, context: grpc.ServicerContext) -> None:
         self.requests.append(request.parameters)
@@ -114,6 +115,7 @@ class FakeImageService(images_pb2_grpc.ImageServiceServicer):
 
     def Generate(self, request, context):
         self._start(request, context)
+        self.metadata.append(dict(context.invocation_metadata()))
         return fake_images(request.parameters, request.delivery)
 
     def GenerateStream(self, request, context):
@@ -214,6 +216,15 @@ def test_parameters_not_given_are_not_set(target, service):
     assert sent.prompt == "a red cube" and sent.n == 1
     assert sent.size == 0 and sent.sampler == sampling_pb2.SAMPLER_UNSPECIFIED
     assert [name for name in OPTIONAL_FIELDS if sent.HasField(name)] == []
+
+
+def test_application_metadata_routes_through_a_ray_serve_proxy(target, service):
+    with fast_client(target) as client:
+        client.generate("a red cube")
+    with Client(target, application="gateway", retries=0, timeout=10) as client:
+        client.generate("a red cube")
+    assert "application" not in service.metadata[0]
+    assert service.metadata[1]["application"] == "gateway"
 
 
 def test_parameters_given_arrive(target, service):

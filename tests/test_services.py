@@ -314,3 +314,21 @@ def test_upsampler_valid_call_and_bad_input(services):
     gray = codec.from_numpy(np.zeros((1, 8, 8), np.uint8))
     assert_invalid(stub.Upsample, upsampler_pb2.UpsampleRequest(images=gray, seeds=[1], sampling=steps), "dimensions")
     assert_invalid(stub.Upsample, upsampler_pb2.UpsampleRequest(images=codec.from_numpy(low), seeds=[], sampling=steps), "seed")
+
+
+def test_engines_compute_with_a_fixed_thread_count(monkeypatch, tmp_path):
+    """Images must not depend on the thread count a deployment happens to give a process."""
+    import torch
+
+    from unclip.stages import COMPUTE_THREADS_ENV, compute_threads, load_engine
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        load_engine("upsampler")
+        assert torch.get_num_threads() == compute_threads() == 2
+        monkeypatch.setenv(COMPUTE_THREADS_ENV, "zero")
+        with pytest.raises(ValueError, match=COMPUTE_THREADS_ENV):
+            load_engine("upsampler")
+    finally:
+        torch.set_num_threads(before)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from unclip import __version__
 
-SERVE_TARGETS = ("encoder", "prior", "decoder", "upsampler", "gateway", "all")
+SERVE_TARGETS = ("encoder", "prior", "decoder", "upsampler", "gateway", "all", "ray")
 DEFAULT_PROMPT = "a red circle in the top left corner"
 # Subcommands that manipulate images, and the operation each names its files after.
 MANIPULATIONS = {"variations": "variation", "interpolate": "interpolation", "textdiff": "textdiff", "edit": "edit"}
@@ -125,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--checkpoint", type=Path, help="stage: checkpoint directory (default: the shipped weights)")
     serve.add_argument("--weights", type=Path, help="all: directory with clip/ prior/ decoder/ upsampler/")
     serve.add_argument("--max-pending", type=int, default=32, help="stage: queued requests before RESOURCE_EXHAUSTED")
+    serve.add_argument("--config", type=Path, help="ray: Ray Serve config (default: deploy/ray/serve.yaml)")
     for stage in ("encoder", "prior", "decoder"):
         serve.add_argument(f"--{stage}", metavar="HOST:PORT", help=f"gateway: the {stage} service")
     serve.add_argument("--upsampler", metavar="HOST:PORT", action="append", help="gateway: an upsampler (repeat, in order)")
@@ -416,6 +417,8 @@ def _manipulate_remote(args: argparse.Namespace, uploads: dict) -> _Outcome | No
 def _serve(args: argparse.Namespace) -> int:
     if args.target == "all":
         return _serve_all(args)
+    if args.target == "ray":
+        return _serve_ray(args)
     from unclip.serving import Server, serve_forever
 
     default_ports = {"gateway": 50051, "encoder": 50052, "prior": 50053, "decoder": 50054, "upsampler": 50055}
@@ -506,3 +509,34 @@ def _serve_all(args: argparse.Namespace) -> int:
     finally:
         cluster.stop()
 
+
+def _serve_ray(args: argparse.Namespace) -> int:
+    """Every stage and the gateway as Ray Serve applications on a local Ray cluster, until Ctrl-C."""
+    import signal
+    import threading
+
+    import ray
+    from ray import serve
+
+    from unclip.ray_apps import APP_NAMES, DEFAULT_CONFIG, deploy, grpc_proxy_address, load_config
+
+    config = load_config(args.config or DEFAULT_CONFIG)
+    # A fresh local cluster (never one already running on this host), without the dashboard.
+    ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        schema = deploy(config)
+        print(f"unclip: serving on Ray; gRPC proxy at {grpc_proxy_address(schema)}", flush=True)
+        print(f"unclip: name the app in the 'application' metadata key: {', '.join(APP_NAMES)}", flush=True)
+        stop = threading.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stop.set())
+        while not stop.wait(0.5):
+            pass
+        print("unclip: stopping", file=sys.stderr, flush=True)
+        return 0
+    except (RuntimeError, TimeoutError) as error:
+        print(f"unclip serve ray: {error}", file=sys.stderr)
+        return 1
+    finally:
+        serve.shutdown()
+        ray.shutdown()

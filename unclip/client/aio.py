@@ -53,10 +53,12 @@ class AsyncClient:
         backoff: float = 0.2,
         max_backoff: float = 5.0,
         credentials: grpc.ChannelCredentials | None = None,
+        application: str | None = None,
     ):
         self.target = target
         self.timeout = check_timeout(timeout)
         self._policy = RetryPolicy(retries, backoff, max_backoff)
+        self._metadata = (("application", application),) if application else None
         self._credentials = credentials
         self._channel: grpc.aio.Channel | None = None
         self._stub_instance: images_pb2_grpc.ImageServiceStub | None = None
@@ -139,7 +141,7 @@ class AsyncClient:
         stub = self._stub()
         attempts = Attempts("GenerateStream", self.target, self._policy, self._resolve(timeout))
         while True:
-            call = stub.GenerateStream(request, timeout=attempts.start())
+            call = stub.GenerateStream(request, timeout=attempts.start(), metadata=self._metadata)
             received = False
             try:
                 async for response in call:
@@ -320,7 +322,7 @@ class AsyncClient:
         attempts = Attempts(method, self.target, self._policy, self._resolve(timeout))
         while True:
             try:
-                return await call(request, timeout=attempts.start())
+                return await call(request, timeout=attempts.start(), metadata=self._metadata)
             except grpc.RpcError as error:
                 delay = attempts.retry_delay(error)
                 if delay is None:

@@ -47,6 +47,9 @@ class Client:
             retry k (0-based) is uniform in [0, min(max_backoff, backoff * 2**k)].
         max_backoff: the longest wait between retries, in seconds.
         credentials: TLS credentials for a secure channel; None for plaintext.
+        application: the Ray Serve application to route to, sent as the `application` metadata
+            key that Ray Serve's gRPC proxy routes by ("gateway" in the shipped Serve config);
+            None for a gateway served directly (`unclip serve`).
 
     Use it as a context manager, or call `close()` when done. Failed calls raise `UnclipError`.
     A client may be shared between threads.
@@ -68,10 +71,12 @@ class Client:
         backoff: float = 0.2,
         max_backoff: float = 5.0,
         credentials: grpc.ChannelCredentials | None = None,
+        application: str | None = None,
     ):
         self.target = target
         self.timeout = check_timeout(timeout)
         self._policy = RetryPolicy(retries, backoff, max_backoff)
+        self._metadata = (("application", application),) if application else None
         if credentials is None:
             self._channel = grpc.insecure_channel(target, options=GRPC_OPTIONS)
         else:
@@ -365,7 +370,7 @@ class Client:
         attempts = Attempts(method, self.target, self._policy, self._resolve(timeout))
         while True:
             try:
-                return call(request, timeout=attempts.start())
+                return call(request, timeout=attempts.start(), metadata=self._metadata)
             except grpc.RpcError as error:
                 delay = attempts.retry_delay(error)
                 if delay is None:
@@ -375,7 +380,7 @@ class Client:
     def _stream(self, request: images_pb2.GenerateStreamRequest, timeout: float | None) -> Iterator[StreamEvent]:
         attempts = Attempts("GenerateStream", self.target, self._policy, timeout)
         while True:
-            call = self._stub.GenerateStream(request, timeout=attempts.start())
+            call = self._stub.GenerateStream(request, timeout=attempts.start(), metadata=self._metadata)
             received = False
             try:
                 for response in call:

@@ -7,6 +7,7 @@ identical whichever way it was produced.
 
 from __future__ import annotations
 
+import os
 import threading
 import zlib
 from collections.abc import Callable
@@ -68,6 +69,17 @@ def resolve_guidance(scale: float | None, default: float) -> float:
     return check_range(default if scale is None else scale, "guidance_scale", 0.0, MAX_GUIDANCE_SCALE)
 
 
+def compute_device() -> torch.device:
+    """Where engines run: UNCLIP_DEVICE (e.g. "cpu", "cuda", "cuda:1"), else CUDA when present.
+
+    Random numbers are always drawn on the CPU from the per-row generators, so a seed means the
+    same noise on any device; GPU kernels still round differently from CPU ones, so pixels are
+    identical between processes on the same kind of device.
+    """
+    name = os.environ.get("UNCLIP_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def images_to_unit(images: np.ndarray) -> torch.Tensor:
     """uint8 [B, H, W, 3] -> float [B, 3, H, W] in [-1, 1]."""
     return torch.from_numpy(np.array(images, dtype=np.uint8)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
@@ -75,7 +87,7 @@ def images_to_unit(images: np.ndarray) -> torch.Tensor:
 
 def unit_to_images(x: torch.Tensor) -> np.ndarray:
     """float [B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3], rounding to nearest."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
 def load_module(directory: str | Path, expected_kind: str, build: Callable[[object], torch.nn.Module]):
@@ -85,7 +97,8 @@ def load_module(directory: str | Path, expected_kind: str, build: Callable[[obje
         raise ValueError(f"{directory}: holds a {config.kind!r} checkpoint, expected {expected_kind!r}")
     module = build(config)
     module.load_state_dict(load_weights(directory, config))
-    return config, module.eval().requires_grad_(False), weights_version(directory, config)
+    module = module.eval().requires_grad_(False).to(compute_device())
+    return config, module, weights_version(directory, config)
 
 
 ProgressFn = Callable[[int, int, torch.Tensor], None]
@@ -102,7 +115,7 @@ def build_diffusion(config: DiffusionConfig) -> GaussianDiffusion:
 
 
 def inpaint_condition(
-    inpaint: tuple[np.ndarray, np.ndarray] | None, batch: int, height: int, width: int
+    inpaint: tuple[np.ndarray, np.ndarray] | None, batch: int, height: int, width: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Validate (images uint8 [B,H,W,3], regenerate-mask bool [B,H,W]) and turn them into the
     sampler's (x0_known in [-1, 1], keep mask) pair."""
@@ -112,7 +125,7 @@ def inpaint_condition(
     check_array(images, "inpaint_images", shape=(batch, height, width, 3), dtypes=[np.uint8])
     check_array(mask, "inpaint_mask", shape=(batch, height, width), dtypes=[np.bool_])
     keep = torch.from_numpy(~mask)[:, None].float()
-    return images_to_unit(images), keep
+    return images_to_unit(images).to(device), keep.to(device)
 
 
 def sample_rows(
@@ -127,8 +140,9 @@ def sample_rows(
     denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     progress: ProgressFn | None = None,
     known: tuple[torch.Tensor, torch.Tensor] | None = None,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
-    """Run the sampler, counting steps and whether it finished or was stopped."""
+    """Run the sampler on `device`, counting steps and whether it finished or was stopped."""
 
     def on_step(step: int, total: int, x0: torch.Tensor) -> None:
         stats.add_steps()
@@ -148,6 +162,7 @@ def sample_rows(
             check_cancelled=cancel.check if cancel is not None else None,
             progress=on_step,
             known=known,
+            device=device,
         )
     except (Cancelled, DeadlineExceeded):
         stats.finish(stopped=True)

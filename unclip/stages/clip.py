@@ -14,7 +14,7 @@ from unclip.config import ClipStageConfig
 from unclip.errors import InvalidArgument
 from unclip.models.clip import create_clip, encode_text_tokens, preprocess_images
 from unclip.pipeline import TextEncoding
-from unclip.stages.base import MAX_BATCH
+from unclip.stages.base import MAX_BATCH, compute_device
 from unclip.validation import check_array, check_batch
 
 MAX_IMAGE_SIDE = 4096
@@ -24,7 +24,8 @@ class ClipEncoder:
     def __init__(self, config: ClipStageConfig, model: open_clip.CLIP, version: str = "unversioned"):
         self.config = config
         self.version = version
-        self.model = model.eval().requires_grad_(False)
+        self.model = model.eval().requires_grad_(False).to(compute_device())
+        self.device = next(self.model.parameters()).device
         self.tokenizer = open_clip.get_tokenizer(config.model_name)
         self.context_length = int(self.model.context_length)
 
@@ -59,13 +60,13 @@ class ClipEncoder:
 
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> TextEncoding:
-        tokens = self.tokenize(texts)
+        tokens = self.tokenize(texts).to(self.device)
         # Row by row so that a text's encoding never depends on what it was batched with.
         pooled, states = (torch.cat(parts) for parts in zip(*(encode_text_tokens(self.model, row[None]) for row in tokens)))
         return TextEncoding(
-            embeddings=F.normalize(pooled, dim=-1).numpy(),
-            encodings=states.float().numpy(),
-            mask=(tokens != 0).numpy(),
+            embeddings=F.normalize(pooled, dim=-1).cpu().numpy(),
+            encodings=states.float().cpu().numpy(),
+            mask=(tokens != 0).cpu().numpy(),
         )
 
     @torch.no_grad()
@@ -74,6 +75,6 @@ class ClipEncoder:
         check_batch(images.shape[0], "images", MAX_BATCH)
         if not (1 <= images.shape[1] <= MAX_IMAGE_SIDE and 1 <= images.shape[2] <= MAX_IMAGE_SIDE):
             raise InvalidArgument(f"images: sides must be 1..{MAX_IMAGE_SIDE} pixels, got {images.shape[1]}x{images.shape[2]}")
-        pixels = preprocess_images(self.model, torch.from_numpy(np.array(images, dtype=np.uint8)))
+        pixels = preprocess_images(self.model, torch.from_numpy(np.array(images, dtype=np.uint8))).to(self.device)
         embeddings = torch.cat([self.model.encode_image(row[None]) for row in pixels])
-        return F.normalize(embeddings, dim=-1).numpy()
+        return F.normalize(embeddings, dim=-1).cpu().numpy()

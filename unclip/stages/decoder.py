@@ -33,6 +33,7 @@ class ImageDecoder:
     def __init__(self, config: DecoderStageConfig, model: UNet, version: str = "unversioned"):
         self.config = config
         self.version = version
+        self.device = next(model.parameters()).device
         self.model = model
         self.diffusion = build_diffusion(config.diffusion)
         self.stats = StageStats()
@@ -72,8 +73,9 @@ class ImageDecoder:
         scale = resolve_guidance(guidance_scale, self.config.sampling.guidance_scale)
         options = sampling.resolve(self.config.sampling, self.config.diffusion.timesteps)
 
-        keep = torch.zeros(batch, dtype=torch.bool)
-        cond = dict(image_embed=embedding_to_model_space(torch.from_numpy(image_embeddings)), drop_image=keep)
+        device = self.device
+        keep = torch.zeros(batch, dtype=torch.bool, device=device)
+        cond = dict(image_embed=embedding_to_model_space(torch.from_numpy(image_embeddings)).to(device), drop_image=keep)
         if cfg.text_width > 0:
             if text_encodings is None:
                 text_encodings = np.zeros((batch, 1, cfg.text_width), np.float32)
@@ -84,14 +86,15 @@ class ImageDecoder:
                 check_array(text_mask, "text_mask", shape=text_encodings.shape[:2], dtypes=[np.bool_])
                 text_dropped = keep
             cond |= dict(
-                text_encodings=torch.from_numpy(text_encodings), text_mask=torch.from_numpy(text_mask), drop_text=text_dropped
+                text_encodings=torch.from_numpy(text_encodings).to(device), text_mask=torch.from_numpy(text_mask).to(device),
+                drop_text=text_dropped,
             )
         # Unconditional half for guidance: both the image embedding and the text dropped.
         uncond = {**cond, "drop_image": ~keep}
         if "drop_text" in cond:
             uncond["drop_text"] = ~keep
         size = self.config.image_size
-        known = inpaint_condition(inpaint, batch, size, size)
+        known = inpaint_condition(inpaint, batch, size, size, device)
         samples = sample_rows(
             self.diffusion,
             guided(self.model, cond, uncond, scale),
@@ -103,5 +106,6 @@ class ImageDecoder:
             denoised_fn=lambda x0: x0.clamp(-1, 1),
             progress=progress,
             known=known,
+            device=device,
         )
         return unit_to_images(samples)

@@ -32,6 +32,7 @@ class PriorSampler:
     def __init__(self, config: PriorStageConfig, model: DiffusionPrior, version: str = "unversioned"):
         self.config = config
         self.version = version
+        self.device = next(model.parameters()).device
         self.model = model
         self.diffusion = build_diffusion(config.diffusion)
         self.stats = StageStats()
@@ -72,15 +73,16 @@ class PriorSampler:
 
         # Candidates are extra rows, candidate-major within each prompt, each with its own generator.
         rows = batch * num_candidates
-        text_embed = embedding_to_model_space(torch.from_numpy(text_embeddings)).repeat_interleave(num_candidates, 0)
-        encodings = torch.from_numpy(text_encodings).repeat_interleave(num_candidates, 0)
-        mask = torch.from_numpy(text_mask).repeat_interleave(num_candidates, 0)
+        device = self.device
+        text_embed = embedding_to_model_space(torch.from_numpy(text_embeddings)).repeat_interleave(num_candidates, 0).to(device)
+        encodings = torch.from_numpy(text_encodings).repeat_interleave(num_candidates, 0).to(device)
+        mask = torch.from_numpy(text_mask).repeat_interleave(num_candidates, 0).to(device)
         generators = [
             generator
             for seed in seeds
             for generator in (row_generators([seed], f"prior/candidate{k}")[0] for k in range(num_candidates))
         ]
-        keep = torch.zeros(rows, dtype=torch.bool)
+        keep = torch.zeros(rows, dtype=torch.bool, device=device)
         cond = dict(text_embed=text_embed, text_encodings=encodings, text_mask=mask, drop_text=keep)
         uncond = dict(cond, drop_text=~keep)
         model_fn = guided(self.model, cond, uncond, scale)
@@ -96,7 +98,7 @@ class PriorSampler:
             # CLIP image embeddings live on a sphere; keep the clean estimate there.
             denoised_fn=lambda x0: F.normalize(x0, dim=-1) * scale_norm,
         )
-        candidates = F.normalize(samples, dim=-1).view(batch, num_candidates, cfg.embed_dim)
+        candidates = F.normalize(samples.cpu(), dim=-1).view(batch, num_candidates, cfg.embed_dim)
         text = F.normalize(torch.from_numpy(text_embeddings), dim=-1)
         similarity = (candidates * text[:, None, :]).sum(dim=-1)  # per row, unlike a batched matmul
         best = similarity.argmax(dim=1)

@@ -34,6 +34,7 @@ class ImageUpsampler:
     def __init__(self, config: UpsamplerStageConfig, model: UNet, version: str = "unversioned"):
         self.config = config
         self.version = version
+        self.device = next(model.parameters()).device
         self.model = model
         self.diffusion = build_diffusion(config.diffusion)
         self.stats = StageStats()
@@ -75,8 +76,8 @@ class ImageUpsampler:
             )
         seeds = check_seeds(seeds, batch)
         options = sampling.resolve(self.config.sampling, self.config.diffusion.timesteps)
-        known = inpaint_condition(inpaint, batch, out_h, out_w)
-        low_res = images_to_unit(images)
+        known = inpaint_condition(inpaint, batch, out_h, out_w, self.device)
+        low_res = images_to_unit(images).to(self.device)
         row_model = one_row_at_a_time(self.model)
         samples = sample_rows(
             self.diffusion,
@@ -89,5 +90,6 @@ class ImageUpsampler:
             denoised_fn=lambda x0: x0.clamp(-1, 1),
             progress=progress,
             known=known,
+            device=self.device,
         )
         return unit_to_images(samples)

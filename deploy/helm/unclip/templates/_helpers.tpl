@@ -1,0 +1,191 @@
+{{/* Chart name, truncated to the 63 characters a label value allows. */}}
+{{- define "unclip.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Fully qualified app name; RayService names become pod name prefixes, so keep it short. */}}
+{{- define "unclip.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "unclip.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Selector labels: stable across upgrades. */}}
+{{- define "unclip.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "unclip.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* Standard labels. Call with (dict "ctx" $ "component" "name"). */}}
+{{- define "unclip.labels" -}}
+{{- $ctx := .ctx -}}
+helm.sh/chart: {{ include "unclip.chart" $ctx }}
+{{ include "unclip.selectorLabels" $ctx }}
+app.kubernetes.io/version: {{ $ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/component: {{ .component }}
+app.kubernetes.io/part-of: unclip
+app.kubernetes.io/managed-by: {{ $ctx.Release.Service }}
+{{- with $ctx.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "unclip.componentSelector" -}}
+{{ include "unclip.selectorLabels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "unclip.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "unclip.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "unclip.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "unclip.gatewayServiceName" -}}
+{{- printf "%s-gateway" (include "unclip.fullname" .) }}
+{{- end }}
+
+{{- define "unclip.s3ServiceName" -}}
+{{- printf "%s-s3" (include "unclip.fullname" .) }}
+{{- end }}
+
+{{- define "unclip.s3SecretName" -}}
+{{- default (printf "%s-s3" (include "unclip.fullname" .)) .Values.s3.existingSecret }}
+{{- end }}
+
+{{/* host:port the gateway uses for S3. */}}
+{{- define "unclip.s3Endpoint" -}}
+{{- if .Values.s3.internal.enabled }}
+{{- printf "%s.%s.svc:%d" (include "unclip.s3ServiceName" .) .Release.Namespace (int .Values.s3.internal.port) }}
+{{- else }}
+{{- required "s3.external.endpoint is required when s3.internal.enabled is false" .Values.s3.external.endpoint }}
+{{- end }}
+{{- end }}
+
+{{/* The Ray Serve config (ServeDeploySchema) as a dict, rendered into serveConfigV2. */}}
+{{- define "unclip.serveConfig" -}}
+{{- $serve := .Values.serve }}
+{{- $http := dict "host" "0.0.0.0" "port" (int $serve.httpPort) }}
+{{- $grpc := dict "port" (int $serve.grpcPort) "grpc_servicer_functions" $serve.grpcServicerFunctions }}
+{{- if $serve.grpcRequestTimeoutSeconds }}
+{{- $_ := set $grpc "request_timeout_s" $serve.grpcRequestTimeoutSeconds }}
+{{- end }}
+{{- $apps := list }}
+{{- range $name := keys $serve.applications | sortAlpha }}
+{{- $app := get $serve.applications $name }}
+{{- if $app.enabled }}
+{{- $entry := dict "name" $name "import_path" $app.importPath "route_prefix" $app.routePrefix }}
+{{- if $app.args }}{{- $_ := set $entry "args" $app.args }}{{- end }}
+{{- if $app.deployments }}{{- $_ := set $entry "deployments" $app.deployments }}{{- end }}
+{{- if $app.runtimeEnv }}{{- $_ := set $entry "runtime_env" $app.runtimeEnv }}{{- end }}
+{{- $apps = append $apps $entry }}
+{{- end }}
+{{- end }}
+{{- $config := dict "proxy_location" $serve.proxyLocation "http_options" $http "grpc_options" $grpc "applications" $apps }}
+{{- toYaml $config }}
+{{- end }}
+
+{{/* Env shared by every Ray container: the object store settings the gateway reads. */}}
+{{- define "unclip.rayEnv" -}}
+- name: HOME
+  value: /tmp
+{{- if .Values.s3.enabled }}
+- name: UNCLIP_S3_ENDPOINT
+  value: {{ include "unclip.s3Endpoint" . | quote }}
+- name: UNCLIP_S3_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "unclip.s3SecretName" . }}
+      key: accessKey
+- name: UNCLIP_S3_SECRET_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "unclip.s3SecretName" . }}
+      key: secretKey
+- name: UNCLIP_S3_BUCKET
+  value: {{ .Values.s3.bucket | quote }}
+- name: UNCLIP_S3_SECURE
+  value: {{ ternary "true" "false" .Values.s3.secure | quote }}
+{{- if .Values.s3.publicEndpoint }}
+- name: UNCLIP_S3_PUBLIC_ENDPOINT
+  value: {{ .Values.s3.publicEndpoint | quote }}
+{{- end }}
+{{- end }}
+{{- with .Values.ray.env }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Volumes and mounts shared by every Ray pod. */}}
+{{- define "unclip.rayVolumes" -}}
+- name: tmp
+  emptyDir:
+    sizeLimit: {{ .Values.ray.tmpSizeLimit }}
+- name: shm
+  emptyDir:
+    medium: Memory
+    sizeLimit: {{ .Values.ray.shmSizeLimit }}
+{{- if .Values.weights.existingClaim }}
+- name: weights
+  persistentVolumeClaim:
+    claimName: {{ .Values.weights.existingClaim }}
+    readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "unclip.rayVolumeMounts" -}}
+- name: tmp
+  mountPath: /tmp
+- name: shm
+  mountPath: /dev/shm
+{{- if .Values.weights.existingClaim }}
+- name: weights
+  mountPath: {{ .Values.weights.mountPath }}
+  readOnly: true
+  {{- with .Values.weights.subPath }}
+  subPath: {{ . }}
+  {{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Container ports of a Ray node: Serve's HTTP and gRPC proxies. Names "serve" and "serve-grpc"
+     are the ones KubeRay puts in its own serve Service. */}}
+{{- define "unclip.servePorts" -}}
+- name: serve
+  containerPort: {{ .Values.serve.httpPort }}
+  protocol: TCP
+- name: serve-grpc
+  containerPort: {{ .Values.serve.grpcPort }}
+  protocol: TCP
+{{- end }}
+
+{{/* Pod spec fields common to head and workers. */}}
+{{- define "unclip.rayPodCommon" -}}
+serviceAccountName: {{ include "unclip.serviceAccountName" . }}
+automountServiceAccountToken: {{ .Values.serviceAccount.automountServiceAccountToken }}
+securityContext:
+  {{- toYaml .Values.podSecurityContext | nindent 2 }}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+volumes:
+  {{- include "unclip.rayVolumes" . | nindent 2 }}
+{{- end }}

@@ -1,0 +1,508 @@
+"""The Helm chart (deploy/helm/unclip) and the images (deploy/docker), checked without a cluster.
+
+With the real helm binary (.tools/bin/helm; `make tools` or `python tools/install_helm.py`):
+lint --strict and template every preset, validate every rendered manifest against the Kubernetes
+OpenAPI schemas (kubernetes-validate, bundled, offline) and the RayService against KubeRay's CRD
+schema (vendored in tests/kind/crds/), parse serveConfigV2 with Ray's ServeDeploySchema, check it
+mirrors deploy/ray/serve.yaml, and check labels, NetworkPolicies, PDBs, security contexts, the S3
+wiring and that values.schema.json rejects bad values. The end-to-end run on a cluster is
+tests/kind (make test-kind).
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+import re
+import subprocess
+from functools import cache
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "deploy" / "helm" / "unclip"
+HELM = ROOT / ".tools" / "bin" / "helm"
+DOCKER = ROOT / "deploy" / "docker"
+SERVE_YAML = ROOT / "deploy" / "ray" / "serve.yaml"
+RAYSERVICE_CRD = ROOT / "tests" / "kind" / "crds" / "ray.io_rayservices.v1.7.0.yaml.gz"
+PRESETS = {"default": None, "tiny-cpu": "values-tiny-cpu.yaml", "gpu": "values-gpu.yaml"}
+K8S_VERSION = "1.33"  # the Kubernetes schemas manifests are validated against (kubernetes-validate bundles them)
+STANDARD_LABELS = (
+    "app.kubernetes.io/name",
+    "app.kubernetes.io/instance",
+    "app.kubernetes.io/version",
+    "app.kubernetes.io/component",
+    "app.kubernetes.io/part-of",
+    "app.kubernetes.io/managed-by",
+    "helm.sh/chart",
+)
+APPS = ("encoder", "prior", "decoder", "upsampler", "gateway")
+SERVICERS = [
+    "unclip.v1.encoder_pb2_grpc.add_ClipEncoderServiceServicer_to_server",
+    "unclip.v1.prior_pb2_grpc.add_PriorServiceServicer_to_server",
+    "unclip.v1.decoder_pb2_grpc.add_DecoderServiceServicer_to_server",
+    "unclip.v1.upsampler_pb2_grpc.add_UpsamplerServiceServicer_to_server",
+    "unclip.v1.images_pb2_grpc.add_ImageServiceServicer_to_server",
+]
+
+pytestmark = pytest.mark.skipif(
+    not HELM.exists(), reason=f"{HELM.relative_to(ROOT)} is missing: run `make tools` (or `python tools/install_helm.py`)"
+)
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(HELM), *args], capture_output=True, text=True, timeout=120)
+    if check and result.returncode != 0:
+        pytest.fail(f"helm {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+    return result
+
+
+def preset_args(preset: str) -> list[str]:
+    values = PRESETS[preset]
+    return [] if values is None else ["-f", str(CHART / values)]
+
+
+def template(*args: str, release: str = "rel", namespace: str = "ns") -> list[dict]:
+    out = helm("template", release, str(CHART), "--namespace", namespace, *args).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+@cache
+def rendered(preset: str) -> tuple[dict, ...]:
+    return tuple(template(*preset_args(preset)))
+
+
+def of_kind(docs, kind: str) -> list[dict]:
+    return [doc for doc in docs if doc["kind"] == kind]
+
+
+def rayservice(docs) -> dict:
+    (service,) = of_kind(docs, "RayService")
+    return service
+
+
+def serve_config(docs) -> dict:
+    return yaml.safe_load(rayservice(docs)["spec"]["serveConfigV2"])
+
+
+def pod_templates(docs) -> list[tuple[str, dict]]:
+    """(where, pod template) for every pod the release creates, Ray's included."""
+    pods = []
+    for doc in docs:
+        name = f"{doc['kind']}/{doc['metadata']['name']}"
+        if doc["kind"] in ("StatefulSet", "Deployment"):
+            pods.append((name, doc["spec"]["template"]))
+        elif doc["kind"] == "Pod":
+            pods.append((name, doc))
+        elif doc["kind"] == "RayService":
+            cluster = doc["spec"]["rayClusterConfig"]
+            pods.append((f"{name}/head", cluster["headGroupSpec"]["template"]))
+            for group in cluster.get("workerGroupSpecs", []):
+                pods.append((f"{name}/{group['groupName']}", group["template"]))
+    return pods
+
+
+@cache
+def crd_schema() -> dict:
+    crd = yaml.safe_load(gzip.decompress(RAYSERVICE_CRD.read_bytes()))
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return version["schema"]["openAPIV3Schema"]
+
+
+# -- helm lint / template ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_lint_strict(preset):
+    result = helm("lint", "--strict", str(CHART), *preset_args(preset))
+    assert "0 chart(s) failed" in result.stdout
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_manifests_match_kubernetes_schemas(preset):
+    import kubernetes_validate
+
+    docs = rendered(preset)
+    kinds = {doc["kind"] for doc in docs}
+    assert {"RayService", "Service", "NetworkPolicy", "PodDisruptionBudget", "Secret", "StatefulSet", "Pod"} <= kinds
+    for doc in docs:
+        if doc["apiVersion"].startswith("ray.io/"):
+            continue  # a CRD: checked against KubeRay's schema below
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_rayservice_matches_kuberay_crd(preset):
+    service = rayservice(rendered(preset))
+    assert service["apiVersion"] == "ray.io/v1"
+    errors = sorted(jsonschema.Draft7Validator(crd_schema()).iter_errors(service), key=lambda e: list(e.path))
+    assert not errors, "\n".join(f"{'.'.join(map(str, e.path))}: {e.message}" for e in errors[:10])
+
+
+def test_crd_schema_catches_mistakes():
+    """The vendored CRD schema is strict enough to be worth checking against."""
+    service = json.loads(json.dumps(rayservice(rendered("default"))))
+    service["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]["num-cpus"] = 0  # must be a string
+    service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] = "one"
+    assert len(list(jsonschema.Draft7Validator(crd_schema()).iter_errors(service))) == 2
+
+
+# -- serveConfigV2 ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_serve_config_shape(preset):
+    config = serve_config(rendered(preset))
+    assert config["grpc_options"]["port"] == 9000
+    assert config["grpc_options"]["grpc_servicer_functions"] == SERVICERS
+    assert config["http_options"] == {"host": "0.0.0.0", "port": 8000}
+    apps = {app["name"]: app for app in config["applications"]}
+    assert set(apps) == set(APPS)
+    for name in APPS:
+        assert apps[name]["import_path"] == f"unclip.ray_apps:{name}_app"
+        assert apps[name]["deployments"], name
+        # Ray 2.60's gRPC proxy routes only to applications with a route prefix.
+        assert apps[name]["route_prefix"] == f"/{name}", name
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_serve_config_passes_ray_schema(preset):
+    schema = pytest.importorskip("ray.serve.schema", reason="Ray is not installed (pip install 'ray[serve]==2.60.*')")
+    validated = schema.ServeDeploySchema.model_validate(serve_config(rendered(preset)))
+    assert {app.name for app in validated.applications} == set(APPS)
+    assert validated.grpc_options.port == 9000
+
+
+def test_default_serve_config_mirrors_deploy_ray_serve_yaml():
+    """The chart's defaults are deploy/ray/serve.yaml, except where a cluster needs otherwise:
+    proxies on every node bound to 0.0.0.0."""
+    if not SERVE_YAML.exists():
+        pytest.skip(f"{SERVE_YAML.relative_to(ROOT)} does not exist yet")
+    reference = yaml.safe_load(SERVE_YAML.read_text())
+    config = serve_config(rendered("default"))
+    assert config["grpc_options"] == reference["grpc_options"]
+    assert config["http_options"]["port"] == reference["http_options"]["port"]
+    assert config["proxy_location"] == "EveryNode" and config["http_options"]["host"] == "0.0.0.0"
+    by_name = {app["name"]: app for app in config["applications"]}
+    for app in reference["applications"]:
+        ours = by_name[app["name"]]
+        for key in ("import_path", "route_prefix", "args", "deployments"):
+            assert ours.get(key) == app.get(key), (app["name"], key)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_deployment_names_exist_in_ray_apps(preset):
+    """Per-deployment overrides name deployments that unclip.ray_apps defines."""
+    source = ROOT / "unclip" / "ray_apps.py"
+    if not source.exists():
+        pytest.skip("unclip/ray_apps.py does not exist yet")
+    defined = set(re.findall(r'@serve\.deployment\(\s*name="(\w+)"', source.read_text()))
+    for app in serve_config(rendered(preset))["applications"]:
+        assert {d["name"] for d in app["deployments"]} <= defined, app["name"]
+
+
+def test_tiny_cpu_preset_is_one_replica_each_without_gpus():
+    docs = rendered("tiny-cpu")
+    for app in serve_config(docs)["applications"]:
+        for deployment in app["deployments"]:
+            assert deployment["num_replicas"] == 1 and "autoscaling_config" not in deployment
+            assert not deployment["ray_actor_options"].get("num_gpus")
+        assert app["args"].get("checkpoint") is None  # the weights baked into the image
+    assert "nvidia.com/gpu" not in json.dumps(docs)
+
+
+def test_gpu_preset_requests_gpus_and_mounts_weights():
+    docs = rendered("gpu")
+    cluster = rayservice(docs)["spec"]["rayClusterConfig"]
+    groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+    assert set(groups) == {"cpu", "gpu"}
+    gpu_container = groups["gpu"]["template"]["spec"]["containers"][0]
+    assert gpu_container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert gpu_container["resources"]["requests"]["nvidia.com/gpu"] == 1
+    assert "nvidia.com/gpu" not in json.dumps(groups["cpu"])
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    gpus = {
+        app["name"]: app["deployments"][0]["ray_actor_options"].get("num_gpus", 0) for app in serve_config(docs)["applications"]
+    }
+    assert all(0 < gpus[name] < 1 for name in ("prior", "decoder", "upsampler"))
+    assert gpus["prior"] + gpus["decoder"] + gpus["upsampler"] <= 1  # one replica of each fits one card
+    for app in serve_config(docs)["applications"]:
+        if app["name"] != "gateway":
+            assert app["args"]["checkpoint"].startswith("/models/")
+    for _, pod in pod_templates([rayservice(docs)]):
+        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+        assert volumes["weights"]["persistentVolumeClaim"] == {"claimName": "unclip-weights", "readOnly": True}
+
+
+# -- labels, network policies, disruption budgets, security -----------------------------------
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_standard_labels_everywhere(preset):
+    docs = rendered(preset)
+    for doc in docs:
+        labels = doc["metadata"]["labels"]
+        assert all(key in labels for key in STANDARD_LABELS), (doc["kind"], doc["metadata"]["name"])
+        assert labels["app.kubernetes.io/part-of"] == "unclip" and labels["app.kubernetes.io/version"] == "0.1.0"
+    for where, pod in pod_templates(docs):
+        assert all(key in pod["metadata"]["labels"] for key in STANDARD_LABELS), where
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_network_policies_expose_only_the_gateway(preset):
+    docs = rendered(preset)
+    policies = {p["metadata"]["name"]: p for p in of_kind(docs, "NetworkPolicy")}
+    assert set(policies) == {"rel-unclip-ray", "rel-unclip-s3"}
+    release = {"app.kubernetes.io/name": "unclip", "app.kubernetes.io/instance": "rel"}
+
+    ray = policies["rel-unclip-ray"]["spec"]
+    assert ray["policyTypes"] == ["Ingress"]
+    open_rules = [rule for rule in ray["ingress"] if "from" not in rule]
+    assert [sorted(p["port"] for p in rule["ports"]) for rule in open_rules] == [[8000, 9000]]  # only the proxies
+    assert {"podSelector": {"matchLabels": release}} in ray["ingress"][0]["from"]
+    # every Ray pod is covered by the policy
+    for where, pod in pod_templates([rayservice(docs)]):
+        assert ray["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items(), where
+
+    s3 = policies["rel-unclip-s3"]["spec"]
+    (rule,) = s3["ingress"]
+    assert rule["from"] == [{"podSelector": {"matchLabels": release}}]
+    assert rule["ports"] == [{"port": 8333, "protocol": "TCP"}]
+
+
+def test_network_policy_can_be_limited_and_turned_off():
+    peer = {"ipBlock": {"cidr": "10.0.0.0/8"}}
+    docs = template("--set-json", f"networkPolicy.gatewayFrom=[{json.dumps(peer)}]")
+    (ray,) = [p for p in of_kind(docs, "NetworkPolicy") if p["metadata"]["name"].endswith("-ray")]
+    assert all("from" in rule for rule in ray["spec"]["ingress"])
+    assert not of_kind(template("--set", "networkPolicy.enabled=false"), "NetworkPolicy")
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_disruption_budgets(preset):
+    docs = rendered(preset)
+    budgets = {b["metadata"]["name"]: b["spec"] for b in of_kind(docs, "PodDisruptionBudget")}
+    groups = [g["groupName"] for g in rayservice(docs)["spec"]["rayClusterConfig"]["workerGroupSpecs"]]
+    assert set(budgets) == {f"rel-unclip-worker-{g}" for g in groups} | {"rel-unclip-s3"}
+    pods = dict(pod_templates(docs))
+    for group in groups:
+        selector = budgets[f"rel-unclip-worker-{group}"]["selector"]["matchLabels"]
+        assert selector.items() <= pods[f"RayService/rel-unclip/{group}"]["metadata"]["labels"].items()
+        assert budgets[f"rel-unclip-worker-{group}"]["maxUnavailable"] == 1
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_pods_run_unprivileged_with_resources(preset):
+    for where, pod in pod_templates(rendered(preset)):
+        spec = pod["spec"]
+        assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] != 0, where
+        assert spec["automountServiceAccountToken"] is False, where
+        for container in spec["containers"]:
+            sc = container["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}, where
+            assert sc["readOnlyRootFilesystem"] is True, where
+            assert container["resources"]["requests"] and container["resources"]["limits"], where
+            assert not container["image"].endswith(":latest") and ":" in container["image"], where
+
+
+# -- services, S3 -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_gateway_service_exposes_grpc_9000_on_serve_proxies(preset):
+    docs = rendered(preset)
+    services = {s["metadata"]["name"]: s["spec"] for s in of_kind(docs, "Service")}
+    gateway = services["rel-unclip-gateway"]
+    ports = {p["name"]: p for p in gateway["ports"]}
+    assert ports["grpc"]["port"] == 9000 and ports["grpc"]["targetPort"] == "serve-grpc"
+    assert ports["grpc"]["appProtocol"] == "kubernetes.io/h2c"
+    assert ports["http"]["targetPort"] == "serve"
+    assert gateway["selector"]["ray.io/serve"] == "true"
+    for where, pod in pod_templates([rayservice(docs)]):
+        assert gateway["selector"].items() - {("ray.io/serve", "true")} <= pod["metadata"]["labels"].items(), where
+        named = {p["name"]: p["containerPort"] for p in pod["spec"]["containers"][0]["ports"]}
+        assert named["serve-grpc"] == 9000 and named["serve"] == 8000, where
+
+
+def _env(container: dict) -> dict:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+def test_s3_in_cluster_wiring():
+    docs = rendered("default")
+    (secret,) = of_kind(docs, "Secret")
+    data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    identities = json.loads(data["s3.json"])["identities"]
+    assert identities[0]["credentials"] == [{"accessKey": data["accessKey"], "secretKey": data["secretKey"]}]
+    (statefulset,) = of_kind(docs, "StatefulSet")
+    weed = statefulset["spec"]["template"]["spec"]["containers"][0]
+    assert weed["image"] == "chrislusf/seaweedfs:4.48" and weed["command"] == ["weed"]
+    assert {"server", "-s3", "-s3.port=8333", "-s3.config=/etc/seaweedfs/s3.json"} <= set(weed["args"])
+    assert statefulset["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "10Gi"
+    for where, pod in pod_templates([rayservice(docs)]):
+        env = _env(pod["spec"]["containers"][0])
+        assert env["UNCLIP_S3_ENDPOINT"] == "rel-unclip-s3.ns.svc:8333", where
+        assert env["UNCLIP_S3_ACCESS_KEY"] == {"secretKeyRef": {"name": "rel-unclip-s3", "key": "accessKey"}}
+        assert env["UNCLIP_S3_SECRET_KEY"] == {"secretKeyRef": {"name": "rel-unclip-s3", "key": "secretKey"}}
+        assert env["UNCLIP_S3_BUCKET"] == "unclip" and env["UNCLIP_S3_SECURE"] == "false"
+        assert "UNCLIP_S3_PUBLIC_ENDPOINT" not in env
+
+
+def test_s3_external_endpoint_and_given_credentials():
+    docs = template(
+        "--set", "s3.internal.enabled=false", "--set", "s3.external.endpoint=s3.example.com:443", "--set", "s3.secure=true",
+        "--set", "s3.publicEndpoint=images.example.com", "--set", "s3.accessKey=AKEXAMPLE", "--set", "s3.secretKey=sekret",
+    )  # fmt: skip
+    assert not of_kind(docs, "StatefulSet")
+    assert {p["metadata"]["name"] for p in of_kind(docs, "NetworkPolicy")} == {"rel-unclip-ray"}
+    (secret,) = of_kind(docs, "Secret")
+    assert base64.b64decode(secret["data"]["accessKey"]) == b"AKEXAMPLE" and "s3.json" not in secret["data"]
+    env = _env(rayservice(docs)["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0])
+    assert env["UNCLIP_S3_ENDPOINT"] == "s3.example.com:443" and env["UNCLIP_S3_SECURE"] == "true"
+    assert env["UNCLIP_S3_PUBLIC_ENDPOINT"] == "images.example.com"
+
+
+def test_s3_existing_secret_and_disabled_store():
+    docs = template("--set", "s3.existingSecret=my-s3")
+    assert not of_kind(docs, "Secret")
+    env = _env(rayservice(docs)["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0])
+    assert env["UNCLIP_S3_SECRET_KEY"] == {"secretKeyRef": {"name": "my-s3", "key": "secretKey"}}
+    docs = template("--set", "s3.enabled=false")
+    assert not of_kind(docs, "Secret") and not of_kind(docs, "StatefulSet")
+    env = _env(rayservice(docs)["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0])
+    assert not any(name.startswith("UNCLIP_S3_") for name in env)
+
+
+def test_external_s3_needs_an_endpoint():
+    result = helm("template", "rel", str(CHART), "--set", "s3.internal.enabled=false", check=False)
+    assert result.returncode != 0 and "s3.external.endpoint is required" in result.stderr
+
+
+# -- values.schema.json -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (["--set", "serve.grpcPort=abc"], "/serve/grpcPort"),
+        (["--set", "ray.workerGroups.cpu.replicas=-1"], "/ray/workerGroups/cpu/replicas"),
+        (["--set", "image.pullPolicy=Sometimes"], "/image/pullPolicy"),
+        (["--set", "s3.internal.image.tag=latest"], "/s3/internal/image/tag"),
+        (["--set", "serve.applications.prior.importPath=not a path"], "/serve/applications/prior/importPath"),
+        (["--set", "gateway.service.type=Ingress"], "/gateway/service/type"),
+        (["--set", "s3.bucket=Bad_Bucket"], "/s3/bucket"),
+        (["--set", "tests.enabled=maybe"], "/tests/enabled"),
+        (["--set", "unknownKey=1"], "unknownKey"),
+    ],
+)
+def test_values_schema_rejects_bad_values(bad, message):
+    result = helm("template", "rel", str(CHART), *bad, check=False)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+
+
+# -- helm test hook ---------------------------------------------------------------------------
+
+
+def test_helm_test_pod_runs_the_smoke_script():
+    docs = rendered("tiny-cpu")
+    hooks = [doc for doc in docs if doc["metadata"].get("annotations", {}).get("helm.sh/hook") == "test"]
+    (configmap,) = of_kind(hooks, "ConfigMap")
+    (pod,) = of_kind(hooks, "Pod")
+    smoke = (CHART / "files" / "smoke.py").read_text()
+    assert configmap["data"]["smoke.py"].strip() == smoke.strip()
+    compile(smoke, "smoke.py", "exec")
+    command = pod["spec"]["containers"][0]["command"]
+    assert command[:3] == ["python", "/smoke/smoke.py", "rel-unclip-gateway:9000"]
+    assert "--application=gateway" in command
+    assert pod["spec"]["restartPolicy"] == "Never"
+
+
+# -- Dockerfiles (no Docker engine here: what can be checked by reading) -----------------------
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.cuda"])
+def test_dockerfile_sanity(name):
+    text = (DOCKER / name).read_text()
+    instructions = [line.strip() for line in re.sub(r"\\\n", " ", text).splitlines() if line.strip() and not line.startswith("#")]
+    froms = [line for line in instructions if line.upper().startswith("FROM ")]
+    assert len(froms) >= 2 and any(" AS builder" in line for line in froms), "multi-stage with a builder"
+    assert any(line.startswith("COPY --from=builder /opt/unclip /opt/unclip") for line in instructions)
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)", text, re.M))
+    for line in froms:
+        image = line.split()[1]
+        image = re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), m.group(0)), image)
+        if image in ("builder",):
+            continue
+        assert ":" in image and not image.endswith(":latest"), f"{name}: unpinned base {image}"
+    users = [line for line in instructions if line.upper().startswith("USER ")]
+    assert users and users[-1].split()[1].split(":")[0] not in ("root", "0"), "runs as a non-root user"
+    assert re.search(r"\[\$\{EXTRAS\}\]", text) and "ARG EXTRAS=server" in text
+    assert "ray[serve]==${RAY_VERSION}" in text and "ARG RAY_VERSION=2.60.0" in text
+    assert "wget" in text  # KubeRay's probes
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    for pkg, arg in (("torch", "TORCH_VERSION"), ("torchvision", "TORCHVISION_VERSION")):
+        pinned = re.search(rf'"{pkg}==([^"]+)"', pyproject).group(1)
+        assert args[arg] == pinned, f"{name}: {arg} {args[arg]} != pyproject's {pinned}"
+    ignore = (DOCKER / f"{name}.dockerignore").read_text()
+    assert "**" in ignore.splitlines() and "!unclip/" in ignore.splitlines()  # deny by default, then the sources
+
+
+def test_image_tags_match_chart():
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    import unclip
+
+    assert chart["appVersion"] == unclip.__version__
+    ray_version = re.search(r"ARG RAY_VERSION=(\S+)", (DOCKER / "Dockerfile.cpu").read_text()).group(1)
+    assert yaml.safe_load((CHART / "values.yaml").read_text())["ray"]["version"] == ray_version
+
+
+# -- the rendered serveConfigV2 on a local Ray cluster ----------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_rendered_serve_config_deploys_on_local_ray():
+    """Deploy the tiny-cpu preset's serveConfigV2 on a local Ray cluster (unclip.ray_apps.deploy)
+    and generate one image through Serve's gRPC proxy with `application: gateway` metadata.
+    Skips until Ray and unclip.ray_apps are importable."""
+    pytest.importorskip("ray.serve", reason="Ray is not installed (pip install 'ray[serve]==2.60.*')")
+    ray_apps = pytest.importorskip("unclip.ray_apps", reason="unclip.ray_apps is not importable yet")
+    import shutil
+    import socket
+    import tempfile
+
+    import grpc
+    import ray
+    from ray import serve
+
+    from unclip.v1 import images_pb2, images_pb2_grpc
+
+    config = serve_config(rendered("tiny-cpu"))
+    ports = []
+    for _ in range(2):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+    config["http_options"] = {"host": "127.0.0.1", "port": ports[0]}
+    config["grpc_options"]["port"] = ports[1]
+    config["proxy_location"] = "HeadOnly"
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp_dir)
+    try:
+        ray_apps.deploy(config, timeout_s=600)
+        params = images_pb2.GenerationParameters(prompt="a red circle", n=1, size=32, seed=0, prior_steps=2, decoder_steps=2, upsampler_steps=2)
+        with grpc.insecure_channel(f"127.0.0.1:{ports[1]}") as channel:
+            response = images_pb2_grpc.ImageServiceStub(channel).Generate(
+                images_pb2.GenerateRequest(parameters=params), metadata=(("application", "gateway"),), timeout=300
+            )
+        assert len(response.images) == 1 and response.images[0].png.startswith(b"\x89PNG")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)

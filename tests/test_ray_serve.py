@@ -1,0 +1,207 @@
+"""unclip on Ray Serve: deploy/ray/serve.yaml on a real local Ray cluster, called through the
+Serve gRPC proxy exactly as an external client would, compared with the in-process pipeline."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'unclip[server]')")
+serve = pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'unclip[server]')")
+
+from ray.exceptions import RayTaskError  # noqa: E402
+from ray.serve.exceptions import BackPressureError  # noqa: E402
+from ray.serve.schema import ServeDeploySchema  # noqa: E402
+
+from gateway.remote import RayTransport, RemoteStages, error_from_ray  # noqa: E402
+from prior_svc.servicer import SampleCall  # noqa: E402
+from unclip import codec  # noqa: E402
+from unclip.client import Client
+from unclip.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable  # noqa: E402
+from unclip.launcher import free_port  # noqa: E402
+from unclip.options import SamplingOptions  # noqa: E402
+from unclip.pipeline import GenerationParameters, generate  # noqa: E402
+from unclip.ray_apps import APP_NAMES, batch_key, deploy, load_config, merge_calls  # noqa: E402
+from unclip.transport import GRPC_OPTIONS  # noqa: E402
+from unclip.v1 import decoder_pb2, decoder_pb2_grpc, images_pb2, images_pb2_grpc, prior_pb2, prior_pb2_grpc  # noqa: E402
+
+TINY_STEPS = dict(prior_steps=2, decoder_steps=2, upsampler_steps=1)
+PROMPTS = ("a red circle in the top left corner", "a blue square")
+
+
+def metadata(app: str) -> tuple[tuple[str, str], ...]:
+    return (("application", app),)
+
+
+# -- the config and the error mapping, without a cluster -------------------------------------
+
+
+def test_serve_config_is_valid_for_ray():
+    config = load_config()
+    schema = ServeDeploySchema.model_validate(config)
+    assert [app.name for app in schema.applications] == list(APP_NAMES)
+    assert schema.grpc_options.port == 9000
+    assert len(schema.grpc_options.grpc_servicer_functions) == 5
+    for app in config["applications"]:
+        assert app["route_prefix"] == f"/{app['name']}"  # without one, the gRPC proxy would not route to it
+        for deployment in app["deployments"]:
+            assert deployment["autoscaling_config"]["min_replicas"] >= 1
+            # A replica must be able to hold a full batch.
+            assert deployment["max_ongoing_requests"] >= app["args"].get("max_batch_size", 1)
+
+
+def test_ray_errors_map_to_status_codes():
+    assert isinstance(error_from_ray("prior", BackPressureError(num_queued_requests=9, max_queued_requests=8)), ResourceExhausted)
+    assert isinstance(error_from_ray("prior", TimeoutError()), DeadlineExceeded)
+    stage_error = RayTaskError("Sample", "traceback", InvalidArgument("steps: must be between 1 and 1000")).as_instanceof_cause()
+    mapped = error_from_ray("prior app 'prior'", stage_error)
+    assert type(mapped) is InvalidArgument and str(mapped) == "prior app 'prior': steps: must be between 1 and 1000"
+    assert isinstance(error_from_ray("prior", ray.exceptions.RayActorError()), Unavailable)
+
+
+def _sample_call(rows: int, steps: int, seed: int = 0) -> SampleCall:
+    return SampleCall(
+        np.full((rows, 4), seed, np.float32), np.zeros((rows, 3, 2), np.float32), np.ones((rows, 3), bool),
+        list(range(seed, seed + rows)), 1, None, SamplingOptions(steps),
+    )
+
+
+def test_requests_share_an_engine_call_only_with_equal_settings():
+    a, b, c = _sample_call(1, 2, seed=1), _sample_call(2, 2, seed=5), _sample_call(1, 3)
+    assert batch_key(a) == batch_key(b) != batch_key(c)
+    misaligned = dataclasses.replace(a, seeds=[1, 2])  # two seeds for one row: the engine rejects it alone
+    assert batch_key(misaligned) != batch_key(dataclasses.replace(misaligned))
+    merged = merge_calls([a, b])
+    assert merged.seeds == [1, 5, 6] and merged.sampling == SamplingOptions(2)
+    np.testing.assert_array_equal(merged.text_embeddings[:, 0], [1, 5, 5])
+    assert merged.text_encodings.shape == (3, 3, 2) and merged.text_mask.shape == (3, 3)
+
+
+# -- a real local cluster --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_serve():
+    """deploy/ray/serve.yaml on a 2-CPU local Ray cluster; yields the gRPC proxy's address."""
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    config = load_config()
+    grpc_port = free_port()
+    config["grpc_options"]["port"] = grpc_port
+    config["http_options"]["port"] = free_port()
+    for app in config["applications"]:
+        if "batch_wait_timeout_s" in app["args"]:
+            app["args"]["batch_wait_timeout_s"] = 0.5  # concurrent test requests surely meet in a batch
+        for deployment in app["deployments"]:
+            deployment["autoscaling_config"]["max_replicas"] = 1
+            deployment["ray_actor_options"]["num_cpus"] = 0.1
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
+    try:
+        deploy(config, timeout_s=180)
+        yield f"127.0.0.1:{grpc_port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def channel(ray_serve):
+    with grpc.insecure_channel(ray_serve, options=GRPC_OPTIONS) as channel:
+        yield channel
+
+
+def test_generate_through_the_proxy_equals_in_process(ray_serve, local_stages):
+    params = GenerationParameters(prompt=PROMPTS[0], n=2, seed=7, size=128, **TINY_STEPS)
+    expected = asyncio.run(generate(local_stages, params))
+    with Client(ray_serve, application="gateway", timeout=120) as client:
+        images = client.generate(PROMPTS[0], n=2, seed=7, size=128, **TINY_STEPS)
+    assert [image.seed for image in images] == [7, 8]
+    assert [image.png for image in images] == [image.png for image in expected]  # pixels and metadata
+
+
+def _stats(app: str) -> list[int]:
+    return serve.get_app_handle(app).stats.remote().result(timeout_s=30)["engine_calls"]
+
+
+def test_concurrent_requests_are_batched_without_changing_results(channel, local_stages):
+    texts = local_stages.encoder.encode_text(list(PROMPTS))
+    # Different prompts, seeds and row counts; the step counts make two groups.
+    jobs = [(0, [1], 2), (1, [2], 2), (0, [3, 4], 2), (1, [5], 3)]
+
+    def prior_request(prompt: int, seeds: list[int], steps: int) -> prior_pb2.SampleRequest:
+        rows = [prompt] * len(seeds)
+        return prior_pb2.SampleRequest(
+            text_embeddings=codec.from_numpy(texts.embeddings[rows]), text_encodings=codec.from_numpy(texts.encodings[rows]),
+            text_mask=codec.from_numpy(texts.mask[rows]), seeds=seeds, sampling=SamplingOptions(steps).to_proto(),
+        )
+
+    def concurrently(call, requests):
+        with ThreadPoolExecutor(len(requests)) as pool:
+            return list(pool.map(call, requests))
+
+    prior = prior_pb2_grpc.PriorServiceStub(channel)
+    calls_before = len(_stats("prior"))
+    replies = concurrently(lambda r: prior.Sample(r, metadata=metadata("prior"), timeout=60), [prior_request(*j) for j in jobs])
+    prior_calls = _stats("prior")[calls_before:]
+    embeddings = [codec.to_numpy(reply.image_embeddings) for reply in replies]
+    for (prompt, seeds, steps), result in zip(jobs, embeddings):
+        rows = [prompt] * len(seeds)
+        alone = local_stages.prior.sample(
+            texts.embeddings[rows], texts.encodings[rows], texts.mask[rows], seeds, sampling=SamplingOptions(steps)
+        )
+        np.testing.assert_array_equal(result, alone)
+    assert sum(prior_calls) == len(jobs) and max(prior_calls) > 1  # ideally [3, 1]: the 2-step requests together
+
+    decoder = decoder_pb2_grpc.DecoderServiceStub(channel)
+    decode_requests = [
+        decoder_pb2.DecodeRequest(image_embeddings=codec.from_numpy(e), seeds=seeds, sampling=SamplingOptions(steps).to_proto())
+        for e, (_, seeds, steps) in zip(embeddings, jobs)
+    ]
+    calls_before = len(_stats("decoder"))
+    replies = concurrently(lambda r: decoder.Decode(r, metadata=metadata("decoder"), timeout=60), decode_requests)
+    decoder_calls = _stats("decoder")[calls_before:]
+    assert sum(decoder_calls) == len(jobs) and max(decoder_calls) > 1
+    for e, (_, seeds, steps), reply in zip(embeddings, jobs, replies):
+        alone = local_stages.decoder.decode(e, seeds, sampling=SamplingOptions(steps))
+        np.testing.assert_array_equal(codec.to_numpy(reply.images), alone)
+
+
+def test_a_stage_error_keeps_its_status_code(channel):
+    bad = prior_pb2.SampleRequest(
+        text_embeddings=codec.from_numpy(np.zeros((1, 3), np.float32)), text_encodings=codec.from_numpy(np.zeros((1, 1, 1), np.float32)),
+        text_mask=codec.from_numpy(np.ones((1, 1), bool)), seeds=[1],
+    )
+    with pytest.raises(grpc.RpcError) as raised:
+        prior_pb2_grpc.PriorServiceStub(channel).Sample(bad, metadata=metadata("prior"), timeout=30)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "text_embeddings" in raised.value.details()
+
+    # The prior rejects 0 steps; its INVALID_ARGUMENT travels through the gateway's handle to the caller.
+    request = images_pb2.GenerateRequest(parameters=images_pb2.GenerationParameters(prompt=PROMPTS[0], seed=1, prior_steps=0))
+    with pytest.raises(grpc.RpcError) as raised:
+        images_pb2_grpc.ImageServiceStub(channel).Generate(request, metadata=metadata("gateway"), timeout=60)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "prior app 'prior'" in raised.value.details() and "steps" in raised.value.details()
+
+
+def test_handle_calls_respect_the_deadline(ray_serve, local_stages):
+    async def run():
+        stages = RemoteStages("encoder", "prior", "decoder", ["upsampler"], transport=RayTransport)
+        text = await stages.encode_text([PROMPTS[0]], deadline=time.monotonic() + 30)
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded):  # the prior's batch window alone is longer than this
+            await stages.sample_prior(
+                text, [1], num_candidates=1, guidance_scale=None, sampling=SamplingOptions(2), deadline=started + 0.2
+            )
+        assert time.monotonic() - started < 5
+        await stages.close()
+
+    asyncio.run(run())

@@ -1,0 +1,383 @@
+"""Ray Serve applications: each stage service and the gateway as its own Serve application.
+
+The stages answer the same gRPC services as in local mode (through Ray Serve's gRPC proxy; the
+`application` metadata key picks the app) and the gateway reaches them through Serve handles
+with the same protobuf messages (`gateway.remote.RayTransport`). Everything model-related is
+the local-mode servicers' and engines': this module adapts them to Serve and adds dynamic
+batching to the prior, decoder and upsampler. `deploy/ray/serve.yaml` deploys all five.
+
+No `from __future__ import annotations` here: Serve reads the builders' pydantic annotations
+at runtime to validate a config's `args`.
+"""
+
+import dataclasses
+import sys
+import time
+from collections.abc import Hashable, Iterable
+from pathlib import Path
+from typing import Any, NoReturn
+
+import grpc
+import numpy as np
+import yaml
+from google.protobuf.message import Message
+from pydantic import BaseModel
+from ray import serve
+from ray.serve import Application
+
+from decoder_svc.servicer import DecodeCall, DecoderServicer, UpsampleCall, UpsamplerServicer
+from encoder_svc.servicer import ClipEncoderServicer
+from gateway.api import ImageAPI
+from gateway.remote import RayTransport, RemoteStages
+from gateway.servicer import ImageServicer
+from prior_svc.servicer import PriorServicer, SampleCall
+from unclip import codec
+from unclip.errors import Cancelled, DeadlineExceeded, error_for_status
+from unclip.serving import ModelServicer, rpc
+from unclip.storage import ResultStore, StorageConfig
+from unclip.v1 import decoder_pb2, prior_pb2, upsampler_pb2
+
+APP_NAMES = ("encoder", "prior", "decoder", "upsampler", "gateway")
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "ray" / "serve.yaml"
+# Ray bounds each replica's queue (max_ongoing_requests, max_queued_requests); the servicers'
+# own limit must never be the one that answers RESOURCE_EXHAUSTED.
+UNBOUNDED_PENDING = sys.maxsize
+
+
+class HopContext:
+    """What the local-mode servicers use of a grpc.aio context, for a call arriving through Serve:
+    from the gRPC proxy (`grpc_context`, Ray's serialisable context where the status code goes)
+    or from a handle (`timeout_s`, the time the calling hop has left)."""
+
+    def __init__(self, grpc_context: Any = None, timeout_s: float | None = None, *, deadline: float | None = None):
+        self.grpc_context = grpc_context
+        self.deadline = deadline if timeout_s is None else time.monotonic() + timeout_s
+
+    @classmethod
+    def latest(cls, contexts: Iterable["HopContext"]) -> "HopContext":
+        """A context for work shared by several calls: it lasts as long as the longest of them."""
+        deadlines = [context.deadline for context in contexts]
+        return cls(deadline=None if None in deadlines else max(deadlines))
+
+    def time_remaining(self) -> float | None:
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> NoReturn:
+        if self.grpc_context is not None:
+            # The proxy answers with the code set here (Serve carries it in a gRPCStatusError).
+            self.grpc_context.set_code(code)
+            self.grpc_context.set_details(details)
+        # A handle caller receives this error inside a RayTaskError and maps it back to its code.
+        raise error_for_status(code.name, details)
+
+
+def _rpc_method(name: str):
+    """A deployment method answering RPC `name` with the servicer's method of that name."""
+
+    async def method(self, request: Message, grpc_context: Any = None, timeout_s: float | None = None) -> Message:
+        return await getattr(self.servicer, name)(request, self.context(grpc_context, timeout_s))
+
+    method.__name__ = method.__qualname__ = name
+    return method
+
+
+def _streaming_rpc_method(name: str):
+    """Like `_rpc_method`, for a server-streaming RPC."""
+
+    async def method(self, request: Message, grpc_context: Any = None, timeout_s: float | None = None):
+        async for reply in getattr(self.servicer, name)(request, self.context(grpc_context, timeout_s)):
+            yield reply
+
+    method.__name__ = method.__qualname__ = name
+    return method
+
+
+# -- dynamic batching ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Job:
+    """One request waiting in a replica's batch queue: its parsed engine call and its context."""
+
+    call: Any  # prior_svc SampleCall, decoder_svc DecodeCall or UpsampleCall
+    context: HopContext
+
+
+def batch_key(call: Any) -> Hashable:
+    """Calls with equal keys can share one engine call: equal settings (steps, sampler, eta,
+    guidance, candidates) and arrays that concatenate along rows, one seed per row.
+
+    Engines compute row by row with a generator per row, so sharing a call never changes a
+    request's result. A call whose arrays disagree with its seeds gets a key of its own, so the
+    engine rejects it alone.
+    """
+    rows = len(call.seeds)
+    parts = []
+    for field in dataclasses.fields(call):
+        value = getattr(call, field.name)
+        if field.name == "seeds":
+            continue
+        arrays = value if isinstance(value, tuple) else (value,)  # inpaint is an (images, mask) pair
+        if isinstance(arrays[0], np.ndarray):
+            if rows == 0 or any(array.ndim == 0 or array.shape[0] != rows for array in arrays):
+                return object()
+            parts.append(tuple((array.shape[1:], array.dtype.str) for array in arrays))
+        else:
+            parts.append(value)
+    return tuple(parts)
+
+
+def merge_calls(calls: list[Any]) -> Any:
+    """One call whose rows are the calls' rows in order (the calls share a `batch_key`)."""
+
+    def merge(values: list[Any]) -> Any:
+        first = values[0]
+        if isinstance(first, np.ndarray):
+            return np.concatenate(values)
+        if isinstance(first, tuple):
+            return tuple(np.concatenate(parts) for parts in zip(*values))
+        if isinstance(first, list):  # seeds
+            return [item for value in values for item in value]
+        return first  # a setting, equal across the group
+
+    if len(calls) == 1:
+        return calls[0]
+    return dataclasses.replace(calls[0], **{f.name: merge([getattr(c, f.name) for c in calls]) for f in dataclasses.fields(calls[0])})
+
+
+# -- stage deployments -----------------------------------------------------------------------
+
+
+class _Stage:
+    """A local-mode stage servicer inside a replica; the engine loads in the constructor, so a
+    replica only counts as running (and gets traffic) once its model is there."""
+
+    SERVICER: type[ModelServicer]
+
+    def __init__(self, checkpoint: str | None):
+        self.servicer = self.SERVICER(checkpoint, max_pending=UNBOUNDED_PENDING)
+        self.servicer.load()
+
+    def context(self, grpc_context: Any, timeout_s: float | None) -> HopContext:
+        return HopContext(grpc_context, timeout_s)
+
+
+class _BatchingStage(_Stage):
+    """A stage whose main RPC is batched: concurrent requests are grouped by `batch_key`, and
+    each group runs as one engine call; the results are split back per request."""
+
+    CALL: Any  # the parsed-call class: from_proto(request), run(engine, cancel), seeds
+
+    def __init__(self, checkpoint: str | None, max_batch_size: int, batch_wait_timeout_s: float):
+        super().__init__(checkpoint)
+        self._run_batch.set_max_batch_size(max_batch_size)
+        self._run_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self._batches = 0
+        self._engine_calls: list[int] = []  # requests per engine call
+
+    def respond(self, result: np.ndarray) -> Message:
+        raise NotImplementedError
+
+    async def stats(self) -> dict[str, Any]:
+        """How this replica batched: batches formed, and the requests each engine call served."""
+        return {"batches": self._batches, "engine_calls": list(self._engine_calls)}
+
+    @rpc
+    async def _batched(self, request: Message, context: HopContext) -> Message:
+        result = await self._run_batch(Job(self.CALL.from_proto(request), context))
+        if isinstance(result, Exception):
+            raise result
+        return self.respond(result)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)  # overridden from the app's args
+    async def _run_batch(self, jobs: list[Job]) -> list[np.ndarray | Exception]:
+        self._batches += 1
+        groups: dict[Hashable, list[int]] = {}
+        for index, job in enumerate(jobs):
+            groups.setdefault(batch_key(job.call), []).append(index)
+        results: dict[int, np.ndarray | Exception] = {}
+        for indices in groups.values():
+            results |= zip(indices, await self._run_group([jobs[i] for i in indices]))
+        return [results[index] for index in range(len(jobs))]
+
+    async def _run_group(self, jobs: list[Job]) -> list[np.ndarray | Exception]:
+        try:
+            call = merge_calls([job.call for job in jobs])
+            engine = self.servicer.engine
+            merged = await self.servicer.run(HopContext.latest(j.context for j in jobs), lambda cancel: call.run(engine, cancel))
+        except (DeadlineExceeded, Cancelled) as error:
+            return [error] * len(jobs)
+        except Exception as error:  # noqa: BLE001 - handed to the requests, which answer with its status
+            if len(jobs) == 1:
+                return [error]
+            # One bad request must not fail those it was grouped with: run them one by one.
+            return [result for job in jobs for result in await self._run_group([job])]
+        self._engine_calls.append(len(jobs))
+        return np.split(merged, np.cumsum([len(job.call.seeds) for job in jobs])[:-1])
+
+
+@serve.deployment(name="Encoder", max_ongoing_requests=8, ray_actor_options={"num_cpus": 0.25})
+class EncoderDeployment(_Stage):
+    SERVICER = ClipEncoderServicer
+
+    GetEncoderInfo = _rpc_method("GetEncoderInfo")
+    EncodeText = _rpc_method("EncodeText")
+    EncodeImage = _rpc_method("EncodeImage")
+
+
+@serve.deployment(name="Prior", max_ongoing_requests=16, ray_actor_options={"num_cpus": 0.25})
+class PriorDeployment(_BatchingStage):
+    SERVICER = PriorServicer
+    CALL = SampleCall
+
+    GetPriorInfo = _rpc_method("GetPriorInfo")
+
+    async def Sample(self, request: Message, grpc_context: Any = None, timeout_s: float | None = None) -> Message:
+        return await self._batched(request, self.context(grpc_context, timeout_s))
+
+    def respond(self, result: np.ndarray) -> Message:
+        return prior_pb2.SampleResponse(image_embeddings=codec.from_numpy(result))
+
+
+@serve.deployment(name="Decoder", max_ongoing_requests=16, ray_actor_options={"num_cpus": 0.25})
+class DecoderDeployment(_BatchingStage):
+    SERVICER = DecoderServicer
+    CALL = DecodeCall
+
+    GetDecoderInfo = _rpc_method("GetDecoderInfo")
+    DecodeStream = _streaming_rpc_method("DecodeStream")  # previews are per request: not batched
+
+    async def Decode(self, request: Message, grpc_context: Any = None, timeout_s: float | None = None) -> Message:
+        return await self._batched(request, self.context(grpc_context, timeout_s))
+
+    def respond(self, result: np.ndarray) -> Message:
+        return decoder_pb2.DecodeResponse(images=codec.from_numpy(result))
+
+
+@serve.deployment(name="Upsampler", max_ongoing_requests=16, ray_actor_options={"num_cpus": 0.25})
+class UpsamplerDeployment(_BatchingStage):
+    SERVICER = UpsamplerServicer
+    CALL = UpsampleCall
+
+    GetUpsamplerInfo = _rpc_method("GetUpsamplerInfo")
+
+    async def Upsample(self, request: Message, grpc_context: Any = None, timeout_s: float | None = None) -> Message:
+        return await self._batched(request, self.context(grpc_context, timeout_s))
+
+    def respond(self, result: np.ndarray) -> Message:
+        return upsampler_pb2.UpsampleResponse(images=codec.from_numpy(result))
+
+
+@serve.deployment(name="Gateway", max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.25})
+class GatewayDeployment:
+    """The gateway's ImageService over the stage apps' handles."""
+
+    def __init__(self, encoder: str, prior: str, decoder: str, upsamplers: list[str], request_timeout_s: float):
+        storage = StorageConfig.from_env()  # UNCLIP_S3_* in the app's runtime_env
+        backend = RemoteStages(encoder, prior, decoder, upsamplers, transport=RayTransport)
+        self.servicer = ImageServicer(ImageAPI(backend, None if storage is None else ResultStore(storage)))
+        self.request_timeout_s = request_timeout_s
+
+    def context(self, grpc_context: Any, timeout_s: float | None) -> HopContext:
+        # The proxy does not pass the caller's gRPC deadline on: the request timeout (the same
+        # as grpc_options.request_timeout_s) is the budget the stage hops share.
+        return HopContext(grpc_context, self.request_timeout_s if timeout_s is None else timeout_s)
+
+    Generate = _rpc_method("Generate")
+    GenerateStream = _streaming_rpc_method("GenerateStream")
+    CreateVariations = _rpc_method("CreateVariations")
+    Interpolate = _rpc_method("Interpolate")
+    TextDiff = _rpc_method("TextDiff")
+    Edit = _rpc_method("Edit")
+
+
+# -- application builders (import paths of deploy/ray/serve.yaml) ----------------------------
+
+
+class StageArgs(BaseModel):
+    checkpoint: str | None = None  # None: the weights shipped in the package
+    max_batch_size: int = 8  # keep the deployment's max_ongoing_requests at least this
+    batch_wait_timeout_s: float = 0.01
+
+
+class GatewayArgs(BaseModel):
+    encoder: str = "encoder"  # the stage application names
+    prior: str = "prior"
+    decoder: str = "decoder"
+    upsamplers: list[str] = ["upsampler"]
+    request_timeout_s: float = 600.0
+
+
+def encoder_app(args: StageArgs) -> Application:
+    return EncoderDeployment.bind(args.checkpoint)
+
+
+def prior_app(args: StageArgs) -> Application:
+    return PriorDeployment.bind(args.checkpoint, args.max_batch_size, args.batch_wait_timeout_s)
+
+
+def decoder_app(args: StageArgs) -> Application:
+    return DecoderDeployment.bind(args.checkpoint, args.max_batch_size, args.batch_wait_timeout_s)
+
+
+def upsampler_app(args: StageArgs) -> Application:
+    return UpsamplerDeployment.bind(args.checkpoint, args.max_batch_size, args.batch_wait_timeout_s)
+
+
+def gateway_app(args: GatewayArgs) -> Application:
+    return GatewayDeployment.bind(args.encoder, args.prior, args.decoder, args.upsamplers, args.request_timeout_s)
+
+
+# -- deploying a config ----------------------------------------------------------------------
+
+
+def load_config(path: str | Path = DEFAULT_CONFIG) -> dict[str, Any]:
+    return yaml.safe_load(Path(path).read_text())
+
+
+def grpc_proxy_address(schema: Any) -> str:
+    """host:port of the gRPC proxy a ServeDeploySchema starts (on this node)."""
+    host = schema.http_options.host  # the proxies bind the HTTP host for gRPC too
+    return f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{schema.grpc_options.port}"
+
+
+def deploy(config: dict[str, Any], *, timeout_s: float = 600.0) -> Any:
+    """Deploy a Serve config on the connected Ray cluster, as `serve run config.yaml` does, and
+    wait until every application runs and the gRPC proxy routes to it. Returns the validated
+    ServeDeploySchema."""
+    from ray.serve._private.api import serve_start
+    from ray.serve.config import gRPCOptions
+    from ray.serve.schema import ApplicationStatus, ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(config)
+    client = serve_start(
+        http_options=schema.http_options.model_dump(),
+        grpc_options=gRPCOptions(**schema.grpc_options.model_dump()),
+        proxy_location=schema.proxy_location,
+    )
+    client.deploy_apps(schema)
+    names = {app.name for app in schema.applications}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        statuses = serve.status().applications
+        failed = {n: statuses[n].message for n in names & statuses.keys() if statuses[n].status == ApplicationStatus.DEPLOY_FAILED}
+        if failed:
+            raise RuntimeError(f"deploying failed: {failed}")
+        running = {n for n in names & statuses.keys() if statuses[n].status == ApplicationStatus.RUNNING}
+        # The proxy learns about running apps a moment later; until then it answers NOT_FOUND.
+        if running == names and names <= _proxy_applications(grpc_proxy_address(schema)):
+            return schema
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not running and routed after {timeout_s:.0f}s: {sorted(names - running)}")
+        time.sleep(0.5)
+
+
+def _proxy_applications(address: str) -> set[str]:
+    from ray.serve.generated import serve_pb2, serve_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = serve_pb2_grpc.RayServeAPIServiceStub(channel).ListApplications(serve_pb2.ListApplicationsRequest(), timeout=2)
+        except grpc.RpcError:
+            return set()
+    return set(reply.application_names)
