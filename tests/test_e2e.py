@@ -4,12 +4,15 @@ compared pixel for pixel with the in-process pipeline, then stopped with Ctrl-C 
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import random
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import grpc
 import numpy as np
@@ -43,9 +46,9 @@ def _free_port_block(size: int = 5) -> int:
 
 @pytest.fixture(scope="module")
 def serve_all():
-    port = _free_port_block()
+    port = _free_port_block(6)  # the gateway, four stages, and the gateway's HTTP API
     process = subprocess.Popen(
-        [sys.executable, "-m", "unclip", "serve", "all", "--port", str(port)],
+        [sys.executable, "-m", "unclip", "serve", "all", "--port", str(port), "--http-port", str(port + 5)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     address = f"127.0.0.1:{port}"
@@ -118,6 +121,19 @@ def test_gateway_errors_carry_the_right_status(serve_all):
         assert client.generate(PROMPT, seed=1, size=32, **FAST_STEPS)[0].width == 32
 
 
+def test_http_api_is_served_next_to_grpc(serve_all):
+    _, _, port = serve_all
+    with urllib.request.urlopen(f"http://127.0.0.1:{port + 5}/healthz", timeout=10) as response:
+        assert json.loads(response.read()) == {"status": "ok"}
+    body = json.dumps({"prompt": PROMPT, "size": "32x32", "response_format": "b64_json", "seed": 3}).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port + 5}/v1/images/generations", data=body, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=120) as response:
+        data = json.loads(response.read())["data"]
+    assert len(data) == 1 and base64.b64decode(data[0]["b64_json"]).startswith(b"\x89PNG")
+
+
 def test_ctrl_c_stops_every_service(serve_all):
     process, address, port = serve_all
     process.send_signal(signal.SIGINT)
@@ -129,6 +145,6 @@ def test_ctrl_c_stops_every_service(serve_all):
     assert process.returncode == 0, output
     assert "stopping" in output
     # Nothing listens on any of the five ports any more.
-    for service_port in range(port, port + 5):
+    for service_port in range(port, port + 6):
         with socket.socket() as sock:
             assert sock.connect_ex(("127.0.0.1", service_port)) != 0, f"port {service_port} still accepts connections"
