@@ -16,6 +16,7 @@ import gzip
 import json
 import re
 import subprocess
+import sys
 from functools import cache
 from pathlib import Path
 
@@ -421,6 +422,26 @@ def test_helm_test_pod_runs_the_smoke_script():
     assert command[:3] == ["python", "/smoke/smoke.py", "rel-unclip-gateway:9000"]
     assert "--application=gateway" in command
     assert pod["spec"]["restartPolicy"] == "Never"
+
+
+def test_smoke_script_passes_against_a_gateway_and_fails_without_one(local_stages):
+    """The hook's script, run for real: through the SDK against a local gateway it reports ok;
+    against nothing it fails (it must not pass when generation does not work)."""
+    from gateway.api import ImageAPI
+    from gateway.servicer import SERVICES, ImageServicer
+    from unclip.serving import BackgroundServer, Server
+
+    smoke = str(CHART / "files" / "smoke.py")
+    with BackgroundServer(lambda: Server(ImageServicer(ImageAPI(local_stages)), SERVICES, port=0)) as server:
+        ok = subprocess.run(
+            [sys.executable, smoke, server.address, "--application=", "--steps=1", "--timeout=120"],
+            capture_output=True, text=True, timeout=180,
+        )
+    assert ok.returncode == 0 and "smoke: ok: 32x32 PNG" in ok.stdout, ok.stdout + ok.stderr
+    dead = subprocess.run(
+        [sys.executable, smoke, "127.0.0.1:1", "--timeout=3"], capture_output=True, text=True, timeout=60
+    )
+    assert dead.returncode == 1 and "smoke:" in dead.stderr
 
 
 # -- Dockerfiles (no Docker engine here: what can be checked by reading) -----------------------

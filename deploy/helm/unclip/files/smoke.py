@@ -1,8 +1,9 @@
-"""unclip smoke test: generate one image through the gateway and check it is a PNG.
+"""unclip smoke test: generate one image through the gateway with the SDK and check it.
 
-Run by `helm test` (mounted from a ConfigMap into a Pod of the unclip image) and by tests/kind
-against a port-forward. Through Ray Serve's gRPC proxy a call reaches an application by the
-`application` metadata key, so the stub is called with that metadata directly (no SDK option needed).
+Run by `helm test` (mounted from a ConfigMap into a Pod of the unclip image), by tests/kind
+against a port-forward, and by tests/test_helm.py against a local gateway. Through Ray Serve's
+gRPC proxy a call reaches an application by the `application` metadata key, which the SDK sends
+when given `application`.
 
     python smoke.py HOST:PORT [--application gateway] [--prompt "a red circle"] [--size 32] [--steps 2]
 """
@@ -15,15 +16,17 @@ import time
 
 import grpc
 
-from unclip.v1 import images_pb2, images_pb2_grpc
+from unclip.client import Client, UnclipError
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# A fresh release answers NOT_FOUND until Serve has deployed the gateway application.
+NOT_READY = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND)
+RETRY_SECONDS = 5.0
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("server", help="HOST:PORT of the gateway (Serve's gRPC proxy)")
-    parser.add_argument("--application", default="gateway", help="Serve application (metadata 'application'); '' sends none")
+    parser.add_argument("server", help="HOST:PORT of the gateway (Serve's gRPC proxy, or `unclip serve gateway`)")
+    parser.add_argument("--application", default="gateway", help="Serve application to route to; '' for none")
     parser.add_argument("--prompt", default="a red circle")
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=2)
@@ -31,34 +34,29 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds, including waiting for the gateway")
     args = parser.parse_args()
 
-    metadata = (("application", args.application),) if args.application else ()
-    params = images_pb2.GenerationParameters(
-        prompt=args.prompt, n=1, size=args.size, seed=args.seed,
-        prior_steps=args.steps, decoder_steps=args.steps, upsampler_steps=args.steps,
-    )  # fmt: skip
     deadline = time.monotonic() + args.timeout
-    with grpc.insecure_channel(args.server) as channel:
-        stub = images_pb2_grpc.ImageServiceStub(channel)
+    with Client(args.server, application=args.application or None, timeout=args.timeout) as client:
         while True:
-            left = deadline - time.monotonic()
             try:
-                response = stub.Generate(images_pb2.GenerateRequest(parameters=params), metadata=metadata, timeout=max(left, 1.0))
+                (image,) = client.generate(
+                    args.prompt, n=1, size=args.size, seed=args.seed, prior_steps=args.steps,
+                    decoder_steps=args.steps, upsampler_steps=args.steps,
+                    timeout=max(deadline - time.monotonic(), 1.0),
+                )
                 break
-            except grpc.RpcError as error:
-                retriable = error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND)
-                if not retriable or time.monotonic() + 5 > deadline:
-                    print(f"smoke: Generate failed: {error.code().name}: {error.details()}", file=sys.stderr)
+            except UnclipError as error:
+                if error.code not in NOT_READY or time.monotonic() + RETRY_SECONDS > deadline:
+                    print(f"smoke: {error}", file=sys.stderr)
                     return 1
-                print(f"smoke: {error.code().name} ({error.details()}); retrying", file=sys.stderr, flush=True)
-                time.sleep(5)
-    if len(response.images) != 1:
-        print(f"smoke: expected 1 image, got {len(response.images)}", file=sys.stderr)
+                print(f"smoke: not ready ({error.code.name}); retrying", file=sys.stderr, flush=True)
+                time.sleep(RETRY_SECONDS)
+    if (image.width, image.height) != (args.size, args.size) or image.image.size != (args.size, args.size):
+        print(f"smoke: expected a {args.size}x{args.size} image, got {image.width}x{image.height}", file=sys.stderr)
         return 1
-    image = response.images[0]
-    if not image.png.startswith(PNG_SIGNATURE) or (image.width, image.height) != (args.size, args.size):
-        print(f"smoke: not a {args.size}x{args.size} PNG: {image.width}x{image.height}, {image.png[:8]!r}", file=sys.stderr)
+    if image.seed != args.seed or image.metadata.get("prompt") != args.prompt:
+        print(f"smoke: the PNG's metadata does not match the request: {image.metadata}", file=sys.stderr)
         return 1
-    print(f"smoke: ok: {image.width}x{image.height} PNG, {len(image.png)} bytes, seed {image.seed}, request {response.request_id}")
+    print(f"smoke: ok: {image.width}x{image.height} PNG, {len(image.png)} bytes, seed {image.seed}, request {image.request_id}")
     return 0
 
 
