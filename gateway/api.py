@@ -12,6 +12,7 @@ import hashlib
 import json
 import time
 import uuid
+import weakref
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -52,7 +53,8 @@ class ImageAPI:
     def __init__(self, backend: StageBackend, store: ResultStore | None = None):
         self.backend = backend
         self.store = store
-        self._key_locks: dict[str, asyncio.Lock] = {}
+        # Held only while a request with that key runs, so the map does not grow with every key.
+        self._key_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     async def output_size(self, size: int | None) -> int:
         """The side the images will have (the largest available when None)."""
@@ -150,7 +152,9 @@ class ImageAPI:
             raise InvalidArgument("idempotency_key: must be 1 to 255 characters")
         request_id = "idem-" + _digest(idempotency_key.encode())[:40]
         # One generation per key in this gateway; a retry waits for it and then reads the stored result.
-        lock = self._key_locks.setdefault(request_id, asyncio.Lock())
+        lock = self._key_locks.get(request_id)
+        if lock is None:
+            lock = self._key_locks[request_id] = asyncio.Lock()
         async with lock:
             stored = await self.store.load(request_id)
             if stored is not None:

@@ -184,3 +184,13 @@ def test_openai_client_end_to_end(gateway):
     with pytest.raises(openai.BadRequestError) as info:
         client.images.generate(prompt="a red circle", size="64x64")
     assert "size" in str(info.value)
+
+
+def test_concurrent_retries_with_one_key_generate_once(gateway, s3_server, local_stages):
+    decodes_before = local_stages.decoder.stats.completed
+    futures = [gateway.stub.Generate.future(generate_request(key="twice-at-once", seed=12), timeout=120) for _ in range(3)]
+    replies = [future.result() for future in futures]
+    assert len({reply.request_id for reply in replies}) == 1
+    assert len({reply.images[0].png for reply in replies}) == 1
+    assert local_stages.decoder.stats.completed == decodes_before + 1
+    assert len(objects_under(s3_server, f"results/{replies[0].request_id}/")) == 2
