@@ -4,23 +4,17 @@ loop, over the stage services, with the object store when one is configured."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 
 from aiohttp import web
 
 from gateway.api import ImageAPI
 from gateway.http_api import create_http_app
-from gateway.remote import RemoteStages
 from gateway.servicer import SERVICES, ImageServicer
 from unclip.pipeline import StageBackend
 from unclip.serving import Server
 from unclip.storage import ResultStore, StorageConfig
 
 log = logging.getLogger("unclip.gateway")
-
-
-def remote_backend(encoder: str, prior: str, decoder: str, upsamplers: Sequence[str]) -> RemoteStages:
-    return RemoteStages(encoder, prior, decoder, upsamplers)
 
 
 def build_gateway(

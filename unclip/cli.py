@@ -106,12 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="generate images for a prompt (in-process unless --server)")
     gen.add_argument("prompt")
     gen.add_argument("-n", type=int, default=1, help="number of images (image i uses seed + i)")
-    gen.add_argument("--seed", type=int, help="default: random")
-    gen.add_argument("--size", type=int, help="output side in pixels (default: the largest available)")
-    gen.add_argument("--out", type=Path, default=Path("out"), help="directory for the PNGs (default: ./out)")
-    gen.add_argument("--server", metavar="HOST:PORT", help="generate through a gateway instead of in-process")
-    gen.add_argument("--weights", type=Path, help="in-process: directory with clip/ prior/ decoder/ upsampler/ checkpoints")
-    gen.add_argument("--timeout", type=float, default=600.0, help="seconds before giving up")
+    _add_run_flags(gen)
     gen.add_argument(
         "--preview-every", type=int, default=0, metavar="N", help="a decoder preview every N steps (counted in the progress bar)"
     )
@@ -428,7 +423,8 @@ def _serve(args: argparse.Namespace) -> int:
         if missing:
             print(f"unclip serve gateway: give the address of: {', '.join('--' + m for m in missing)}", file=sys.stderr)
             return 2
-        from gateway.app import build_gateway, remote_backend
+        from gateway.app import build_gateway
+        from gateway.remote import RemoteStages
         from unclip.storage import StorageConfig
 
         try:
@@ -439,7 +435,7 @@ def _serve(args: argparse.Namespace) -> int:
         http_port = None if args.http_port == 0 else args.http_port
 
         def make_server():
-            backend = remote_backend(args.encoder, args.prior, args.decoder, args.upsampler)
+            backend = RemoteStages(args.encoder, args.prior, args.decoder, args.upsampler)
             return build_gateway(backend, host=args.host, port=port, http_port=http_port, storage=storage)
     else:
         services = _stage_services(args.target)

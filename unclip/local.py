@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from unclip.cancel import CancelToken
+from unclip.cancel import CancelToken, run_cancellable
 from unclip.pipeline import PipelineInfo, PreviewFn, TextEncoding, preview_due
 from unclip.stages import load_engine
 from unclip.stages.base import ProgressFn, unit_to_images
@@ -90,9 +90,4 @@ class LocalStages:
 
     @staticmethod
     async def _run(method, *args, deadline: float | None, **kwargs):
-        cancel = CancelToken(deadline=deadline)
-        try:
-            return await asyncio.to_thread(method, *args, cancel=cancel, **kwargs)
-        except asyncio.CancelledError:
-            cancel.cancel()  # the thread cannot be interrupted; make the sampler stop at its next step
-            raise
+        return await run_cancellable(lambda cancel: method(*args, cancel=cancel, **kwargs), CancelToken(deadline=deadline))

@@ -21,7 +21,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from unclip.cancel import CancelToken
+from unclip.cancel import CancelToken, run_cancellable
 from unclip.errors import ResourceExhausted, Unavailable, UnclipError
 from unclip.stages import load_engine
 from unclip.transport import GRPC_OPTIONS
@@ -117,13 +117,9 @@ class ModelServicer:
         self.require_engine()
         if self._pending >= self.max_pending:
             raise ResourceExhausted(f"{self._pending} requests are already queued (limit {self.max_pending}); retry later")
-        cancel = CancelToken.with_timeout(context.time_remaining())
         self._pending += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, call, cancel)
-        except asyncio.CancelledError:
-            cancel.cancel()  # the client went away or its deadline passed: stop at the next step
-            raise
+            return await run_cancellable(call, CancelToken.with_timeout(context.time_remaining()), self._executor)
         finally:
             self._pending -= 1
 
