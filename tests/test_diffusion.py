@@ -526,3 +526,26 @@ def test_inpainting_keeps_the_known_region_and_samples_the_rest(sampler):
         sampler=sampler, known=(known[1:], keep[1:]),
     )
     assert torch.equal(again[0], samples[1])  # per-row noise, inpainting included
+
+
+@pytest.mark.parametrize("parameterization", ["eps", "x0", "v"])
+def test_min_snr_weighting_is_a_clipped_x0_loss_in_every_parameterization(parameterization):
+    diffusion = GaussianDiffusion(cosine_betas(T), parameterization)
+    gamma = 5.0
+    t = torch.arange(0, T, 7)
+    acp = diffusion.alphas_cumprod[t].reshape(-1, 1).float()
+    x0, noise = torch.randn(len(t), 6), torch.randn(len(t), 6)
+    x0_error = torch.randn(len(t), 6)
+    # The network output that predicts x0 + x0_error from x_t, in each parameterization's units.
+    output = {
+        "x0": x0 + x0_error,
+        "eps": noise - (acp / (1 - acp)).sqrt() * x0_error,
+        "v": diffusion.training_target(x0, noise, t) - x0_error / (1 - acp).sqrt(),
+    }[parameterization]
+    snr = (acp / (1 - acp)).squeeze(1)
+    expected = snr.clamp(max=gamma) * x0_error.square().mean(dim=1)
+    weighted = diffusion.training_losses(output, x0, noise, t, min_snr_gamma=gamma)
+    torch.testing.assert_close(weighted, expected, rtol=1e-3, atol=1e-5)
+    # Without gamma the loss is the plain squared error of the output.
+    plain = diffusion.training_losses(output, x0, noise, t)
+    torch.testing.assert_close(plain, (output - diffusion.training_target(x0, noise, t)).square().mean(dim=1))

@@ -74,10 +74,16 @@ def test_wrong_colours_score_nothing(local_stages):
 def test_eval_command_writes_json(tmp_path):
     out = tmp_path / "eval.json"
     result = subprocess.run(
-        [sys.executable, "-m", "unclip", "eval", "--prompts", "2", "--steps", "1", "--retrieval-captions", "4", "--json", str(out)],
+        [sys.executable, "-m", "unclip", "eval", "--prompts", "2", "--steps", "1", "--retrieval-captions", "4", "--json", str(out),
+         "--images", str(tmp_path / "images")],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     assert report["settings"]["prompts"] == 2 and 0.0 <= report["clip_retrieval_top1_heldout"] <= 1.0
     assert "CLIP retrieval top-1" in result.stdout
+    # One PNG per prompt, named by split, index and verdict.
+    images = sorted(p.name for p in (tmp_path / "images").glob("*.png"))
+    assert len(images) == 2 and all(name.split("-")[2] in ("ok", "wrong") for name in images), images
+    wrong = {f["prompt"] for f in report["failures"]}
+    assert {name.split("-", 3)[3].removesuffix(".png").replace("-", " ") for name in images if "-wrong-" in name} == wrong

@@ -262,7 +262,7 @@ def test_upsampler_rows_are_independent() -> None:
     "bad_fields",
     [
         dict(attention_downsample_rates=(8,)),  # only 3 levels: factors 1, 2, 4
-        dict(num_head_channels=40),  # 96 channels at the attention levels
+        dict(num_head_channels=40),  # 64 channels at the attention levels
         dict(attention_downsample_rates=()),  # text / image tokens need attention
         dict(channel_mult=()),
         dict(num_image_tokens=0),
@@ -325,3 +325,22 @@ def test_gradients_reach_every_unet_parameter() -> None:
     upsampler = UNet(small_upsampler_config())
     upsampler(torch.randn(2, 3, 16, 16), torch.tensor([3, 7]), low_res=torch.randn(2, 3, 4, 4)).square().mean().backward()
     assert_every_parameter_has_grad(upsampler)
+
+
+@torch.no_grad()
+def test_position_embeddings_start_neutral_and_tell_attention_where_it_is(decoder: UNet) -> None:
+    config = dataclasses.replace(small_decoder_config(), position_embedding_size=16)
+    positioned = UNet(config).eval()
+    missing = positioned.load_state_dict(decoder.state_dict(), strict=False).missing_keys
+    assert missing and all(name.endswith(".position") for name in missing)  # one per attention block
+    inputs = decoder_inputs()
+    # Zero-initialised, so a trained network gains them without changing what it computes...
+    torch.testing.assert_close(run_decoder(positioned, inputs), run_decoder(decoder, inputs))
+    # ...and once learned they make the output depend on where a feature is.
+    for name in missing:
+        positioned.get_parameter(name).normal_()
+    assert not torch.allclose(run_decoder(positioned, inputs), run_decoder(decoder, inputs), atol=1e-4)
+    with pytest.raises(ValueError, match="position embeddings for 16x16"):
+        run_decoder(positioned, decoder_inputs(size=32))
+    with pytest.raises(ValueError, match="multiple of 2"):
+        UNet(dataclasses.replace(small_decoder_config(), position_embedding_size=15))

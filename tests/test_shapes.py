@@ -220,3 +220,16 @@ def test_canonical_prompts_are_deterministic_and_mixed(split):
         assert not any(shown)
     if split == "heldout":
         assert all(shown)
+
+
+def test_mention_p_sets_how_often_captions_state_optional_attributes():
+    def stated(mention_p: float) -> list[Spec]:
+        specs = [parse_caption(x["caption"]) for x in take(ShapesDataset(seed=3, size=16, mention_p=mention_p), 40)]
+        return [s for s in specs if len(s.objects) == 1]
+
+    always, never = stated(1.0), stated(0.0)
+    assert always and never
+    assert all(s.background and s.objects[0].size and s.objects[0].position for s in always)
+    assert not any(s.background or s.objects[0].size or s.objects[0].position for s in never)
+    with pytest.raises(ValueError, match="mention_p"):
+        ShapesDataset(mention_p=1.5)

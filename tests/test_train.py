@@ -262,8 +262,11 @@ def test_cli_trains_resumes_and_reports(tmp_path: Path, capsys: pytest.CaptureFi
     assert unclip_train(*common, "--steps", "2") == 0
     assert "step 2 (2 this run)" in capsys.readouterr().out
     assert unclip_train(*common, "--steps", "3", "--resume") == 0
-    report = capsys.readouterr().out
+    captured = capsys.readouterr()
+    report = captured.out
     assert "step 3 (1 this run)" in report and "steps/s" in report and "final loss" in report
+    # Every checkpoint leaves a log line, so runs in the background can be followed.
+    assert "upsampler: step 3/3, loss " in captured.err and f"checkpoint {out}" in captured.err
     assert unclip_train(*common, "--steps", "4") == 1
     assert "--resume" in capsys.readouterr().err
     assert unclip_train("prior", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "p")) == 1
@@ -278,3 +281,69 @@ def test_cli_resumes_the_prior_with_the_clip_it_started_with(tmp_path: Path):
     assert unclip_train(*common, "--steps", "2", "--resume") == 0
     state = json.loads((tmp_path / "prior" / TRAIN_STATE_JSON).read_text())
     assert state["step"] == 2 and state["clip"] == str(clip)
+
+
+def test_export_keeps_only_the_served_weights_and_says_where_they_came_from(tmp_path: Path):
+    from unclip.cli import main
+    from unclip.train.export import TRAINING_RECORD
+
+    run("decoder", tmp_path / "run", steps=2)
+    served = load_file(str(tmp_path / "run" / "model.safetensors"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", str(tmp_path / "run"), str(tmp_path / "shipped")])
+    assert exit_info.value.code == 0
+    shipped = tmp_path / "shipped"
+    assert sorted(p.name for p in shipped.iterdir()) == ["config.json", "model.safetensors", TRAINING_RECORD]
+    weights = load_file(str(shipped / "model.safetensors"))
+    assert weights.keys() == served.keys()
+    for name, tensor in served.items():
+        assert weights[name].dtype == torch.float16
+        torch.testing.assert_close(weights[name].float(), tensor, atol=1e-3, rtol=1e-3)
+    record = json.loads((shipped / TRAINING_RECORD).read_text())
+    assert record["kind"] == "decoder" and record["step"] == 2 and record["stored_as"] == "float16"
+    assert load_engine("decoder", shipped).image_size == 32  # services load it as any checkpoint
+    # Exporting onto the run itself would throw its training state away.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", str(tmp_path / "run"), str(tmp_path / "run")])
+    assert exit_info.value.code == 1
+    assert (tmp_path / "run" / TRAIN_WEIGHTS).is_file()
+
+
+def test_init_starts_a_new_run_from_another_checkpoints_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    data = str(write_folder(tmp_path / "data"))
+    common = ["--data", data, "--batch-size", "2", "--device", "cpu", "--steps", "1"]
+    assert unclip_train("upsampler", *common, "--out", str(tmp_path / "a"), "--lr", "1e-2") == 0
+    # With a zero learning rate the new run's weights are exactly the ones it started from.
+    assert unclip_train("upsampler", *common, "--out", str(tmp_path / "b"), "--init", str(tmp_path / "a"), "--lr", "0") == 0
+    source = load_file(str(tmp_path / "a" / "model.safetensors"))
+    started = load_file(str(tmp_path / "b" / TRAIN_WEIGHTS))
+    assert source.keys() == started.keys() and all(torch.equal(source[k], started[k]) for k in source)
+    state = json.loads((tmp_path / "b" / TRAIN_STATE_JSON).read_text())
+    assert state["step"] == 1 and state["init"] == str(tmp_path / "a")  # a fresh run that records its origin
+    b = ["--data", data, "--batch-size", "2", "--device", "cpu", "--out", str(tmp_path / "b")]
+    assert unclip_train("upsampler", *b, "--steps", "2", "--resume") == 0
+    assert json.loads((tmp_path / "b" / TRAIN_STATE_JSON).read_text())["init"] == str(tmp_path / "a")  # and keeps it
+    capsys.readouterr()
+    # Another stage, or weights of another geometry, cannot start a run.
+    assert unclip_train("decoder", *common, "--out", str(tmp_path / "c"), "--init", str(tmp_path / "a")) == 1
+    assert "cannot start a 'decoder' run" in capsys.readouterr().err
+    other = tmp_path / "other"
+    run("upsampler", other, steps=1)  # 16 channels, the CLI trains 32
+    assert unclip_train("upsampler", *common, "--out", str(tmp_path / "d"), "--init", str(other)) == 1
+    assert "do not fit this configuration" in capsys.readouterr().err
+
+
+def test_init_keeps_new_parameters_at_their_initialisation(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    from unclip.train.cli import initialise_from
+
+    without = tiny_config("decoder")
+    without.model = dataclasses.replace(without.model, position_embedding_size=0)
+    torch.manual_seed(0)
+    train(make_objective(without), squares(), tmp_path / "old", TrainOptions(steps=1, batch_size=2, device="cpu", progress=False))
+    objective = make_objective(tiny_config("decoder"))  # the same network plus position embeddings
+    initialise_from(objective, tmp_path / "old")
+    assert "new parameters start from their initialisation" in capsys.readouterr().err
+    old = load_file(str(tmp_path / "old" / "model.safetensors"))
+    for name, tensor in objective.model.state_dict().items():
+        expected = old[name] if name in old else torch.zeros_like(tensor)
+        assert torch.equal(tensor, expected), name

@@ -136,9 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=1, help="runs per prompt (the median is reported)")
     _add_sampling_flags(bench)
 
-    from unclip.train.cli import add_train_parser
+    from unclip.train.cli import add_export_parser, add_train_parser
 
     add_train_parser(commands)
+    add_export_parser(commands)
 
     evaluate = commands.add_parser("eval", help="judge generated Shapes images against their prompts")
     evaluate.add_argument("--prompts", type=int, default=200, help="number of canonical prompts")
@@ -146,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", choices=("all", "train", "heldout"), default="all", help="seen or held-out colour-shape pairs")
     evaluate.add_argument("--weights", type=Path, help="directory with clip/ prior/ decoder/ upsampler/ (default: shipped)")
     evaluate.add_argument("--json", type=Path, default=Path("out/eval.json"), help="where to write the full report")
+    evaluate.add_argument("--images", type=Path, help="also write every judged image here, its verdict in its name")
     evaluate.add_argument("--retrieval-captions", type=int, default=200, help="held-out captions for CLIP retrieval")
     _add_sampling_flags(evaluate, prior=True)
     return parser
@@ -171,6 +173,10 @@ def main(argv: list[str] | None = None) -> None:
             from unclip.train.cli import run_train
 
             sys.exit(run_train(args))
+        if args.command == "export":
+            from unclip.train.cli import run_export
+
+            sys.exit(run_export(args))
         if args.command == "eval":
             sys.exit(_evaluate(args))
     except KeyboardInterrupt:
@@ -184,7 +190,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     sampling = {key: value for key, value in _sampling_kwargs(args).items() if value is not None}
     report = run_eval(
         stages, prompts=args.prompts, seed=args.seed, split=args.split, sampling=sampling,
-        retrieval_captions=args.retrieval_captions,
+        retrieval_captions=args.retrieval_captions, images_dir=args.images,
     )
     write_report(report, args.json)
     print(format_table(report))

@@ -23,6 +23,8 @@ class DiffusionConfig:
     timesteps: int = 1000
     schedule: str = "cosine"
     parameterization: str = "eps"  # eps | x0 | v
+    # Training only: Min-SNR-gamma loss weighting (0 = the plain loss of the parameterization).
+    min_snr_gamma: float = 0.0
 
 
 @dataclass
@@ -47,7 +49,7 @@ class PriorStageConfig:
     model: PriorConfig = field(default_factory=PriorConfig)
     # DALL-E 2's prior predicts the clean embedding directly.
     diffusion: DiffusionConfig = field(default_factory=lambda: DiffusionConfig(parameterization="x0"))
-    sampling: SamplingDefaults = field(default_factory=lambda: SamplingDefaults(steps=64, guidance_scale=2.0))
+    sampling: SamplingDefaults = field(default_factory=lambda: SamplingDefaults(steps=32, guidance_scale=2.0))
     weights: str = "model.safetensors"
     kind: str = "prior"
 
@@ -55,8 +57,11 @@ class PriorStageConfig:
 @dataclass
 class DecoderStageConfig:
     model: UNetConfig = field(default_factory=decoder_config_tiny)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    sampling: SamplingDefaults = field(default_factory=lambda: SamplingDefaults(steps=50, guidance_scale=3.0))
+    # v-prediction (decoder and upsampler): unlike eps it stays well conditioned at high noise, where
+    # background, layout and colour are decided; an eps model's x0 estimate there is its error
+    # times up to 1/sqrt(acp), 2e4 at the last step of the cosine schedule.
+    diffusion: DiffusionConfig = field(default_factory=lambda: DiffusionConfig(parameterization="v"))
+    sampling: SamplingDefaults = field(default_factory=lambda: SamplingDefaults(steps=25, guidance_scale=3.0))
     image_size: int = 32
     weights: str = "model.safetensors"
     kind: str = "decoder"
@@ -65,8 +70,8 @@ class DecoderStageConfig:
 @dataclass
 class UpsamplerStageConfig:
     model: UNetConfig = field(default_factory=upsampler_config_tiny)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    sampling: SamplingDefaults = field(default_factory=lambda: SamplingDefaults(steps=20))
+    diffusion: DiffusionConfig = field(default_factory=lambda: DiffusionConfig(parameterization="v"))
+    sampling: SamplingDefaults = field(default_factory=lambda: SamplingDefaults(steps=10))
     scale_factor: int = 4
     input_size: int = 32
     weights: str = "model.safetensors"

@@ -375,6 +375,9 @@ def render(scene: Scene, size: int = 128) -> np.ndarray:
 class ShapesDataset(IterableDataset):
     """An endless, seeded stream of {"image": uint8 [size, size, 3], "caption": str}.
 
+    Each optional attribute (size, position, background) is stated in a caption with probability
+    mention_p; stating more teaches a contrastive model attributes it otherwise rarely has to tell apart.
+
     split "train" never shows a held-out (colour, shape), in pictures or captions; "heldout"
     shows at least one in every scene; "all" ignores the held-out list. Each DataLoader worker
     draws its own stream from (seed, worker id), so workers never repeat each other.
@@ -387,18 +390,22 @@ class ShapesDataset(IterableDataset):
         two_object_fraction: float = 0.3,
         heldout: list[tuple[str, str]] = DEFAULT_HELDOUT,
         split: str = "train",
+        mention_p: float = 0.5,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
         self.seed, self.size, self.split = seed, size, split
         self.two_object_fraction = two_object_fraction
         self.heldout = list(heldout)
+        if not 0.0 <= mention_p <= 1.0:
+            raise ValueError(f"mention_p must lie in [0, 1], got {mention_p}")
+        self.mention_p = mention_p
 
     def __iter__(self):
         worker = get_worker_info()
         rng = np.random.default_rng([self.seed, 0 if worker is None else worker.id])
         while True:
-            scene = sample(rng, self.two_object_fraction, self.heldout, self.split)
+            scene = sample(rng, self.two_object_fraction, self.heldout, self.split, self.mention_p)
             yield {"image": render(scene, self.size), "caption": scene.caption}
 
 

@@ -123,10 +123,31 @@ class GaussianDiffusion:
             return x0
         return self.v_target(x0, noise, t)
 
-    def training_losses(self, model_output: Tensor, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-        """Per-example mean squared error against the training target, shape [B]."""
+    def training_losses(
+        self, model_output: Tensor, x0: Tensor, noise: Tensor, t: Tensor, min_snr_gamma: float = 0.0
+    ) -> Tensor:
+        """Per-example mean squared error against the training target, shape [B].
+
+        min_snr_gamma > 0 applies Min-SNR-gamma weighting (Hang et al. 2023): each timestep's
+        loss is weighted as an x0 loss clipped at SNR = gamma. The nearly clean timesteps, which
+        only refine detail, then stop dominating the gradient, and training converges faster.
+        """
         squared_error = (model_output - self.training_target(x0, noise, t)).square()
-        return squared_error.reshape(squared_error.shape[0], -1).mean(dim=1)
+        losses = squared_error.reshape(squared_error.shape[0], -1).mean(dim=1)
+        if min_snr_gamma > 0:
+            losses = losses * self.min_snr_weights(t, min_snr_gamma).to(losses)
+        return losses
+
+    def min_snr_weights(self, t: Tensor, gamma: float) -> Tensor:
+        """min(SNR, gamma) expressed in the units of this process's training target."""
+        acp = self.alphas_cumprod[t.cpu()]
+        snr = acp / (1.0 - acp)
+        # An eps error is an x0 error divided by SNR, a v error an x0 error divided by SNR + 1.
+        if self.parameterization == "eps":
+            return (gamma / snr).clamp(max=1.0)  # min(SNR, gamma) / SNR, and 1 where SNR is 0
+        if self.parameterization == "v":
+            return snr.clamp(max=gamma) / (snr + 1.0)
+        return snr.clamp(max=gamma)
 
     # -- sampling -------------------------------------------------------------------------------
 

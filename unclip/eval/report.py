@@ -71,8 +71,10 @@ def run_eval(
     split: str,
     sampling: dict[str, Any],
     retrieval_captions: int = 200,
+    images_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Generate one image per canonical prompt (seed + index) and judge it."""
+    """Generate one image per canonical prompt (seed + index) and judge it; with images_dir, also
+    write each image there, its name saying split, index, verdict and prompt."""
     splits = ["train", "heldout"] if split == "all" else [split]
     per_split = {name: prompts // len(splits) + (i < prompts % len(splits)) for i, name in enumerate(splits)}
     seconds_by_stage: dict[str, float] = defaultdict(float)
@@ -94,6 +96,8 @@ def run_eval(
             group = "one_object" if len(parse_caption(prompt).objects) == 1 else "two_objects"
             groups[group].add(verdict.correct, verdict.details)
             images_done += 1
+            if images_dir is not None:
+                save_judged_image(images_dir, split_name, index, prompt, verdict.correct, image.pixels)
             if not verdict.correct:
                 failures.append({"prompt": prompt, "seed": image.seed, "split": split_name})
 
@@ -107,6 +111,16 @@ def run_eval(
         "failures": failures[:50],
     }
     return report
+
+
+def save_judged_image(directory: Path, split: str, index: int, prompt: str, correct: bool, pixels: np.ndarray) -> Path:
+    from PIL import Image
+
+    directory.mkdir(parents=True, exist_ok=True)
+    slug = "-".join(prompt.split())
+    path = directory / f"{split}-{index:03d}-{'ok' if correct else 'wrong'}-{slug}.png"
+    Image.fromarray(pixels).save(path)
+    return path
 
 
 def format_table(report: dict[str, Any]) -> str:

@@ -32,17 +32,26 @@ class UNetConfig:
     num_image_tokens: int = 4  # the image embedding is projected into this many extra attention tokens
     text_width: int = 0  # >0: per-token text encodings are extra attention tokens as well
     low_res_channels: int = 0  # >0: the upsampler; a low-res image is resized to x's size and concatenated to the input
+    # >0: the side the network runs at; each attention block then adds a learned embedding of every
+    # spatial position to its input. Convolutions see position only through border effects, so
+    # without it a context token ("in the top left corner") has no place to attend to.
+    position_embedding_size: int = 0
 
 
 def decoder_config_tiny() -> UNetConfig:
-    """32x32 base decoder conditioned on a 64-d CLIP image embedding and 64-wide text encodings."""
+    """32x32 base decoder conditioned on a 64-d CLIP image embedding and 64-wide text encodings.
+
+    Sized to train on a CPU in hours: one residual block per level, and attention (where the
+    image and text tokens come in) at 8x8 only, which is fine enough for a 3x3 grid of places.
+    """
     return UNetConfig(
-        model_channels=48,  # sized so all four shipped stages fit in 25 MB of fp16 weights
+        model_channels=32,
         channel_mult=(1, 2, 2),
-        num_res_blocks=2,
-        attention_downsample_rates=(2, 4),
+        num_res_blocks=1,
+        attention_downsample_rates=(4,),
         image_embed_dim=64,
         text_width=64,
+        position_embedding_size=32,
     )
 
 
@@ -79,9 +88,12 @@ class ResBlock(nn.Module):
 class AttentionBlock(nn.Module):
     """Self-attention over spatial positions whose keys/values also include the context tokens."""
 
-    def __init__(self, channels: int, num_head_channels: int, context_dim: int):
+    def __init__(self, channels: int, num_head_channels: int, context_dim: int, side: int = 0):
         super().__init__()
         self.heads = channels // num_head_channels
+        self.side = side
+        # Zero-initialised: a network gains it without changing what it computes.
+        self.position = nn.Parameter(torch.zeros(side * side, channels)) if side > 0 else None
         self.norm = group_norm(channels)
         self.qkv = nn.Linear(channels, 3 * channels)
         self.context_kv = nn.Linear(context_dim, 2 * channels) if context_dim > 0 else None
@@ -90,6 +102,10 @@ class AttentionBlock(nn.Module):
     def forward(self, x: Tensor, context: Tensor | None, context_mask: Tensor | None) -> Tensor:
         batch, channels, height, width = x.shape
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # [B, H*W, C]
+        if self.position is not None:
+            if (height, width) != (self.side, self.side):
+                raise ValueError(f"this network has position embeddings for {self.side}x{self.side} features, got {height}x{width}")
+            tokens = tokens + self.position
         q, k, v = self.qkv(tokens).chunk(3, dim=-1)
         mask = None
         if context is not None:
@@ -139,7 +155,7 @@ def validate_config(config: UNetConfig) -> None:
     for name in ("in_channels", "out_channels", "model_channels", "num_res_blocks", "num_head_channels"):
         if getattr(config, name) < 1:
             raise ValueError(f"UNetConfig.{name} must be >= 1, got {getattr(config, name)}")
-    for name in ("image_embed_dim", "text_width", "low_res_channels"):
+    for name in ("image_embed_dim", "text_width", "low_res_channels", "position_embedding_size"):
         if getattr(config, name) < 0:
             raise ValueError(f"UNetConfig.{name} must be >= 0, got {getattr(config, name)}")
     if not config.channel_mult or min(config.channel_mult) < 1:
@@ -157,6 +173,9 @@ def validate_config(config: UNetConfig) -> None:
                 f"attention at downsample factor {rate} has {channels} channels, "
                 f"not divisible by num_head_channels {config.num_head_channels}"
             )
+    deepest = 2 ** (len(config.channel_mult) - 1)
+    if config.position_embedding_size % deepest:
+        raise ValueError(f"position_embedding_size {config.position_embedding_size} must be a multiple of {deepest}")
     if config.image_embed_dim > 0 and config.num_image_tokens < 1:
         raise ValueError("image_embed_dim > 0 needs num_image_tokens >= 1")
     if (config.image_embed_dim > 0 or config.text_width > 0) and not config.attention_downsample_rates:
@@ -186,7 +205,8 @@ class UNet(nn.Module):
             self.context_norm = nn.LayerNorm(context_dim)
 
         def attention_block(channels: int) -> AttentionBlock:
-            return AttentionBlock(channels, config.num_head_channels, context_dim)
+            side = config.position_embedding_size // downsample_rate if config.position_embedding_size else 0
+            return AttentionBlock(channels, config.num_head_channels, context_dim, side)
 
         channels = config.model_channels
         input_conv = nn.Conv2d(config.in_channels + config.low_res_channels, channels, 3, padding=1)

@@ -25,12 +25,63 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     parser.add_argument("--lr", type=float, help="AdamW learning rate (default: per stage)")
     parser.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     parser.add_argument("--clip", type=Path, help="prior, decoder: frozen CLIP (default: the shipped one or the resumed run's)")
+    parser.add_argument(
+        "--init",
+        type=Path,
+        help="start from this checkpoint's weights (same stage and geometry), e.g. to fine-tune with another "
+        "parameterization or data; the optimizer and EMA start fresh",
+    )
     parser.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints (and one at the end)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--workers", type=int, default=0, help="data loading processes (default: load in the training process)")
+    parser.add_argument(
+        "--mention-p",
+        type=float,
+        default=0.5,
+        help="shapes: probability that a caption states each optional attribute (size, position, background)",
+    )
     parser.add_argument("--image-size", type=int, default=DATA_SIZE, help=f"side of the training images (default: {DATA_SIZE})")
     return parser
+
+
+def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("export", help="write a training run's servable checkpoint (config + served weights)")
+    parser.add_argument("run", type=Path, help="a directory written by `unclip train`")
+    parser.add_argument("out", type=Path, help="checkpoint directory to write, e.g. unclip/weights/decoder")
+    parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16", help="storage dtype")
+    return parser
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from unclip.checkpoint import CheckpointError
+    from unclip.train.export import export_checkpoint
+
+    try:
+        target = export_checkpoint(args.run, args.out, args.dtype)
+    except (CheckpointError, ValueError, OSError) as error:
+        print(f"unclip export: {error}", file=sys.stderr)
+        return 1
+    print(f"exported {args.run} -> {target}")
+    return 0
+
+
+def initialise_from(objective, directory: Path) -> None:
+    """Load `directory`'s served weights into the network being trained; geometry must match."""
+    from unclip.checkpoint import CheckpointError, load_weights, read_config
+
+    source = read_config(directory)
+    if source.kind != objective.kind:
+        raise CheckpointError(f"--init {directory}: a {source.kind!r} checkpoint cannot start a {objective.kind!r} run")
+    try:
+        # Parameters new to this configuration (e.g. position embeddings) keep their initialisation.
+        result = objective.model.load_state_dict(load_weights(directory, source), strict=False)
+    except RuntimeError as error:  # differently shaped tensors
+        raise CheckpointError(f"--init {directory}: its weights do not fit this configuration: {error}") from None
+    if result.unexpected_keys:
+        raise CheckpointError(f"--init {directory}: its weights do not fit this configuration: unexpected {result.unexpected_keys}")
+    if result.missing_keys:
+        print(f"--init {directory}: new parameters start from their initialisation: {result.missing_keys}", file=sys.stderr)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -61,10 +112,16 @@ def run_train(args: argparse.Namespace) -> int:
             raise CheckpointError(f"{args.out}: holds a checkpoint of stage {config.kind!r}, not {args.stage!r}")
         # The prior and decoder must go on with the CLIP they started with.
         clip = read_train_state(args.out).get("clip") if args.resume and args.clip is None else args.clip
-        source = open_source(args.data, args.image_size, args.seed)
+        source = open_source(args.data, args.image_size, args.seed, args.mention_p)
         torch.manual_seed(args.seed)  # the freshly initialised network
         objective = make_objective(config, clip)
-        metadata = {"data": args.data, "clip": None if clip is None else str(clip)}
+        if args.init is not None and not args.resume:
+            initialise_from(objective, args.init)
+        # A resumed run keeps recording the checkpoint it was initialised from.
+        init = read_train_state(args.out).get("init") if args.resume else args.init and str(args.init)
+        metadata = {"data": args.data, "clip": None if clip is None else str(clip), "init": init}
+        if args.data == "shapes":
+            metadata["mention_p"] = args.mention_p
         result = train(objective, source, args.out, options, metadata)
     except (DataError, CheckpointError, FileExistsError, FloatingPointError, ValueError) as error:
         print(f"unclip train: {error}", file=sys.stderr)

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -259,6 +260,14 @@ def train(
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         if trainer.step % options.checkpoint_every == 0 or trainer.step == options.steps:
             trainer.save(out, metadata or {})
+            # A line per checkpoint, so a run in the background (no progress bar) leaves a log.
+            recent = losses[-options.checkpoint_every :]
+            rate = len(losses) / (time.perf_counter() - start)
+            bar.write(
+                f"{objective.kind}: step {trainer.step}/{options.steps}, loss {sum(recent) / len(recent):.4f} "
+                f"(mean of the last {len(recent)}), {rate:.2f} steps/s, checkpoint {out}",
+                file=sys.stderr,
+            )
     seconds = time.perf_counter() - start
     bar.close()
     return TrainResult(step=trainer.step, steps_run=len(losses), seconds=seconds, losses=losses)

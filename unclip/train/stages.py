@@ -178,7 +178,7 @@ class PriorObjective(Objective):
             text_mask=text_mask,
             drop_text=drop_text,
         )
-        return self.diffusion.training_losses(output.float(), x0, noise, t).mean()
+        return self.diffusion.training_losses(output.float(), x0, noise, t, self.config.diffusion.min_snr_gamma).mean()
 
 
 class DecoderObjective(Objective):
@@ -213,7 +213,7 @@ class DecoderObjective(Objective):
         t = random_timesteps(rows, self.diffusion.num_timesteps, generator).to(device)
         noise = torch.randn(x0.shape, generator=generator).to(device)
         output = self.model(self.diffusion.q_sample(x0, t, noise), t, **conditioning)
-        return self.diffusion.training_losses(output.float(), x0, noise, t).mean()
+        return self.diffusion.training_losses(output.float(), x0, noise, t, self.config.diffusion.min_snr_gamma).mean()
 
 
 class UpsamplerObjective(Objective):
@@ -257,7 +257,7 @@ class UpsamplerObjective(Objective):
         t = random_timesteps(rows, self.diffusion.num_timesteps, generator).to(device)
         noise = torch.randn(x0.shape, generator=generator).to(device)
         output = self.model(self.diffusion.q_sample(x0, t, noise), t, low_res=low_res)
-        return self.diffusion.training_losses(output.float(), x0, noise, t).mean()
+        return self.diffusion.training_losses(output.float(), x0, noise, t, self.config.diffusion.min_snr_gamma).mean()
 
 
 def make_objective(config: StageConfig, clip: str | Path | None = None) -> Objective:

@@ -1,0 +1,117 @@
+"""Judge one stage at a time on Shapes, to find which stage of a pipeline is failing.
+
+    python tools/stage_checks.py clip CLIP_DIR [--n 300]
+        which of colour, shape and position the CLIP gets right: each one-object image is matched
+        to the nearest of the 162 captions "a <colour> <shape> <position>".
+    python tools/stage_checks.py upsampler UPSAMPLER_DIR [--n 12] [--steps 20]
+        upsample true 32x32 renders, judge the 128x128 result.
+    python tools/stage_checks.py decoder DECODER_DIR --clip CLIP_DIR [--n 18] [--steps 25] [--guidance 3]
+        decode the true CLIP image embedding (plus the caption's text tokens), upscale bicubically
+        to 128x128 and judge; prints each prompt with what the judge found.
+
+`--grid PATH` writes the judged images side by side with the truth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import numpy as np
+from PIL import Image
+
+from unclip.data.shapes import COLOURS, DEFAULT_HELDOUT, POSITION_PHRASES, SHAPES, canonical_prompts, parse_caption, render, sample, sample_scene_for
+from unclip.eval.judge import analyze, judge
+from unclip.options import SamplingOptions
+from unclip.stages import load_engine
+
+
+def check_clip(args: argparse.Namespace) -> None:
+    clip = load_engine("clip", args.checkpoint)
+    rng = np.random.default_rng(args.seed)
+    scenes = [sample(rng, 0.0, DEFAULT_HELDOUT, "all") for _ in range(args.n)]
+    images = np.stack([render(scene) for scene in scenes])
+    combos = list(itertools.product(COLOURS, SHAPES, POSITION_PHRASES))
+    captions = [f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} {shape} {POSITION_PHRASES[place]}" for colour, shape, place in combos]
+    image_embeddings = np.concatenate([clip.encode_image(images[i : i + 16]) for i in range(0, len(images), 16)])
+    text_embeddings = np.concatenate([clip.encode_text(captions[i : i + 16]).embeddings for i in range(0, len(captions), 16)])
+    best = (image_embeddings @ text_embeddings.T).argmax(axis=1)
+    right = {"colour": 0, "shape": 0, "position": 0, "all": 0}
+    for scene, index in zip(scenes, best):
+        colour, shape, place = combos[index]
+        obj = scene.objects[0]
+        hits = (colour == obj.colour, shape == obj.shape, place == obj.position)
+        for name, hit in zip(("colour", "shape", "position"), hits):
+            right[name] += hit
+        right["all"] += all(hits)
+    print(", ".join(f"{name} {count}/{args.n}" for name, count in right.items()))
+
+
+def check_upsampler(args: argparse.Namespace) -> None:
+    upsampler = load_engine("upsampler", args.checkpoint)
+    prompts, scenes = _scenes(args)
+    tiles, correct = [], 0
+    for index, (prompt, scene) in enumerate(zip(prompts, scenes)):
+        high = upsampler.upsample(render(scene, 32)[None], [index], sampling=SamplingOptions(steps=args.steps))[0]
+        correct += judge(prompt, high).correct
+        tiles.append(np.concatenate([render(scene), high], axis=1))
+    print(f"upsampler: {correct}/{len(prompts)} judged correct on true 32x32 inputs")
+    _save_grid(tiles, args.grid)
+
+
+def check_decoder(args: argparse.Namespace) -> None:
+    clip = load_engine("clip", args.clip)
+    decoder = load_engine("decoder", args.checkpoint)
+    prompts, scenes = _scenes(args)
+    images = np.stack([render(scene) for scene in scenes])
+    embeddings, text = clip.encode_image(images), clip.encode_text(prompts)
+    tiles, correct = [], {1: [], 2: []}
+    for i, prompt in enumerate(prompts):
+        small = decoder.decode(
+            embeddings[i : i + 1], [i], text_encodings=text.encodings[i : i + 1], text_mask=text.mask[i : i + 1],
+            guidance_scale=args.guidance, sampling=SamplingOptions(steps=args.steps),
+        )[0]
+        big = np.asarray(Image.fromarray(small).resize((128, 128), Image.Resampling.BICUBIC))
+        verdict = judge(prompt, big)
+        correct[len(scenes[i].objects)].append(verdict.correct)
+        found = [(o.colour, o.shape, o.position) for o in analyze(big).objects]
+        print(f"{'ok   ' if verdict.correct else 'wrong'} {prompt} | found {found}")
+        tiles.append(np.concatenate([images[i], big], axis=1))
+    for count, verdicts in correct.items():
+        print(f"{count} object(s): {sum(verdicts)}/{len(verdicts)} judged correct")
+    _save_grid(tiles, args.grid)
+
+
+def _scenes(args: argparse.Namespace):
+    prompts = canonical_prompts(args.n, seed=args.seed, split="train")
+    rng = np.random.default_rng(args.seed)
+    return prompts, [sample_scene_for(parse_caption(prompt), rng) for prompt in prompts]
+
+
+def _save_grid(tiles: list[np.ndarray], path: str | None) -> None:
+    if path:
+        rows = [np.concatenate(tiles[i : i + 3], axis=1) for i in range(0, len(tiles) - len(tiles) % 3, 3)]
+        Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=("clip", "upsampler", "decoder"))
+    parser.add_argument("checkpoint")
+    parser.add_argument("--clip", help="decoder: the CLIP it was trained on")
+    parser.add_argument("--n", type=int)
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument("--seed", type=int, default=3)
+    parser.add_argument("--grid", help="write the judged images here (PNG)")
+    args = parser.parse_args()
+    if args.stage == "decoder" and not args.clip:
+        parser.error("decoder needs --clip")
+    defaults = {"clip": (300, 0), "upsampler": (12, 20), "decoder": (18, 25)}[args.stage]
+    args.n = args.n or defaults[0]
+    args.steps = args.steps or defaults[1]
+    {"clip": check_clip, "upsampler": check_upsampler, "decoder": check_decoder}[args.stage](args)
+
+
+if __name__ == "__main__":
+    main()

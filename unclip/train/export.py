@@ -1,0 +1,45 @@
+"""Turn a training run's directory into a servable checkpoint: config + served weights only.
+
+A run directory also holds raw weights, optimizer state and RNG states (hundreds of MB for
+nothing a service needs). Export keeps `config.json`, the served (EMA) weights cast to a storage
+dtype, and `training.json`: where the weights came from (stage, step, examples seen, data,
+options), so shipped weights say how they were made.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from unclip.checkpoint import CheckpointError, load_weights, read_config, save_checkpoint
+
+TRAINING_RECORD = "training.json"
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def export_checkpoint(run: str | Path, out: str | Path, dtype: str = "float16") -> Path:
+    """Write `run`'s servable checkpoint to `out` (replacing what is there, atomically)."""
+    from unclip.train.loop import TRAIN_STATE_JSON
+
+    run, out = Path(run), Path(out)
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
+    if run.resolve() == out.resolve():
+        raise ValueError(f"{run}: exporting a checkpoint onto itself would delete its training state")
+    config = read_config(run)
+    weights = load_weights(run, config)
+    state_path = run / TRAIN_STATE_JSON
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    record = {key: state[key] for key in ("kind", "step", "examples", "options", "data", "mention_p", "clip", "init") if key in state}
+    if state and state.get("kind") != config.kind:
+        raise CheckpointError(f"{run}: {TRAIN_STATE_JSON} is for stage {state.get('kind')!r}, config.json for {config.kind!r}")
+    payload = json.dumps({"stored_as": dtype, **record}, indent=2) + "\n"
+    # Storage is rounding only: non-finite values after the cast mean the weights do not fit the dtype.
+    for name, tensor in weights.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor.to(STORAGE_DTYPES[dtype])).all():
+            raise ValueError(f"{run}: {name} overflows {dtype}; export as float32 instead")
+    target = save_checkpoint(out, config, weights, storage_dtype=STORAGE_DTYPES[dtype])
+    (target / TRAINING_RECORD).write_text(payload)
+    return target
