@@ -56,6 +56,7 @@ def tiny_decoder_config() -> DecoderStageConfig:
         num_res_blocks=1,
         attention_downsample_rates=(2,),
         num_image_tokens=2,
+        position_embedding_size=16,
     )
     return DecoderStageConfig(model=model, image_size=16, weights="decoder.safetensors")
 
@@ -151,7 +152,13 @@ def test_config_json_layout(tmp_path):
     assert data["weights"] == "decoder.safetensors"
     assert data["model"]["channel_mult"] == [1, 2]
     assert data["model"]["model_channels"] == 16
-    assert data["diffusion"] == {"timesteps": 1000, "schedule": "cosine", "parameterization": "eps"}
+    assert data["diffusion"] == {"timesteps": 1000, "schedule": "cosine", "parameterization": "v", "min_snr_gamma": 0.0}
+
+
+def test_decoder_position_embeddings_must_match_its_image_size():
+    with pytest.raises(ValueError, match="position_embedding_size 32 must be 0 or the image_size 16"):
+        DecoderStageConfig(image_size=16)
+    assert DecoderStageConfig(model=dataclasses.replace(decoder_config_tiny(), position_embedding_size=0), image_size=16)
 
 
 def test_clip_round_trip(tmp_path):

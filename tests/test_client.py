@@ -425,8 +425,10 @@ def test_async_retries_stop_at_the_deadline(target, service):
             started = time.monotonic()
             with pytest.raises(UnclipError) as caught:
                 await client.generate("a red cube")
-            assert time.monotonic() - started < 0.8
-            assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+            # It stops near the 0.5 s deadline instead of making 1000 attempts. The error is the
+            # last refusal, or the deadline itself when it ran out during an attempt (a loaded machine).
+            assert time.monotonic() - started < 1.5
+            assert caught.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
     asyncio.run(main())
     assert len(service.requests) > 1

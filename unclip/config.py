@@ -66,6 +66,13 @@ class DecoderStageConfig:
     weights: str = "model.safetensors"
     kind: str = "decoder"
 
+    def __post_init__(self) -> None:
+        side = self.model.position_embedding_size
+        if side not in (0, self.image_size):
+            raise ValueError(
+                f"decoder: model.position_embedding_size {side} must be 0 or the image_size {self.image_size} it runs at"
+            )
+
 
 @dataclass
 class UpsamplerStageConfig:
