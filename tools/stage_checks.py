@@ -20,7 +20,17 @@ import itertools
 import numpy as np
 from PIL import Image
 
-from unclip.data.shapes import COLOURS, DEFAULT_HELDOUT, POSITION_PHRASES, SHAPES, canonical_prompts, parse_caption, render, sample, sample_scene_for
+from unclip.data.shapes import (
+    COLOURS,
+    DEFAULT_HELDOUT,
+    POSITION_PHRASES,
+    SHAPES,
+    canonical_prompts,
+    parse_caption,
+    render,
+    sample,
+    sample_scene_for,
+)
 from unclip.eval.judge import analyze, judge
 from unclip.options import SamplingOptions
 from unclip.stages import load_engine

@@ -111,14 +111,15 @@ def run_train(args: argparse.Namespace) -> int:
         if config.kind != args.stage:
             raise CheckpointError(f"{args.out}: holds a checkpoint of stage {config.kind!r}, not {args.stage!r}")
         # The prior and decoder must go on with the CLIP they started with.
-        clip = read_train_state(args.out).get("clip") if args.resume and args.clip is None else args.clip
+        previous = read_train_state(args.out) if args.resume else {}
+        clip = previous.get("clip") if args.resume and args.clip is None else args.clip
         source = open_source(args.data, args.image_size, args.seed, args.mention_p)
         torch.manual_seed(args.seed)  # the freshly initialised network
         objective = make_objective(config, clip)
         if args.init is not None and not args.resume:
             initialise_from(objective, args.init)
         # A resumed run keeps recording the checkpoint it was initialised from.
-        init = read_train_state(args.out).get("init") if args.resume else args.init and str(args.init)
+        init = previous.get("init") if args.resume else args.init and str(args.init)
         metadata = {"data": args.data, "clip": None if clip is None else str(clip), "init": init}
         if args.data == "shapes":
             metadata["mention_p"] = args.mention_p

@@ -21,7 +21,7 @@ STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16"
 
 def export_checkpoint(run: str | Path, out: str | Path, dtype: str = "float16") -> Path:
     """Write `run`'s servable checkpoint to `out` (replacing what is there, atomically)."""
-    from unclip.train.loop import TRAIN_STATE_JSON
+    from unclip.train.loop import TRAIN_STATE_JSON, read_train_state
 
     run, out = Path(run), Path(out)
     if dtype not in STORAGE_DTYPES:
@@ -30,8 +30,7 @@ def export_checkpoint(run: str | Path, out: str | Path, dtype: str = "float16") 
         raise ValueError(f"{run}: exporting a checkpoint onto itself would delete its training state")
     config = read_config(run)
     weights = load_weights(run, config)
-    state_path = run / TRAIN_STATE_JSON
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    state = read_train_state(run) if (run / TRAIN_STATE_JSON).is_file() else {}
     record = {key: state[key] for key in ("kind", "step", "examples", "options", "data", "mention_p", "clip", "init") if key in state}
     if state and state.get("kind") != config.kind:
         raise CheckpointError(f"{run}: {TRAIN_STATE_JSON} is for stage {state.get('kind')!r}, config.json for {config.kind!r}")

@@ -122,6 +122,10 @@ class Objective(nn.Module):
     def forward(self, batch: Batch, generator: torch.Generator) -> Tensor:
         raise NotImplementedError
 
+    def diffusion_loss(self, output: Tensor, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """The batch's mean loss for a diffusion stage, weighted as its config says."""
+        return self.diffusion.training_losses(output.float(), x0, noise, t, self.config.diffusion.min_snr_gamma).mean()
+
 
 class ClipObjective(Objective):
     """Contrastive image-text loss of open_clip."""
@@ -178,7 +182,7 @@ class PriorObjective(Objective):
             text_mask=text_mask,
             drop_text=drop_text,
         )
-        return self.diffusion.training_losses(output.float(), x0, noise, t, self.config.diffusion.min_snr_gamma).mean()
+        return self.diffusion_loss(output, x0, noise, t)
 
 
 class DecoderObjective(Objective):
@@ -213,7 +217,7 @@ class DecoderObjective(Objective):
         t = random_timesteps(rows, self.diffusion.num_timesteps, generator).to(device)
         noise = torch.randn(x0.shape, generator=generator).to(device)
         output = self.model(self.diffusion.q_sample(x0, t, noise), t, **conditioning)
-        return self.diffusion.training_losses(output.float(), x0, noise, t, self.config.diffusion.min_snr_gamma).mean()
+        return self.diffusion_loss(output, x0, noise, t)
 
 
 class UpsamplerObjective(Objective):
@@ -257,7 +261,7 @@ class UpsamplerObjective(Objective):
         t = random_timesteps(rows, self.diffusion.num_timesteps, generator).to(device)
         noise = torch.randn(x0.shape, generator=generator).to(device)
         output = self.model(self.diffusion.q_sample(x0, t, noise), t, low_res=low_res)
-        return self.diffusion.training_losses(output.float(), x0, noise, t, self.config.diffusion.min_snr_gamma).mean()
+        return self.diffusion_loss(output, x0, noise, t)
 
 
 def make_objective(config: StageConfig, clip: str | Path | None = None) -> Objective:
