@@ -344,3 +344,43 @@ def test_position_embeddings_start_neutral_and_tell_attention_where_it_is(decode
         run_decoder(positioned, decoder_inputs(size=32))
     with pytest.raises(ValueError, match="multiple of 2"):
         UNet(dataclasses.replace(small_decoder_config(), position_embedding_size=15))
+
+
+def with_new_parameters(decoder: UNet, new: list[str], **change) -> UNet:
+    """`decoder` rebuilt with a config change: only the parameters `new` are added, zero-initialised,
+    so that it still computes the same function (a trained network can be fine-tuned with them)."""
+    changed = UNet(dataclasses.replace(decoder.config, **change)).eval()
+    assert sorted(changed.load_state_dict(decoder.state_dict(), strict=False).missing_keys) == new
+    inputs = decoder_inputs()
+    torch.testing.assert_close(run_decoder(changed, inputs), run_decoder(decoder, inputs))
+    return changed
+
+
+@torch.no_grad()
+def test_coordinate_channels_start_neutral_and_break_translation_invariance(decoder: UNet) -> None:
+    placed = with_new_parameters(decoder, ["coordinate_conv.bias", "coordinate_conv.weight"], coordinate_channels=True)
+    inputs = decoder_inputs()
+    # Once learned, what they add to a blank input differs from place to place.
+    blank = dict(inputs, x=torch.zeros_like(inputs["x"]))
+    placed.coordinate_conv.weight.normal_()
+    added = run_decoder(placed, blank) - run_decoder(decoder, blank)
+    assert (added - added[:, :, :1, :1]).abs().amax() > 1e-3
+
+
+@torch.no_grad()
+def test_text_in_embedding_starts_neutral_then_hears_every_token(decoder: UNet) -> None:
+    pooled = with_new_parameters(decoder, ["text_to_embed.bias", "text_to_embed.weight"], text_in_embedding=True)
+    inputs = decoder_inputs()
+    pooled.text_to_embed.weight.normal_()
+    assert not torch.allclose(run_decoder(pooled, inputs), run_decoder(decoder, inputs), atol=1e-4)
+    # What it hears is the mean of the real tokens; padding does not count.
+    heard = []
+    pooled.text_to_embed.register_forward_hook(lambda module, args, output: heard.append(args[0]))
+    run_decoder(pooled, inputs)
+    torch.testing.assert_close(heard[0], inputs["text_encodings"][:, :4].mean(dim=1))  # decoder_inputs pads the last two
+    # Rows without text (dropped) get the same output whatever their tokens were.
+    dropped = torch.ones(3, dtype=torch.bool)
+    noise = dict(inputs, text_encodings=torch.randn_like(inputs["text_encodings"]))
+    torch.testing.assert_close(run_decoder(pooled, inputs, drop_text=dropped), run_decoder(pooled, noise, drop_text=dropped))
+    with pytest.raises(ValueError, match="text_in_embedding needs text_width"):
+        UNet(dataclasses.replace(small_upsampler_config(), text_in_embedding=True))

@@ -13,6 +13,7 @@ from unclip.data.shapes import (
     COLOUR_JITTER,
     COLOURS,
     DEFAULT_HELDOUT,
+    MAX_CONTRAST_GROUP,
     POSITION_PHRASES,
     RELATIONS,
     SHAPES,
@@ -21,6 +22,7 @@ from unclip.data.shapes import (
     ShapesDataset,
     Spec,
     canonical_prompts,
+    contrast_specs,
     format_caption,
     parse_caption,
     position_of,
@@ -233,3 +235,55 @@ def test_mention_p_sets_how_often_captions_state_optional_attributes():
     assert not any(s.background or s.objects[0].size or s.objects[0].position for s in never)
     with pytest.raises(ValueError, match="mention_p"):
         ShapesDataset(mention_p=1.5)
+
+
+def _differences(a: Spec, b: Spec) -> list[str]:
+    """What changes from a to b: object fields (one object), or "relation" / "colours swapped"."""
+    if len(a.objects) != len(b.objects) or a.background != b.background:
+        return ["objects or background"]
+    if len(a.objects) == 1:
+        (x,), (y,) = a.objects, b.objects
+        return [name for name in ("colour", "shape", "size", "position") if getattr(x, name) != getattr(y, name)]
+    if a.relation != b.relation:
+        same_objects = a.objects == b.objects
+        return ["relation"] if same_objects else ["relation", "objects"]
+    (p, q), (r, s) = a.objects, b.objects
+    swapped = (p.colour, q.colour) == (s.colour, r.colour) and (p.shape, q.shape) == (r.shape, s.shape)
+    if swapped:
+        return ["colours swapped"]
+    return [f"colour of object {i}" for i, (x, y) in enumerate(zip(a.objects, b.objects)) if x != y and x.shape == y.shape]
+
+
+def test_contrast_groups_differ_from_their_scene_in_one_stated_fact_and_are_drawn_as_captioned():
+    from unclip.eval.judge import judge
+
+    group = 4
+    examples = take(ShapesDataset(seed=5, size=128, mention_p=0.8, contrast_group=group, two_object_fraction=0.4), 160)
+    changes = []
+    for start in range(0, len(examples), group):
+        scene, *variants = examples[start : start + group]
+        assert len({x["caption"] for x in examples[start : start + group]}) == group  # all different
+        for variant in variants:
+            (change,) = _differences(parse_caption(scene["caption"]), parse_caption(variant["caption"]))
+            changes.append(change)
+            # Same background; the variant's picture shows what its caption says.
+            assert (scene["image"][0, 0] == variant["image"][0, 0]).all()
+            assert judge(variant["caption"], variant["image"]).correct, variant["caption"]
+            for colour, shape in DEFAULT_HELDOUT:  # the train split keeps held-out pairs out of variants too
+                assert f"{colour} {shape}" not in variant["caption"]
+    assert {"position", "colour", "shape", "relation", "colours swapped", "colour of object 1"} <= set(changes)
+    assert changes.count("position") >= 20  # the fact plain batches almost never contrast
+    with pytest.raises(ValueError, match="contrast groups are for training"):
+        ShapesDataset(split="heldout", contrast_group=2)
+    with pytest.raises(ValueError, match="contrast_group must lie in"):
+        ShapesDataset(contrast_group=MAX_CONTRAST_GROUP + 1)
+
+
+def test_every_caption_has_enough_variants_for_the_largest_group():
+    rng = np.random.default_rng(0)
+    train_combos = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in DEFAULT_HELDOUT]
+    for colour, shape in train_combos:
+        bare = Spec((ObjectSpec(colour, shape),))  # states the fewest facts
+        assert len(contrast_specs(bare, rng, train_combos, MAX_CONTRAST_GROUP - 1)) == MAX_CONTRAST_GROUP - 1
+    with pytest.raises(ValueError, match="one-fact variants"):
+        contrast_specs(Spec((ObjectSpec("red", "circle"),)), rng, train_combos, 50)

@@ -273,6 +273,36 @@ def test_cli_trains_resumes_and_reports(tmp_path: Path, capsys: pytest.CaptureFi
     assert "no such file or directory" in capsys.readouterr().err
 
 
+def test_cli_contrast_groups_train_on_shapes_and_refuse_what_would_split_them(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    common = ["clip", "--data", "shapes", "--contrast-group", "3", "--device", "cpu", "--steps", "1", "--image-size", "64"]
+    assert unclip_train(*common, "--batch-size", "6", "--out", str(tmp_path / "clip")) == 0
+    assert json.loads((tmp_path / "clip" / TRAIN_STATE_JSON).read_text())["contrast_group"] == 3
+    capsys.readouterr()
+    assert unclip_train(*common, "--batch-size", "4", "--out", str(tmp_path / "split")) == 1
+    assert "not a multiple of --contrast-group 3" in capsys.readouterr().err
+    folder = ["clip", "--data", str(write_folder(tmp_path / "data")), "--contrast-group", "2", "--batch-size", "2", "--device", "cpu"]
+    assert unclip_train(*folder, "--out", str(tmp_path / "folder")) == 1
+    assert "use them with --data shapes" in capsys.readouterr().err
+
+
+def test_cli_lock_trains_one_clip_tower_and_resumes_with_its_lock(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    common = ["clip", "--data", "shapes", "--device", "cpu", "--batch-size", "4", "--image-size", "64", "--out", str(tmp_path / "lit")]
+    assert unclip_train(*common, "--steps", "1", "--lock", "text") == 0
+    first = load_file(str(tmp_path / "lit" / "model.safetensors"))
+    assert unclip_train(*common, "--steps", "2", "--resume") == 0
+    second = load_file(str(tmp_path / "lit" / "model.safetensors"))
+    assert json.loads((tmp_path / "lit" / TRAIN_STATE_JSON).read_text())["lock"] == "text"
+    text = [name for name in first if name.startswith(("transformer.", "token_embedding", "ln_final", "text_projection"))]
+    assert text and all(torch.equal(first[name], second[name]) for name in text)  # frozen, also after resuming
+    assert not all(torch.equal(first[name], second[name]) for name in first if name.startswith("visual."))
+    capsys.readouterr()
+    assert unclip_train(*common, "--steps", "3", "--resume", "--lock", "image") == 1
+    assert "resumes with that lock only" in capsys.readouterr().err
+    prior = ["prior", "--data", "shapes", "--device", "cpu", "--batch-size", "2", "--steps", "1", "--lock", "text"]
+    assert unclip_train(*prior, "--out", str(tmp_path / "prior")) == 1
+    assert "the prior stage has none" in capsys.readouterr().err
+
+
 def test_cli_resumes_the_prior_with_the_clip_it_started_with(tmp_path: Path):
     clip = tmp_path / "my-clip"
     shutil.copytree(default_checkpoint("clip"), clip)

@@ -2,7 +2,8 @@
 
     python tools/stage_checks.py clip CLIP_DIR [--n 300]
         which of colour, shape and position the CLIP gets right: each one-object image is matched
-        to the nearest of the 162 captions "a <colour> <shape> <position>".
+        to the nearest of the 162 captions "a <colour> <shape> <position>"; and how alike the text
+        embeddings of captions that differ only in position are (1.0: position words ignored).
     python tools/stage_checks.py upsampler UPSAMPLER_DIR [--n 12] [--steps 20]
         upsample true 32x32 renders, judge the 128x128 result.
     python tools/stage_checks.py decoder DECODER_DIR --clip CLIP_DIR [--n 18] [--steps 25] [--guidance 3]
@@ -55,6 +56,11 @@ def check_clip(args: argparse.Namespace) -> None:
             right[name] += hit
         right["all"] += all(hits)
     print(", ".join(f"{name} {count}/{args.n}" for name, count in right.items()))
+    # A text tower that ignores position words gives the nine captions of a colour-shape one embedding.
+    by_combo = text_embeddings.reshape(len(COLOURS) * len(SHAPES), len(POSITION_PHRASES), -1)
+    similarities = np.einsum("cpd,cqd->cpq", by_combo, by_combo)
+    off_diagonal = ~np.eye(len(POSITION_PHRASES), dtype=bool)
+    print(f"mean cosine similarity of captions that differ only in position: {similarities[:, off_diagonal].mean():.4f}")
 
 
 def check_upsampler(args: argparse.Namespace) -> None:

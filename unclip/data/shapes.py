@@ -11,6 +11,7 @@ Coordinates are fractions of the side, 0..1, with y pointing down.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -66,6 +67,9 @@ RELATIONS: dict[str, str] = {
     "above": "above",
     "below": "below",
 }
+# A scene plus its one-fact variants: every caption has at least 5 (colour and shape changes
+# within the train split), so groups of up to 6 can always be filled.
+MAX_CONTRAST_GROUP = 6
 SPLITS = ("train", "heldout", "all")
 DEFAULT_HELDOUT: list[tuple[str, str]] = [("purple", "triangle"), ("orange", "square")]
 
@@ -350,6 +354,49 @@ def sample(
     return sample_scene_for(spec, rng)
 
 
+def contrast_specs(spec: Spec, rng: np.random.Generator, combos: list[tuple[str, str]], count: int) -> list[Spec]:
+    """`count` different specs that each differ from `spec` in exactly one stated fact.
+
+    Contrastive training rarely meets captions in a batch that differ only in position or in
+    which colour goes with which shape, so it can score well while ignoring them; a group of such
+    variants in every batch makes them the only thing left to learn. One fact is chosen per group
+    (position half the time when the caption states it; else colour, shape or stated size; for
+    two objects the relation, the colours swapped, or one object's colour) and as many variants as
+    possible vary it; other facts fill up the rest. Colour-shape pairs stay within `combos`.
+    """
+    objects = spec.objects
+    kinds: dict[str, list[Spec]] = {}
+    if len(objects) == 2:
+        a, b = objects
+        kinds["relation"] = [dataclasses.replace(spec, relation=r) for r in RELATIONS if r != spec.relation]
+        swapped = (ObjectSpec(b.colour, a.shape), ObjectSpec(a.colour, b.shape))
+        if a.shape != b.shape and all((o.colour, o.shape) in combos for o in swapped):
+            kinds["swap"] = [dataclasses.replace(spec, objects=swapped)]
+        taken = {a.colour, b.colour}
+        kinds["colour"] = [
+            dataclasses.replace(spec, objects=(a, ObjectSpec(c, b.shape))) for c in COLOURS if c not in taken and (c, b.shape) in combos
+        ]
+    else:
+        (obj,) = objects
+
+        def with_object(**change) -> Spec:
+            return dataclasses.replace(spec, objects=(dataclasses.replace(obj, **change),))
+
+        if obj.position is not None:
+            kinds["position"] = [with_object(position=p) for p in POSITIONS if p != obj.position]
+        kinds["colour"] = [with_object(colour=c) for c in COLOURS if c != obj.colour and (c, obj.shape) in combos]
+        kinds["shape"] = [with_object(shape=s) for s in SHAPES if s != obj.shape and (obj.colour, s) in combos]
+        if obj.size is not None:
+            kinds["size"] = [with_object(size=s) for s in SIZES if s != obj.size]
+    names = [name for name, options in kinds.items() if options]
+    first = "position" if "position" in names and rng.random() < 0.5 else _choice(rng, names)
+    order = [first] + [names[i] for i in rng.permutation(len(names)) if names[i] != first]
+    variants = [option for name in order for option in (kinds[name][i] for i in rng.permutation(len(kinds[name])))]
+    if len(variants) < count:
+        raise ValueError(f"{format_caption(spec)!r} has only {len(variants)} one-fact variants, {count} asked for")
+    return variants[:count]
+
+
 def render(scene: Scene, size: int = 128) -> np.ndarray:
     """The scene as a [size, size, 3] uint8 image: drawn SUPERSAMPLE times larger, then box-filtered."""
     big = size * SUPERSAMPLE
@@ -381,6 +428,10 @@ class ShapesDataset(IterableDataset):
     split "train" never shows a held-out (colour, shape), in pictures or captions; "heldout"
     shows at least one in every scene; "all" ignores the held-out list. Each DataLoader worker
     draws its own stream from (seed, worker id), so workers never repeat each other.
+
+    contrast_group > 1: every scene is followed by contrast_group - 1 variants whose captions
+    differ from it in one fact (`contrast_specs`), on the same background, so that batches whose
+    size is a multiple of the group hold every scene with its hard negatives.
     """
 
     def __init__(
@@ -391,12 +442,18 @@ class ShapesDataset(IterableDataset):
         heldout: list[tuple[str, str]] = DEFAULT_HELDOUT,
         split: str = "train",
         mention_p: float = 0.5,
+        contrast_group: int = 1,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
+        if not 1 <= contrast_group <= MAX_CONTRAST_GROUP:
+            raise ValueError(f"contrast_group must lie in [1, {MAX_CONTRAST_GROUP}], got {contrast_group}")
+        if contrast_group > 1 and split == "heldout":
+            raise ValueError("contrast groups are for training: a variant may lose the held-out pair the heldout split promises")
+        self.contrast_group = contrast_group
         self.seed, self.size, self.split = seed, size, split
         self.two_object_fraction = two_object_fraction
-        self.heldout = list(heldout)
+        self.heldout = [tuple(pair) for pair in heldout]
         if not 0.0 <= mention_p <= 1.0:
             raise ValueError(f"mention_p must lie in [0, 1], got {mention_p}")
         self.mention_p = mention_p
@@ -407,6 +464,13 @@ class ShapesDataset(IterableDataset):
         while True:
             scene = sample(rng, self.two_object_fraction, self.heldout, self.split, self.mention_p)
             yield {"image": render(scene, self.size), "caption": scene.caption}
+            if self.contrast_group > 1:
+                combos = [(c, s) for c in COLOURS for s in SHAPES]
+                if self.split == "train":
+                    combos = [c for c in combos if c not in self.heldout]
+                for spec in contrast_specs(parse_caption(scene.caption), rng, combos, self.contrast_group - 1):
+                    variant = dataclasses.replace(sample_scene_for(spec, rng), background=scene.background)
+                    yield {"image": render(variant, self.size), "caption": variant.caption}
 
 
 def canonical_prompts(

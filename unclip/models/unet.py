@@ -36,6 +36,15 @@ class UNetConfig:
     # spatial position to its input. Convolutions see position only through border effects, so
     # without it a context token ("in the top left corner") has no place to attend to.
     position_embedding_size: int = 0
+    # Add a (zero-initialised) convolution of the pixel's own (x, y) to the input features, as
+    # CoordConv does: a scale and shift from a global embedding can then switch features on at one
+    # place only, which is how an embedding that says "top left" gets its object drawn there.
+    coordinate_channels: bool = False
+    # text_width > 0: also add a projection of the text tokens' masked mean to the timestep
+    # embedding, as GLIDE adds its text encoder's summary token, so that every residual block (not
+    # only attention) hears the words. A frozen CLIP's pooled token ignores words its contrastive
+    # loss never needed (positions, say); the mean of all token states keeps them.
+    text_in_embedding: bool = False
 
 
 def decoder_config_tiny() -> UNetConfig:
@@ -52,6 +61,7 @@ def decoder_config_tiny() -> UNetConfig:
         image_embed_dim=64,
         text_width=64,
         position_embedding_size=32,
+        coordinate_channels=True,
     )
 
 
@@ -151,6 +161,14 @@ class ConditionedSequential(nn.ModuleList):
         return x
 
 
+def coordinate_grid(batch: int, height: int, width: int, like: Tensor) -> Tensor:
+    """[B, 2, H, W]: each pixel centre's x and y, from -1 (left, top) to 1 (right, bottom)."""
+    ys = torch.linspace(-1, 1, height, dtype=like.dtype, device=like.device)
+    xs = torch.linspace(-1, 1, width, dtype=like.dtype, device=like.device)
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([grid_x, grid_y])[None].expand(batch, -1, -1, -1)
+
+
 def validate_config(config: UNetConfig) -> None:
     for name in ("in_channels", "out_channels", "model_channels", "num_res_blocks", "num_head_channels"):
         if getattr(config, name) < 1:
@@ -178,6 +196,8 @@ def validate_config(config: UNetConfig) -> None:
         raise ValueError(f"position_embedding_size {config.position_embedding_size} must be a multiple of {deepest}")
     if config.image_embed_dim > 0 and config.num_image_tokens < 1:
         raise ValueError("image_embed_dim > 0 needs num_image_tokens >= 1")
+    if config.text_in_embedding and config.text_width == 0:
+        raise ValueError("text_in_embedding needs text_width > 0")
     if (config.image_embed_dim > 0 or config.text_width > 0) and not config.attention_downsample_rates:
         # Context tokens are only read by attention blocks; without any they would be silently ignored.
         raise ValueError("image_embed_dim / text_width > 0 need at least one attention_downsample_rate")
@@ -201,6 +221,8 @@ class UNet(nn.Module):
             self.null_image_embed = nn.Parameter(torch.randn(config.image_embed_dim) * config.image_embed_dim**-0.5)
         if config.text_width > 0:
             self.text_to_tokens = nn.Linear(config.text_width, context_dim)
+            # Zero-initialised: a trained network gains it without changing what it computes.
+            self.text_to_embed = zero_module(nn.Linear(config.text_width, embed_dim)) if config.text_in_embedding else None
         if context_dim > 0:
             self.context_norm = nn.LayerNorm(context_dim)
 
@@ -211,6 +233,7 @@ class UNet(nn.Module):
         channels = config.model_channels
         input_conv = nn.Conv2d(config.in_channels + config.low_res_channels, channels, 3, padding=1)
         self.down_blocks = nn.ModuleList([ConditionedSequential([input_conv])])
+        self.coordinate_conv = zero_module(nn.Conv2d(2, channels, 3, padding=1)) if config.coordinate_channels else None
         skip_channels = [channels]
         downsample_rate = 1
         for level, mult in enumerate(config.channel_mult):
@@ -291,6 +314,10 @@ class UNet(nn.Module):
             # Masked keys get zero attention weight, but 0 * inf/NaN is still NaN: clear padding first.
             text_encodings = text_encodings.masked_fill(~text_mask[..., None], 0.0)
             context_tokens.append(self.text_to_tokens(text_encodings))
+            if self.text_to_embed is not None:
+                # Rows without text get a zero mean, so only the learned bias: the "no text" offset.
+                counts = text_mask.sum(dim=1, keepdim=True).clamp(min=1).to(text_encodings.dtype)
+                embed = embed + self.text_to_embed(text_encodings.sum(dim=1) / counts)
             context_masks.append(text_mask)
         context = self.context_norm(torch.cat(context_tokens, dim=1)) if context_tokens else None
         context_mask = torch.cat(context_masks, dim=1) if context_masks else None
@@ -299,9 +326,11 @@ class UNet(nn.Module):
             low_res = F.interpolate(low_res, size=(height, width), mode="bilinear", align_corners=False, antialias=False)
             x = torch.cat([x, low_res.to(x.dtype)], dim=1)
 
-        h = x
-        skips = []
-        for block in self.down_blocks:
+        h = self.down_blocks[0](x, embed, context, context_mask)
+        if self.coordinate_conv is not None:
+            h = h + self.coordinate_conv(coordinate_grid(batch, height, width, h))
+        skips = [h]
+        for block in self.down_blocks[1:]:
             h = block(h, embed, context, context_mask)
             skips.append(h)
         h = self.middle_block(h, embed, context, context_mask)

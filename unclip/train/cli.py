@@ -41,6 +41,20 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         default=0.5,
         help="shapes: probability that a caption states each optional attribute (size, position, background)",
     )
+    parser.add_argument(
+        "--contrast-group",
+        type=int,
+        default=1,
+        help="shapes: follow each scene with N-1 variants whose captions differ from it in one fact (position, "
+        "colour, shape, size, relation or which colour goes with which shape): hard negatives for CLIP; "
+        "--batch-size must be a multiple of N (default: 1, off)",
+    )
+    parser.add_argument(
+        "--lock",
+        choices=("image", "text"),
+        help="clip: freeze this tower and train only the other (LiT); a resumed run keeps its lock, "
+        "and a run started with --init from a locked one trains both",
+    )
     parser.add_argument("--image-size", type=int, default=DATA_SIZE, help=f"side of the training images (default: {DATA_SIZE})")
     return parser
 
@@ -84,6 +98,16 @@ def initialise_from(objective, directory: Path) -> None:
         print(f"--init {directory}: new parameters start from their initialisation: {result.missing_keys}", file=sys.stderr)
 
 
+def lock_tower(objective, tower: str) -> None:
+    """Freeze one CLIP tower (open_clip's LiT locking) so that only the other one trains."""
+    if objective.kind != "clip":
+        raise ValueError(f"--lock freezes a CLIP tower; the {objective.kind} stage has none")
+    if tower == "image":
+        objective.model.lock_image_tower()
+    else:
+        objective.model.lock_text_tower()
+
+
 def run_train(args: argparse.Namespace) -> int:
     """Exit code 0 on success; 1, with a message and no traceback, for bad data or checkpoints."""
     import torch
@@ -113,16 +137,28 @@ def run_train(args: argparse.Namespace) -> int:
         # The prior and decoder must go on with the CLIP they started with.
         previous = read_train_state(args.out) if args.resume else {}
         clip = previous.get("clip") if args.resume and args.clip is None else args.clip
-        source = open_source(args.data, args.image_size, args.seed, args.mention_p)
+        if not 1 <= args.contrast_group <= args.batch_size:
+            raise ValueError(f"--contrast-group must lie in [1, --batch-size {args.batch_size}], got {args.contrast_group}")
+        if args.batch_size % args.contrast_group:
+            raise ValueError(
+                f"--batch-size {args.batch_size} is not a multiple of --contrast-group {args.contrast_group}: "
+                "a group split across batches loses its hard negatives"
+            )
+        source = open_source(args.data, args.image_size, args.seed, args.mention_p, args.contrast_group)
         torch.manual_seed(args.seed)  # the freshly initialised network
         objective = make_objective(config, clip)
         if args.init is not None and not args.resume:
             initialise_from(objective, args.init)
+        lock = previous.get("lock") if args.resume else args.lock
+        if args.resume and args.lock not in (None, lock):
+            raise CheckpointError(f"{args.out}: the run was started with --lock {lock}; it resumes with that lock only")
+        if lock is not None:
+            lock_tower(objective, lock)
         # A resumed run keeps recording the checkpoint it was initialised from.
         init = previous.get("init") if args.resume else args.init and str(args.init)
-        metadata = {"data": args.data, "clip": None if clip is None else str(clip), "init": init}
+        metadata = {"data": args.data, "clip": None if clip is None else str(clip), "init": init, "lock": lock}
         if args.data == "shapes":
-            metadata["mention_p"] = args.mention_p
+            metadata |= {"mention_p": args.mention_p, "contrast_group": args.contrast_group}
         result = train(objective, source, args.out, options, metadata)
     except (DataError, CheckpointError, FileExistsError, FloatingPointError, ValueError) as error:
         print(f"unclip train: {error}", file=sys.stderr)

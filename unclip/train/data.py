@@ -86,12 +86,13 @@ class IterableSource(Source):
         return self.name
 
 
-def shapes_source(size: int, seed: int, mention_p: float = 0.5) -> IterableSource:
+def shapes_source(size: int, seed: int, mention_p: float = 0.5, contrast_group: int = 1) -> IterableSource:
     from unclip.data.shapes import ShapesDataset  # written alongside; imported only when used
 
     # A new seed per epoch, in case the dataset is finite.
     return IterableSource(
-        lambda epoch: ShapesDataset(seed=seed + epoch, size=size, split="train", mention_p=mention_p), name="shapes"
+        lambda epoch: ShapesDataset(seed=seed + epoch, size=size, split="train", mention_p=mention_p, contrast_group=contrast_group),
+        name="shapes",
     )
 
 
@@ -183,11 +184,14 @@ def _complete_sample(members: dict[str, bytes]) -> Iterator[tuple[bytes, str]]:
         yield image, members["txt"].decode("utf-8").strip()
 
 
-def open_source(spec: str, size: int, seed: int, mention_p: float = 0.5) -> Source:
+def open_source(spec: str, size: int, seed: int, mention_p: float = 0.5, contrast_group: int = 1) -> Source:
     """"shapes", a directory of captioned images, a .tar shard, a directory of shards, or a glob of shards.
-    mention_p applies to shapes only: how often a caption states each optional attribute."""
+    mention_p and contrast_group apply to shapes only: how often a caption states each optional
+    attribute, and how many scenes in a row differ from the first in one fact."""
     if spec == "shapes":
-        return shapes_source(size, seed, mention_p)
+        return shapes_source(size, seed, mention_p, contrast_group)
+    if contrast_group > 1:
+        raise DataError(f"{spec}: contrast groups are drawn from the Shapes grammar; use them with --data shapes")
     if any(char in spec for char in "*?["):
         shards = sorted(Path(p) for p in glob.glob(spec, recursive=True) if p.endswith(".tar"))
         if not shards:
