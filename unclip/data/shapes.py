@@ -304,6 +304,14 @@ def _moved(obj: ShapeObject, cx: float, cy: float) -> ShapeObject:
     return ShapeObject(obj.shape, obj.colour, obj.size, float(cx), float(cy), obj.half_width, obj.rgb)
 
 
+def split_combos(heldout: list[tuple[str, str]], split: str) -> list[tuple[str, str]]:
+    """The (colour, shape) pairs a split may show: all but the held-out ones for "train", else all."""
+    combos = [(c, s) for c in COLOURS for s in SHAPES]
+    if split == "train":
+        combos = [c for c in combos if c not in {tuple(pair) for pair in heldout}]
+    return combos
+
+
 def _draw_combos(
     rng: np.random.Generator, count: int, heldout: list[tuple[str, str]], split: str
 ) -> list[tuple[str, str]]:
@@ -313,9 +321,7 @@ def _draw_combos(
     heldout = [tuple(c) for c in heldout]
     if split == "heldout" and not heldout:
         raise ValueError("the heldout split needs at least one held-out (colour, shape)")
-    combos = [(c, s) for c in COLOURS for s in SHAPES]
-    if split == "train":
-        combos = [c for c in combos if c not in heldout]
+    combos = split_combos(heldout, split)
     while True:
         drawn = [_choice(rng, combos) for _ in range(count)]
         if split == "heldout":  # one object is held out, the other anything
@@ -453,7 +459,7 @@ class ShapesDataset(IterableDataset):
         self.contrast_group = contrast_group
         self.seed, self.size, self.split = seed, size, split
         self.two_object_fraction = two_object_fraction
-        self.heldout = [tuple(pair) for pair in heldout]
+        self.heldout = list(heldout)
         if not 0.0 <= mention_p <= 1.0:
             raise ValueError(f"mention_p must lie in [0, 1], got {mention_p}")
         self.mention_p = mention_p
@@ -461,13 +467,11 @@ class ShapesDataset(IterableDataset):
     def __iter__(self):
         worker = get_worker_info()
         rng = np.random.default_rng([self.seed, 0 if worker is None else worker.id])
+        combos = split_combos(self.heldout, self.split)  # what contrast variants may show
         while True:
             scene = sample(rng, self.two_object_fraction, self.heldout, self.split, self.mention_p)
             yield {"image": render(scene, self.size), "caption": scene.caption}
             if self.contrast_group > 1:
-                combos = [(c, s) for c in COLOURS for s in SHAPES]
-                if self.split == "train":
-                    combos = [c for c in combos if c not in self.heldout]
                 for spec in contrast_specs(parse_caption(scene.caption), rng, combos, self.contrast_group - 1):
                     variant = dataclasses.replace(sample_scene_for(spec, rng), background=scene.background)
                     yield {"image": render(variant, self.size), "caption": variant.caption}
