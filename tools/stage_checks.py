@@ -25,8 +25,12 @@ from unclip.data.shapes import (
     COLOURS,
     DEFAULT_HELDOUT,
     POSITION_PHRASES,
+    RELATIONS,
     SHAPES,
+    ObjectSpec,
+    Spec,
     canonical_prompts,
+    format_caption,
     parse_caption,
     render,
     sample,
@@ -61,6 +65,28 @@ def check_clip(args: argparse.Namespace) -> None:
     similarities = np.einsum("cpd,cqd->cpq", by_combo, by_combo)
     off_diagonal = ~np.eye(len(POSITION_PHRASES), dtype=bool)
     print(f"mean cosine similarity of captions that differ only in position: {similarities[:, off_diagonal].mean():.4f}")
+    _check_clip_pairs(clip, rng, args.n)
+
+
+def _check_clip_pairs(clip, rng: np.random.Generator, n: int) -> None:
+    """Two objects: does the nearest of the four relation captions name the true relation, and does
+    the true caption beat the one with the two colours swapped between the shapes?"""
+    scenes = [sample(rng, 1.0, DEFAULT_HELDOUT, "all") for _ in range(n)]
+    images = np.stack([render(scene) for scene in scenes])
+    image_embeddings = np.concatenate([clip.encode_image(images[i : i + 16]) for i in range(0, n, 16)])
+    relation_hits = binding_hits = binding_total = 0
+    for scene, image_embedding in zip(scenes, image_embeddings):
+        a, b = (ObjectSpec(o.colour, o.shape) for o in scene.objects)
+        relations = list(RELATIONS)
+        captions = [format_caption(Spec((a, b), relation)) for relation in relations]
+        captions.append(format_caption(Spec((ObjectSpec(b.colour, a.shape), ObjectSpec(a.colour, b.shape)), scene.relation)))
+        scores = clip.encode_text(captions).embeddings @ image_embedding
+        truth = relations.index(scene.relation)
+        relation_hits += int(scores[:4].argmax() == truth)
+        if a.shape != b.shape:  # with one shape twice, swapping the colours changes nothing
+            binding_total += 1
+            binding_hits += int(scores[truth] > scores[4])
+    print(f"two objects: relation {relation_hits}/{n} (chance 1/4), colours bound to the right shapes {binding_hits}/{binding_total} (chance 1/2)")
 
 
 def check_upsampler(args: argparse.Namespace) -> None:
