@@ -113,6 +113,17 @@ def test_judge_rejects_wrong_captions(scenes, analyses):
         assert sum(outcomes) / len(outcomes) >= 0.99, kind
 
 
+def test_judge_rejects_an_image_with_more_objects_than_the_caption_names(scenes, analyses):
+    pairs = [(s, a) for s, a in zip(scenes, analyses) if len(s.objects) == 2]
+    assert len(pairs) >= 100
+    for scene, analysis in pairs:
+        first = scene.objects[0]
+        # Everything the caption states about its one object is true; the second object is not asked for.
+        verdict = judge_spec(Spec((ObjectSpec(first.colour, first.shape),)), analysis)
+        assert verdict.details["colour_ok"] and verdict.details["shape_ok"], scene.caption
+        assert not verdict.details["count_ok"] and not verdict.correct, scene.caption
+
+
 def test_judge_survives_decoder_resolution_degradation(scenes):
     rng = np.random.default_rng(1)
     correct = sum(judge(s.caption, degrade(render(s), rng)).correct for s in scenes)

@@ -226,11 +226,14 @@ def judge_spec(spec: Spec, analysis: Analysis) -> Verdict:
     """Check a parsed caption against an analysed image (to judge several captions per analysis).
 
     details holds colour_ok, shape_ok, position_ok, relation_ok (None when the caption does not
-    state one), size_ok and background_ok (reported, not part of "correct"), and the objects used.
+    state one), count_ok (as many objects found as the caption names), size_ok and background_ok
+    (reported, not part of "correct"), and the objects used.
     """
     candidates = [[d for d in analysis.objects if d.colour == o.colour] for o in spec.objects]
     details = {
         "colour_ok": all(candidates),
+        # An extra object (a second blob, a duplicate) makes the picture say something else.
+        "count_ok": len(analysis.objects) == len(spec.objects),
         "background_ok": None if spec.background is None else spec.background == analysis.background,
         "background": analysis.background,
         "n_objects": len(analysis.objects),
@@ -268,7 +271,7 @@ def judge_spec(spec: Spec, analysis: Analysis) -> Verdict:
             "size_ok": None,
             "objects": list(best) if best is not None else [None, None],
         }
-    required = (details[k] for k in ("colour_ok", "shape_ok", "position_ok", "relation_ok"))
+    required = (details[k] for k in ("colour_ok", "shape_ok", "position_ok", "relation_ok", "count_ok"))
     return Verdict(all(v for v in required if v is not None), details)
 
 

@@ -21,7 +21,7 @@ from unclip.eval.judge import judge
 from unclip.pipeline import GenerationParameters, StageEvent, generate
 from unclip.stages.base import MAX_BATCH
 
-ATTRIBUTES = ("colour_ok", "shape_ok", "position_ok", "relation_ok", "size_ok", "background_ok")
+ATTRIBUTES = ("colour_ok", "shape_ok", "position_ok", "relation_ok", "count_ok", "size_ok", "background_ok")
 
 
 @dataclass
@@ -124,7 +124,7 @@ def save_judged_image(directory: Path, split: str, index: int, prompt: str, corr
 
 
 def format_table(report: dict[str, Any]) -> str:
-    lines = [f"{'split':<8} {'group':<12} {'n':>4} {'all correct':>11} {'colour':>7} {'shape':>6} {'position':>8} {'relation':>8}"]
+    lines = [f"{'split':<8} {'group':<12} {'n':>4} {'all correct':>11} {'colour':>7} {'shape':>6} {'position':>8} {'relation':>8} {'count':>6}"]
     for split_name, groups in report["splits"].items():
         for group, summary in groups.items():
             if not summary["n"]:
@@ -136,7 +136,7 @@ def format_table(report: dict[str, Any]) -> str:
 
             lines.append(
                 f"{split_name:<8} {group:<12} {summary['n']:>4} {pct('all_correct'):>11} {pct('colour_ok'):>7} "
-                f"{pct('shape_ok'):>6} {pct('position_ok'):>8} {pct('relation_ok'):>8}"
+                f"{pct('shape_ok'):>6} {pct('position_ok'):>8} {pct('relation_ok'):>8} {pct('count_ok'):>6}"
             )
     lines.append(f"CLIP retrieval top-1 on held-out captions: {100 * report['clip_retrieval_top1_heldout']:.1f}%")
     timing = ", ".join(f"{stage} {seconds:.3f}" for stage, seconds in report["seconds_per_image"].items())
