@@ -4,6 +4,10 @@
         which of colour, shape and position the CLIP gets right: each one-object image is matched
         to the nearest of the 162 captions "a <colour> <shape> <position>"; and how alike the text
         embeddings of captions that differ only in position are (1.0: position words ignored).
+    python tools/stage_checks.py prior PRIOR_DIR --clip CLIP_DIR [--n 60] [--steps 32] [--guidance 2]
+        sample the prior for canonical prompts and name what its embedding shows: the nearest of
+        the mean image embeddings of renders of every one-object colour-shape-position (one-object
+        prompts), or of the four relations and the colour swap (two-object prompts).
     python tools/stage_checks.py upsampler UPSAMPLER_DIR [--n 12] [--steps 20]
         upsample true 32x32 renders, judge the 128x128 result.
     python tools/stage_checks.py decoder DECODER_DIR --clip CLIP_DIR [--n 18] [--steps 25] [--guidance 3]
@@ -16,6 +20,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 
 import numpy as np
@@ -89,6 +94,48 @@ def _check_clip_pairs(clip, rng: np.random.Generator, n: int) -> None:
     print(f"two objects: relation {relation_hits}/{n} (chance 1/4), colours bound to the right shapes {binding_hits}/{binding_total} (chance 1/2)")
 
 
+def _mean_image_embedding(clip, spec: Spec, rng: np.random.Generator, renders: int = 4) -> np.ndarray:
+    images = np.stack([render(sample_scene_for(spec, rng)) for _ in range(renders)])
+    mean = clip.encode_image(images).mean(axis=0)
+    return mean / np.linalg.norm(mean)
+
+
+def check_prior(args: argparse.Namespace) -> None:
+    clip, prior = load_engine("clip", args.clip), load_engine("prior", args.checkpoint)
+    rng = np.random.default_rng(args.seed)
+    combos = list(itertools.product(COLOURS, SHAPES, POSITION_PHRASES))
+    one_object_references = np.stack([_mean_image_embedding(clip, Spec((ObjectSpec(c, s, position=p),)), rng) for c, s, p in combos])
+    right = {"colour": 0, "shape": 0, "position": 0, "relation": 0, "binding": 0}
+    counts = {1: 0, 2: 0, "binding": 0}
+    for index, prompt in enumerate(canonical_prompts(args.n, seed=args.seed, split="train")):
+        spec = parse_caption(prompt)
+        text = clip.encode_text([prompt])
+        embedding = prior.sample(
+            text.embeddings, text.encodings, text.mask, [index], guidance_scale=args.guidance, sampling=SamplingOptions(steps=args.steps)
+        )[0]
+        counts[len(spec.objects)] += 1
+        if len(spec.objects) == 1:
+            obj = spec.objects[0]
+            colour, shape, place = combos[int((one_object_references @ embedding).argmax())]
+            right["colour"] += colour == obj.colour
+            right["shape"] += shape == obj.shape
+            right["position"] += place == obj.position
+            continue
+        a, b = spec.objects
+        variants = [dataclasses.replace(spec, relation=r, background=None) for r in RELATIONS]
+        references = np.stack([_mean_image_embedding(clip, v, rng) for v in variants])
+        right["relation"] += list(RELATIONS)[int((references @ embedding).argmax())] == spec.relation
+        swapped = dataclasses.replace(spec, objects=(ObjectSpec(b.colour, a.shape), ObjectSpec(a.colour, b.shape)), background=None)
+        if a.shape != b.shape:  # with one shape twice, swapping the colours changes nothing
+            counts["binding"] += 1
+            truth = references[list(RELATIONS).index(spec.relation)]
+            right["binding"] += float(truth @ embedding) > float(_mean_image_embedding(clip, swapped, rng) @ embedding)
+    print(
+        f"one object ({counts[1]}): colour {right['colour']}, shape {right['shape']}, position {right['position']}; "
+        f"two objects ({counts[2]}): relation {right['relation']}, colours bound to the right shapes {right['binding']}/{counts['binding']}"
+    )
+
+
 def check_upsampler(args: argparse.Namespace) -> None:
     upsampler = load_engine("upsampler", args.checkpoint)
     prompts, scenes = _scenes(args)
@@ -138,21 +185,23 @@ def _save_grid(tiles: list[np.ndarray], path: str | None) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=("clip", "upsampler", "decoder"))
+    parser.add_argument("stage", choices=("clip", "prior", "upsampler", "decoder"))
     parser.add_argument("checkpoint")
-    parser.add_argument("--clip", help="decoder: the CLIP it was trained on")
+    parser.add_argument("--clip", help="prior, decoder: the CLIP it was trained on")
     parser.add_argument("--n", type=int)
     parser.add_argument("--steps", type=int)
-    parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument("--guidance", type=float, help="decoder: 3, prior: 2")
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument("--grid", help="write the judged images here (PNG)")
     args = parser.parse_args()
-    if args.stage == "decoder" and not args.clip:
-        parser.error("decoder needs --clip")
-    defaults = {"clip": (300, 0), "upsampler": (12, 20), "decoder": (18, 25)}[args.stage]
+    if args.stage in ("prior", "decoder") and not args.clip:
+        parser.error(f"{args.stage} needs --clip")
+    defaults = {"clip": (300, 0, None), "prior": (60, 32, 2.0), "upsampler": (12, 20, None), "decoder": (18, 25, 3.0)}[args.stage]
     args.n = args.n or defaults[0]
     args.steps = args.steps or defaults[1]
-    {"clip": check_clip, "upsampler": check_upsampler, "decoder": check_decoder}[args.stage](args)
+    args.guidance = args.guidance if args.guidance is not None else defaults[2]
+    checks = {"clip": check_clip, "prior": check_prior, "upsampler": check_upsampler, "decoder": check_decoder}
+    checks[args.stage](args)
 
 
 if __name__ == "__main__":
