@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, IterableDataset
 
 from unclip.config import ClipStageConfig, DecoderStageConfig, PriorStageConfig, UpsamplerStageConfig
+from unclip.data.shapes import parse_caption
 from unclip.models.prior import PriorConfig
 from unclip.options import SamplingOptions
 from unclip.stages import default_checkpoint, load_engine
@@ -377,3 +378,17 @@ def test_init_keeps_new_parameters_at_their_initialisation(tmp_path: Path, capsy
     for name, tensor in objective.model.state_dict().items():
         expected = old[name] if name in old else torch.zeros_like(tensor)
         assert torch.equal(tensor, expected), name
+
+
+def test_two_object_fraction_sets_the_share_of_two_object_scenes_and_is_recorded(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    def share(fraction: float) -> float:
+        examples = take(open_source("shapes", 16, seed=0, two_object_fraction=fraction), 200)
+        return sum(len(parse_caption(e["caption"]).objects) == 2 for e in examples) / len(examples)
+
+    assert share(0.0) == 0.0 and share(1.0) == 1.0 and 0.4 < share(0.5) < 0.6
+    common = ["prior", "--data", "shapes", "--device", "cpu", "--steps", "1", "--batch-size", "2", "--image-size", "64"]
+    assert unclip_train(*common, "--two-object-fraction", "0.6", "--out", str(tmp_path / "p")) == 0
+    assert json.loads((tmp_path / "p" / TRAIN_STATE_JSON).read_text())["two_object_fraction"] == 0.6
+    capsys.readouterr()
+    assert unclip_train(*common, "--two-object-fraction", "1.5", "--out", str(tmp_path / "bad")) == 1
+    assert "two_object_fraction must lie in [0, 1], got 1.5" in capsys.readouterr().err

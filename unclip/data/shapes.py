@@ -458,6 +458,8 @@ class ShapesDataset(IterableDataset):
             raise ValueError("contrast groups are for training: a variant may lose the held-out pair the heldout split promises")
         self.contrast_group = contrast_group
         self.seed, self.size, self.split = seed, size, split
+        if not 0.0 <= two_object_fraction <= 1.0:
+            raise ValueError(f"two_object_fraction must lie in [0, 1], got {two_object_fraction}")
         self.two_object_fraction = two_object_fraction
         self.heldout = list(heldout)
         if not 0.0 <= mention_p <= 1.0:

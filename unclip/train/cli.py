@@ -50,6 +50,12 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "--batch-size must be a multiple of N (default: 1, off)",
     )
     parser.add_argument(
+        "--two-object-fraction",
+        type=float,
+        default=0.3,
+        help="shapes: share of scenes with two objects in a relation (default: 0.3)",
+    )
+    parser.add_argument(
         "--lock",
         choices=("image", "text"),
         help="clip: freeze this tower and train only the other (LiT); a resumed run keeps its lock, "
@@ -144,7 +150,12 @@ def run_train(args: argparse.Namespace) -> int:
                 f"--batch-size {args.batch_size} is not a multiple of --contrast-group {args.contrast_group}: "
                 "a group split across batches loses its hard negatives"
             )
-        source = open_source(args.data, args.image_size, args.seed, args.mention_p, args.contrast_group)
+        shapes_options = {
+            "mention_p": args.mention_p,
+            "contrast_group": args.contrast_group,
+            "two_object_fraction": args.two_object_fraction,
+        }
+        source = open_source(args.data, args.image_size, args.seed, **shapes_options)
         torch.manual_seed(args.seed)  # the freshly initialised network
         objective = make_objective(config, clip)
         if args.init is not None and not args.resume:
@@ -158,7 +169,7 @@ def run_train(args: argparse.Namespace) -> int:
         init = previous.get("init") if args.resume else args.init and str(args.init)
         metadata = {"data": args.data, "clip": None if clip is None else str(clip), "init": init, "lock": lock}
         if args.data == "shapes":
-            metadata |= {"mention_p": args.mention_p, "contrast_group": args.contrast_group}
+            metadata |= shapes_options
         result = train(objective, source, args.out, options, metadata)
     except (DataError, CheckpointError, FileExistsError, FloatingPointError, ValueError) as error:
         print(f"unclip train: {error}", file=sys.stderr)

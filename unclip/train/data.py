@@ -86,14 +86,13 @@ class IterableSource(Source):
         return self.name
 
 
-def shapes_source(size: int, seed: int, mention_p: float = 0.5, contrast_group: int = 1) -> IterableSource:
+def shapes_source(size: int, seed: int, **options) -> IterableSource:
+    """The Shapes train split; options are ShapesDataset's (mention_p, contrast_group, two_object_fraction)."""
     from unclip.data.shapes import ShapesDataset  # written alongside; imported only when used
 
+    ShapesDataset(**options)  # bad options fail here, not in the first batch
     # A new seed per epoch, in case the dataset is finite.
-    return IterableSource(
-        lambda epoch: ShapesDataset(seed=seed + epoch, size=size, split="train", mention_p=mention_p, contrast_group=contrast_group),
-        name="shapes",
-    )
+    return IterableSource(lambda epoch: ShapesDataset(seed=seed + epoch, size=size, split="train", **options), name="shapes")
 
 
 class FolderSource(Source):
@@ -184,13 +183,14 @@ def _complete_sample(members: dict[str, bytes]) -> Iterator[tuple[bytes, str]]:
         yield image, members["txt"].decode("utf-8").strip()
 
 
-def open_source(spec: str, size: int, seed: int, mention_p: float = 0.5, contrast_group: int = 1) -> Source:
+def open_source(spec: str, size: int, seed: int, **shapes_options) -> Source:
     """"shapes", a directory of captioned images, a .tar shard, a directory of shards, or a glob of shards.
-    mention_p and contrast_group apply to shapes only: how often a caption states each optional
-    attribute, and how many scenes in a row differ from the first in one fact."""
+    shapes_options apply to shapes only (ShapesDataset's mention_p, contrast_group and
+    two_object_fraction): how often a caption states each optional attribute, how many scenes in
+    a row differ from the first in one fact, and how many scenes show two objects."""
     if spec == "shapes":
-        return shapes_source(size, seed, mention_p, contrast_group)
-    if contrast_group > 1:
+        return shapes_source(size, seed, **shapes_options)
+    if shapes_options.get("contrast_group", 1) > 1:
         raise DataError(f"{spec}: contrast groups are drawn from the Shapes grammar; use them with --data shapes")
     if any(char in spec for char in "*?["):
         shards = sorted(Path(p) for p in glob.glob(spec, recursive=True) if p.endswith(".tar"))

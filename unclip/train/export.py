@@ -31,7 +31,8 @@ def export_checkpoint(run: str | Path, out: str | Path, dtype: str = "float16") 
     config = read_config(run)
     weights = load_weights(run, config)
     state = read_train_state(run) if (run / TRAIN_STATE_JSON).is_file() else {}
-    record = {key: state[key] for key in ("kind", "step", "examples", "options", "data", "mention_p", "clip", "init") if key in state}
+    recorded = ("kind", "step", "examples", "options", "data", "mention_p", "contrast_group", "two_object_fraction", "lock", "clip", "init")
+    record = {key: state[key] for key in recorded if key in state}
     if state and state.get("kind") != config.kind:
         raise CheckpointError(f"{run}: {TRAIN_STATE_JSON} is for stage {state.get('kind')!r}, config.json for {config.kind!r}")
     payload = json.dumps({"stored_as": dtype, **record}, indent=2) + "\n"
