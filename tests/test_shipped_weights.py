@@ -1,11 +1,12 @@
-"""The shipped weights are trained: images show the colours and shapes their prompts ask for.
+"""The shipped weights are trained: one-object images show the colour, shape and position their
+prompts ask for.
 
 A small, fixed sample of canonical prompts judged by the project's judge (the full measurement
 is `unclip eval`, recorded in BENCHMARKS.md). Generation is deterministic, so this is a
 regression test of the weights and of everything between them and the pixels: a broken
 checkpoint, loader, sampler or chain fails it, and so do untrained weights, which draw no
-objects. Positions are not asserted: the shipped weights do not yet place objects by the prompt
-(BENCHMARKS.md says how often they do).
+objects. Two-object prompts are not asserted: the shipped weights get half of the seen ones
+right (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from unclip.eval.judge import judge
 from unclip.pipeline import GenerationParameters, generate
 
 PROMPTS = 10
-MIN_COLOUR_AND_SHAPE_RIGHT = 8
+MIN_ALL_RIGHT = 8  # colour, shape, position and no extra object; `unclip eval` measures 95 % on seen prompts
 
 
 def generate_one(stages, prompt: str, seed: int):
@@ -32,10 +33,19 @@ def one_object_prompts() -> list[str]:
     return prompts[:PROMPTS]
 
 
-def test_one_object_images_have_the_colour_and_shape_of_their_prompt(local_stages, one_object_prompts):
-    details = [judge(prompt, generate_one(local_stages, prompt, seed)).details for seed, prompt in enumerate(one_object_prompts)]
-    right = [d["colour_ok"] and d["shape_ok"] for d in details]
-    assert sum(right) >= MIN_COLOUR_AND_SHAPE_RIGHT, list(zip(one_object_prompts, details))
+def test_one_object_images_show_what_their_prompt_says(local_stages, one_object_prompts):
+    verdicts = [judge(prompt, generate_one(local_stages, prompt, seed)) for seed, prompt in enumerate(one_object_prompts)]
+    assert sum(v.correct for v in verdicts) >= MIN_ALL_RIGHT, [(p, v.details) for p, v in zip(one_object_prompts, verdicts)]
+
+
+def test_the_object_goes_where_the_prompt_says(local_stages):
+    # Same seed, same object, opposite corners: each image is right for its own prompt only.
+    top_left = "a red circle in the top left corner"
+    bottom_right = "a red circle in the bottom right corner"
+    images = {prompt: generate_one(local_stages, prompt, seed=0) for prompt in (top_left, bottom_right)}
+    for prompt, other in ((top_left, bottom_right), (bottom_right, top_left)):
+        assert judge(prompt, images[prompt]).correct, (prompt, judge(prompt, images[prompt]).details)
+        assert not judge(other, images[prompt]).details["position_ok"], prompt
 
 
 def test_the_picture_follows_the_prompt(local_stages):
