@@ -93,10 +93,11 @@ def test_guidance_and_sampler_change_the_image(local_stages):
 
 
 def test_prior_keeps_the_candidate_closest_to_the_text(local_stages):
-    text = local_stages.encoder.encode_text([PROMPT, "a blue square"])
-    options = SamplingOptions(steps=3)
-    single = local_stages.prior.sample(text.embeddings, text.encodings, text.mask, [7, 8], sampling=options)
-    best = local_stages.prior.sample(text.embeddings, text.encodings, text.mask, [7, 8], num_candidates=6, sampling=options)
+    # Six rows: in each, candidate 0 is the closest one time in six, so some row must gain.
+    text = local_stages.encoder.encode_text([PROMPT, "a blue square", "a green triangle above a red circle"] * 2)
+    options, seeds = SamplingOptions(steps=3), [7, 8, 9, 10, 11, 12]
+    single = local_stages.prior.sample(text.embeddings, text.encodings, text.mask, seeds, sampling=options)
+    best = local_stages.prior.sample(text.embeddings, text.encodings, text.mask, seeds, num_candidates=6, sampling=options)
     # Candidate 0 of a multi-candidate run is the single-candidate sample, so the kept one is at least as close.
     single_sim = np.sum(single * text.embeddings, axis=1)
     best_sim = np.sum(best * text.embeddings, axis=1)
