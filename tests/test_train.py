@@ -25,7 +25,7 @@ from unclip.stages import default_checkpoint, load_engine
 from unclip.stages.clip import ClipEncoder
 from unclip.train.cli import add_train_parser, run_train
 from unclip.train.data import BatchStream, DataError, IterableSource, open_source
-from unclip.train.loop import TRAIN_STATE_JSON, TRAIN_WEIGHTS, TrainOptions, train
+from unclip.train.loop import TRAIN_WEIGHTS, TrainOptions, read_train_state, train
 from unclip.train.stages import FrozenClip, gaussian_blur, make_objective
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
@@ -134,7 +134,7 @@ def test_gaussian_blur_keeps_sharp_rows_and_the_mean():
 def test_resume_equals_an_uninterrupted_run(tmp_path: Path):
     straight = run("decoder", tmp_path / "straight", steps=6, checkpoint_every=100)
     first = run("decoder", tmp_path / "resumed", steps=3, checkpoint_every=100)
-    assert json.loads((tmp_path / "resumed" / TRAIN_STATE_JSON).read_text())["step"] == 3
+    assert read_train_state(tmp_path / "resumed")["step"] == 3
     # A different initialisation: resuming must replace it with the saved weights.
     second = run("decoder", tmp_path / "resumed", steps=6, init_seed=123, resume=True)
     assert first + second == straight
@@ -151,7 +151,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path: Path):
 
 def test_checkpoints_are_written_periodically_and_never_silently_overwritten(tmp_path: Path):
     run("upsampler", tmp_path / "run", steps=4, checkpoint_every=2)
-    assert json.loads((tmp_path / "run" / TRAIN_STATE_JSON).read_text())["step"] == 4
+    assert read_train_state(tmp_path / "run")["step"] == 4
     with pytest.raises(FileExistsError, match="--resume"):
         run("upsampler", tmp_path / "run", steps=6)
     with pytest.raises(Exception, match="no config.json"):
@@ -277,7 +277,7 @@ def test_cli_trains_resumes_and_reports(tmp_path: Path, capsys: pytest.CaptureFi
 def test_cli_contrast_groups_train_on_shapes_and_refuse_what_would_split_them(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     common = ["clip", "--data", "shapes", "--contrast-group", "3", "--device", "cpu", "--steps", "1", "--image-size", "64"]
     assert unclip_train(*common, "--batch-size", "6", "--out", str(tmp_path / "clip")) == 0
-    assert json.loads((tmp_path / "clip" / TRAIN_STATE_JSON).read_text())["contrast_group"] == 3
+    assert read_train_state(tmp_path / "clip")["contrast_group"] == 3
     capsys.readouterr()
     assert unclip_train(*common, "--batch-size", "4", "--out", str(tmp_path / "split")) == 1
     assert "not a multiple of --contrast-group 3" in capsys.readouterr().err
@@ -292,7 +292,7 @@ def test_cli_lock_trains_one_clip_tower_and_resumes_with_its_lock(tmp_path: Path
     first = load_file(str(tmp_path / "lit" / "model.safetensors"))
     assert unclip_train(*common, "--steps", "2", "--resume") == 0
     second = load_file(str(tmp_path / "lit" / "model.safetensors"))
-    assert json.loads((tmp_path / "lit" / TRAIN_STATE_JSON).read_text())["lock"] == "text"
+    assert read_train_state(tmp_path / "lit")["lock"] == "text"
     text = [name for name in first if name.startswith(("transformer.", "token_embedding", "ln_final", "text_projection"))]
     assert text and all(torch.equal(first[name], second[name]) for name in text)  # frozen, also after resuming
     assert not all(torch.equal(first[name], second[name]) for name in first if name.startswith("visual."))
@@ -310,7 +310,7 @@ def test_cli_resumes_the_prior_with_the_clip_it_started_with(tmp_path: Path):
     common = ["prior", "--data", str(write_folder(tmp_path / "data")), "--out", str(tmp_path / "prior"), "--batch-size", "2", "--device", "cpu"]
     assert unclip_train(*common, "--steps", "1", "--clip", str(clip)) == 0
     assert unclip_train(*common, "--steps", "2", "--resume") == 0
-    state = json.loads((tmp_path / "prior" / TRAIN_STATE_JSON).read_text())
+    state = read_train_state(tmp_path / "prior")
     assert state["step"] == 2 and state["clip"] == str(clip)
 
 
@@ -349,11 +349,11 @@ def test_init_starts_a_new_run_from_another_checkpoints_weights(tmp_path: Path, 
     source = load_file(str(tmp_path / "a" / "model.safetensors"))
     started = load_file(str(tmp_path / "b" / TRAIN_WEIGHTS))
     assert source.keys() == started.keys() and all(torch.equal(source[k], started[k]) for k in source)
-    state = json.loads((tmp_path / "b" / TRAIN_STATE_JSON).read_text())
+    state = read_train_state(tmp_path / "b")
     assert state["step"] == 1 and state["init"] == str(tmp_path / "a")  # a fresh run that records its origin
     b = ["--data", data, "--batch-size", "2", "--device", "cpu", "--out", str(tmp_path / "b")]
     assert unclip_train("upsampler", *b, "--steps", "2", "--resume") == 0
-    assert json.loads((tmp_path / "b" / TRAIN_STATE_JSON).read_text())["init"] == str(tmp_path / "a")  # and keeps it
+    assert read_train_state(tmp_path / "b")["init"] == str(tmp_path / "a")  # and keeps it
     capsys.readouterr()
     # Another stage, or weights of another geometry, cannot start a run.
     assert unclip_train("decoder", *common, "--out", str(tmp_path / "c"), "--init", str(tmp_path / "a")) == 1
@@ -388,7 +388,7 @@ def test_two_object_fraction_sets_the_share_of_two_object_scenes_and_is_recorded
     assert share(0.0) == 0.0 and share(1.0) == 1.0 and 0.4 < share(0.5) < 0.6
     common = ["prior", "--data", "shapes", "--device", "cpu", "--steps", "1", "--batch-size", "2", "--image-size", "64"]
     assert unclip_train(*common, "--two-object-fraction", "0.6", "--out", str(tmp_path / "p")) == 0
-    assert json.loads((tmp_path / "p" / TRAIN_STATE_JSON).read_text())["two_object_fraction"] == 0.6
+    assert read_train_state(tmp_path / "p")["two_object_fraction"] == 0.6
     capsys.readouterr()
     assert unclip_train(*common, "--two-object-fraction", "1.5", "--out", str(tmp_path / "bad")) == 1
     assert "two_object_fraction must lie in [0, 1], got 1.5" in capsys.readouterr().err

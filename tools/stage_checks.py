@@ -35,6 +35,7 @@ from unclip.data.shapes import (
     ObjectSpec,
     Spec,
     canonical_prompts,
+    colours_swapped,
     format_caption,
     parse_caption,
     render,
@@ -45,15 +46,22 @@ from unclip.eval.judge import analyze, judge
 from unclip.options import SamplingOptions
 from unclip.stages import load_engine
 
+# Every one-object caption that states colour, shape and position.
+ONE_OBJECT_COMBOS = list(itertools.product(COLOURS, SHAPES, POSITION_PHRASES))
+
+
+def _encode_images(clip, images: np.ndarray) -> np.ndarray:
+    return np.concatenate([clip.encode_image(images[i : i + 16]) for i in range(0, len(images), 16)])
+
 
 def check_clip(args: argparse.Namespace) -> None:
     clip = load_engine("clip", args.checkpoint)
     rng = np.random.default_rng(args.seed)
     scenes = [sample(rng, 0.0, DEFAULT_HELDOUT, "all") for _ in range(args.n)]
     images = np.stack([render(scene) for scene in scenes])
-    combos = list(itertools.product(COLOURS, SHAPES, POSITION_PHRASES))
+    combos = ONE_OBJECT_COMBOS
     captions = [f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} {shape} {POSITION_PHRASES[place]}" for colour, shape, place in combos]
-    image_embeddings = np.concatenate([clip.encode_image(images[i : i + 16]) for i in range(0, len(images), 16)])
+    image_embeddings = _encode_images(clip, images)
     text_embeddings = np.concatenate([clip.encode_text(captions[i : i + 16]).embeddings for i in range(0, len(captions), 16)])
     best = (image_embeddings @ text_embeddings.T).argmax(axis=1)
     right = {"colour": 0, "shape": 0, "position": 0, "all": 0}
@@ -77,14 +85,14 @@ def _check_clip_pairs(clip, rng: np.random.Generator, n: int) -> None:
     """Two objects: does the nearest of the four relation captions name the true relation, and does
     the true caption beat the one with the two colours swapped between the shapes?"""
     scenes = [sample(rng, 1.0, DEFAULT_HELDOUT, "all") for _ in range(n)]
-    images = np.stack([render(scene) for scene in scenes])
-    image_embeddings = np.concatenate([clip.encode_image(images[i : i + 16]) for i in range(0, n, 16)])
+    image_embeddings = _encode_images(clip, np.stack([render(scene) for scene in scenes]))
     relation_hits = binding_hits = binding_total = 0
+    relations = list(RELATIONS)
     for scene, image_embedding in zip(scenes, image_embeddings):
         a, b = (ObjectSpec(o.colour, o.shape) for o in scene.objects)
-        relations = list(RELATIONS)
-        captions = [format_caption(Spec((a, b), relation)) for relation in relations]
-        captions.append(format_caption(Spec((ObjectSpec(b.colour, a.shape), ObjectSpec(a.colour, b.shape)), scene.relation)))
+        spec = Spec((a, b), scene.relation)
+        captions = [format_caption(dataclasses.replace(spec, relation=relation)) for relation in relations]
+        captions.append(format_caption(colours_swapped(spec)))
         scores = clip.encode_text(captions).embeddings @ image_embedding
         truth = relations.index(scene.relation)
         relation_hits += int(scores[:4].argmax() == truth)
@@ -103,7 +111,7 @@ def _mean_image_embedding(clip, spec: Spec, rng: np.random.Generator, renders: i
 def check_prior(args: argparse.Namespace) -> None:
     clip, prior = load_engine("clip", args.clip), load_engine("prior", args.checkpoint)
     rng = np.random.default_rng(args.seed)
-    combos = list(itertools.product(COLOURS, SHAPES, POSITION_PHRASES))
+    combos = ONE_OBJECT_COMBOS
     one_object_references = np.stack([_mean_image_embedding(clip, Spec((ObjectSpec(c, s, position=p),)), rng) for c, s, p in combos])
     right = {"colour": 0, "shape": 0, "position": 0, "relation": 0, "binding": 0}
     counts = {1: 0, 2: 0, "binding": 0}
@@ -125,7 +133,7 @@ def check_prior(args: argparse.Namespace) -> None:
         variants = [dataclasses.replace(spec, relation=r, background=None) for r in RELATIONS]
         references = np.stack([_mean_image_embedding(clip, v, rng) for v in variants])
         right["relation"] += list(RELATIONS)[int((references @ embedding).argmax())] == spec.relation
-        swapped = dataclasses.replace(spec, objects=(ObjectSpec(b.colour, a.shape), ObjectSpec(a.colour, b.shape)), background=None)
+        swapped = dataclasses.replace(colours_swapped(spec), background=None)
         if a.shape != b.shape:  # with one shape twice, swapping the colours changes nothing
             counts["binding"] += 1
             truth = references[list(RELATIONS).index(spec.relation)]

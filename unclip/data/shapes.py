@@ -360,6 +360,12 @@ def sample(
     return sample_scene_for(spec, rng)
 
 
+def colours_swapped(spec: Spec) -> Spec:
+    """A two-object spec with its two colours exchanged between the shapes."""
+    a, b = spec.objects
+    return dataclasses.replace(spec, objects=(ObjectSpec(b.colour, a.shape), ObjectSpec(a.colour, b.shape)))
+
+
 def contrast_specs(spec: Spec, rng: np.random.Generator, combos: list[tuple[str, str]], count: int) -> list[Spec]:
     """`count` different specs that each differ from `spec` in exactly one stated fact.
 
@@ -375,9 +381,9 @@ def contrast_specs(spec: Spec, rng: np.random.Generator, combos: list[tuple[str,
     if len(objects) == 2:
         a, b = objects
         kinds["relation"] = [dataclasses.replace(spec, relation=r) for r in RELATIONS if r != spec.relation]
-        swapped = (ObjectSpec(b.colour, a.shape), ObjectSpec(a.colour, b.shape))
-        if a.shape != b.shape and all((o.colour, o.shape) in combos for o in swapped):
-            kinds["swap"] = [dataclasses.replace(spec, objects=swapped)]
+        swapped = colours_swapped(spec)
+        if a.shape != b.shape and all((o.colour, o.shape) in combos for o in swapped.objects):
+            kinds["swap"] = [swapped]
         taken = {a.colour, b.colour}
         kinds["colour"] = [
             dataclasses.replace(spec, objects=(a, ObjectSpec(c, b.shape))) for c in COLOURS if c not in taken and (c, b.shape) in combos
