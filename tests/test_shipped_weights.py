@@ -5,8 +5,8 @@ A small, fixed sample of canonical prompts judged by the project's judge (the fu
 is `unclip eval`, recorded in BENCHMARKS.md). Generation is deterministic, so this is a
 regression test of the weights and of everything between them and the pixels: a broken
 checkpoint, loader, sampler or chain fails it, and so do untrained weights, which draw no
-objects. Two-object prompts are not asserted: the shipped weights get half of the seen ones
-right (BENCHMARKS.md).
+objects. Two-object prompts are held to a lower bar than one-object ones, as the weights get
+fewer of them right (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -21,6 +21,11 @@ from unclip.pipeline import GenerationParameters, generate
 
 PROMPTS = 10
 MIN_ALL_RIGHT = 8  # colour, shape, position and no extra object; `unclip eval` measures 95 % on seen prompts
+# Both colours and shapes, the relation and no third object. `unclip eval` measures 67.5 % on
+# seen pairs; these 16 prompts and seeds give 7 right, and the bar leaves room for images that
+# flip with floating-point order. Weights that cannot draw two bound objects get none right.
+TWO_OBJECT_PROMPTS = 16
+MIN_TWO_OBJECTS_RIGHT = 5
 
 
 def generate_one(stages, prompt: str, seed: int):
@@ -36,6 +41,13 @@ def one_object_prompts() -> list[str]:
 def test_one_object_images_show_what_their_prompt_says(local_stages, one_object_prompts):
     verdicts = [judge(prompt, generate_one(local_stages, prompt, seed)) for seed, prompt in enumerate(one_object_prompts)]
     assert sum(v.correct for v in verdicts) >= MIN_ALL_RIGHT, [(p, v.details) for p, v in zip(one_object_prompts, verdicts)]
+
+
+def test_two_object_images_show_both_objects_in_their_relation(local_stages):
+    prompts = [p for p in canonical_prompts(40, seed=11, split="train") if len(parse_caption(p).objects) == 2]
+    prompts = prompts[:TWO_OBJECT_PROMPTS]
+    verdicts = [judge(prompt, generate_one(local_stages, prompt, seed)) for seed, prompt in enumerate(prompts)]
+    assert sum(v.correct for v in verdicts) >= MIN_TWO_OBJECTS_RIGHT, [(p, v.details) for p, v in zip(prompts, verdicts)]
 
 
 def test_the_object_goes_where_the_prompt_says(local_stages):

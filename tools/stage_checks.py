@@ -14,6 +14,8 @@
         decode the true CLIP image embedding (plus the caption's text tokens), upscale bicubically
         to 128x128 and judge; prints each prompt with what the judge found.
 
+`--split heldout` draws the prior, decoder and upsampler prompts from the held-out colour-shapes.
+
 `--grid PATH` writes the judged images side by side with the truth.
 """
 
@@ -115,7 +117,7 @@ def check_prior(args: argparse.Namespace) -> None:
     one_object_references = np.stack([_mean_image_embedding(clip, Spec((ObjectSpec(c, s, position=p),)), rng) for c, s, p in combos])
     right = {"colour": 0, "shape": 0, "position": 0, "relation": 0, "binding": 0}
     counts = {1: 0, 2: 0, "binding": 0}
-    for index, prompt in enumerate(canonical_prompts(args.n, seed=args.seed, split="train")):
+    for index, prompt in enumerate(canonical_prompts(args.n, seed=args.seed, split=args.split)):
         spec = parse_caption(prompt)
         text = clip.encode_text([prompt])
         embedding = prior.sample(
@@ -180,7 +182,7 @@ def check_decoder(args: argparse.Namespace) -> None:
 
 
 def _scenes(args: argparse.Namespace):
-    prompts = canonical_prompts(args.n, seed=args.seed, split="train")
+    prompts = canonical_prompts(args.n, seed=args.seed, split=args.split)
     rng = np.random.default_rng(args.seed)
     return prompts, [sample_scene_for(parse_caption(prompt), rng) for prompt in prompts]
 
@@ -200,6 +202,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int)
     parser.add_argument("--guidance", type=float, help="decoder: 3, prior: 2")
     parser.add_argument("--seed", type=int, default=3)
+    parser.add_argument("--split", choices=("train", "heldout"), default="train", help="prompts from seen or held-out colour-shapes")
     parser.add_argument("--grid", help="write the judged images here (PNG)")
     args = parser.parse_args()
     if args.stage in ("prior", "decoder") and not args.clip:
