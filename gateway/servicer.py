@@ -9,7 +9,7 @@ import time
 from gateway.api import ImageAPI, Result
 from unclip.errors import InvalidArgument, UnclipError
 from unclip.options import sampler_from_proto
-from unclip.pipeline import GenerationParameters, StageEvent
+from unclip.pipeline import DEFAULT_PRIOR_CANDIDATES, GenerationParameters, StageEvent
 from unclip.png import encode_png
 from unclip.serving import ServiceSpec, events_until_done, rpc, streaming_rpc
 from unclip.v1 import images_pb2, images_pb2_grpc
@@ -28,6 +28,8 @@ def parameters_from_proto(message: images_pb2.GenerationParameters) -> Generatio
     def optional(name: str):
         return getattr(message, name) if message.HasField(name) else None
 
+    candidates = optional("prior_candidates")  # an explicit 0 is refused downstream, not defaulted
+
     return GenerationParameters(
         prompt=message.prompt,
         n=message.n or 1,
@@ -39,7 +41,7 @@ def parameters_from_proto(message: images_pb2.GenerationParameters) -> Generatio
         decoder_steps=optional("decoder_steps"),
         upsampler_steps=optional("upsampler_steps"),
         sampler=sampler_from_proto(message.sampler),
-        prior_candidates=optional("prior_candidates") or 1,
+        prior_candidates=DEFAULT_PRIOR_CANDIDATES if candidates is None else candidates,
         preview_every=message.preview_every,
     )
 

@@ -114,6 +114,9 @@ def test_gateway_errors_carry_the_right_status(serve_all):
         with pytest.raises(UnclipError) as info:
             client.generate(PROMPT, size=48)
         assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and "[32, 128]" in info.value.details
+        with pytest.raises(UnclipError) as info:  # an explicit 0 is refused, not taken for "unset"
+            client.generate(PROMPT, prior_candidates=0)
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and "num_candidates" in info.value.details
         with pytest.raises(UnclipError) as info:
             client.generate(PROMPT, prior_steps=1000, decoder_steps=1000, timeout=1.0)
         assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED

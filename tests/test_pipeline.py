@@ -12,7 +12,7 @@ from conftest import FAST_STEPS
 
 from unclip.errors import DeadlineExceeded, InvalidArgument
 from unclip.options import SamplingOptions
-from unclip.pipeline import MAX_IMAGES_PER_REQUEST, GenerationParameters, generate
+from unclip.pipeline import DEFAULT_PRIOR_CANDIDATES, MAX_IMAGES_PER_REQUEST, GenerationParameters, generate
 from unclip.png import read_png_text
 
 PROMPT = "a red circle in the top left corner"
@@ -90,6 +90,16 @@ def test_guidance_and_sampler_change_the_image(local_stages):
     base = run(local_stages, seed=3, size=32)[0].pixels
     assert not np.array_equal(base, run(local_stages, seed=3, size=32, decoder_guidance_scale=1.0)[0].pixels)
     assert not np.array_equal(base, run(local_stages, seed=3, size=32, sampler="ddpm")[0].pixels)
+
+
+def test_generation_keeps_the_closer_of_two_prior_samples_by_default(local_stages):
+    # As DALL-E 2. Seeds for which candidate 1 wins show that the default is not one candidate.
+    assert DEFAULT_PRIOR_CANDIDATES == 2
+    choices = {"default": {}, 1: dict(prior_candidates=1), 2: dict(prior_candidates=2)}
+    images = {k: [run(local_stages, seed=s, size=32, **extra)[0].pixels for s in range(4)] for k, extra in choices.items()}
+    for default, two in zip(images["default"], images[2]):
+        np.testing.assert_array_equal(default, two)
+    assert any(not np.array_equal(default, one) for default, one in zip(images["default"], images[1]))
 
 
 def test_prior_keeps_the_candidate_closest_to_the_text(local_stages):

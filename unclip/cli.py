@@ -34,7 +34,12 @@ def _add_sampling_flags(parser: argparse.ArgumentParser, prior: bool = True) -> 
         parser.add_argument("--prior-guidance", type=float, help="prior classifier-free guidance scale")
     parser.add_argument("--decoder-guidance", type=float, help="decoder classifier-free guidance scale")
     if prior:
-        parser.add_argument("--candidates", type=int, default=1, help="prior samples per image; the closest to the text is kept")
+        from unclip.pipeline import DEFAULT_PRIOR_CANDIDATES
+
+        parser.add_argument(
+            "--candidates", type=int, default=DEFAULT_PRIOR_CANDIDATES,
+            help=f"prior samples per image; the closest to the text is kept (default {DEFAULT_PRIOR_CANDIDATES})",
+        )
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict:

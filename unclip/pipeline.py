@@ -25,6 +25,8 @@ from unclip.validation import MAX_SEED
 MAX_IMAGES_PER_REQUEST = 8
 MAX_PROMPT_CHARS = 1000
 STAGE_NAMES = ("encode", "prior", "decode", "upsample")
+# As DALL-E 2: two prior samples per image, the one closer to the text kept (BENCHMARKS.md measures it).
+DEFAULT_PRIOR_CANDIDATES = 2
 
 
 @dataclass
@@ -88,7 +90,7 @@ class GenerationParameters:
     decoder_steps: int | None = None
     upsampler_steps: int | None = None
     sampler: str | None = None
-    prior_candidates: int = 1
+    prior_candidates: int = DEFAULT_PRIOR_CANDIDATES
     preview_every: int = 0  # streaming only: a decoder preview every this many steps
 
     def validate(self, require_prompt: bool = True) -> None:

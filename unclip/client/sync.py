@@ -111,7 +111,8 @@ class Client:
             prior_guidance_scale, decoder_guidance_scale: classifier-free guidance strengths.
             prior_steps, decoder_steps, upsampler_steps: denoising steps per stage.
             sampler: "ddim" or "ddpm".
-            prior_candidates: image embeddings sampled per image; the closest to the prompt is kept.
+            prior_candidates: image embeddings sampled per image; the closest to the prompt is kept
+                (server default 2).
             response_format: "png" (bytes in the response) or "url" (then each image's `url` is
                 set, and its `png`, `image` and `metadata` are empty).
             idempotency_key: a retry with the same key returns the stored result.
