@@ -364,6 +364,71 @@ def test_init_starts_a_new_run_from_another_checkpoints_weights(tmp_path: Path, 
     assert "do not fit this configuration" in capsys.readouterr().err
 
 
+def test_config_trains_another_geometry(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    from unclip.checkpoint import read_config
+
+    data = str(write_folder(tmp_path / "data"))
+    common = ["--data", data, "--batch-size", "2", "--device", "cpu", "--steps", "1"]
+    other = tmp_path / "other"
+    run("upsampler", other, steps=1)  # 16 channels, where the stage default has 32
+    # Its geometry, given as the directory or as its config.json, lets its weights start the run.
+    for name, config in (("a", other), ("b", other / "config.json")):
+        args = [*common, "--out", str(tmp_path / name), "--config", str(config), "--init", str(other), "--lr", "0"]
+        assert unclip_train("upsampler", *args) == 0
+        assert read_config(tmp_path / name).model == read_config(other).model
+    assert unclip_train("upsampler", *common, "--out", str(tmp_path / "default")) == 0
+    assert read_config(tmp_path / "default").model.model_channels == 32 != read_config(tmp_path / "a").model.model_channels
+    capsys.readouterr()
+    # A config of another stage, or one given to a resumed run, is refused with a reason.
+    assert unclip_train("decoder", *common, "--out", str(tmp_path / "c"), "--config", str(other)) == 1
+    assert "not 'decoder'" in capsys.readouterr().err
+    assert unclip_train("upsampler", *common, "--out", str(tmp_path / "a"), "--resume", "--config", str(other)) == 1
+    assert "resumes with the config saved there" in capsys.readouterr().err
+    assert unclip_train("upsampler", *common, "--out", str(tmp_path / "d"), "--config", str(tmp_path / "none")) == 1
+    assert "no config.json" in capsys.readouterr().err
+
+
+def load_add_attention():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "add_attention.py"
+    spec = importlib.util.spec_from_file_location("unclip_tools_add_attention", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_added_attention_keeps_the_output_and_trains_from_it(tmp_path: Path):
+    from unclip.checkpoint import load_weights, read_config
+    from unclip.models.unet import UNet
+
+    shipped = default_checkpoint("decoder")
+    widened = load_add_attention().add_attention(shipped, tmp_path / "widened", (2, 4))
+    before, after = read_config(shipped), read_config(widened)
+    assert before.model.attention_downsample_rates == (4,) and after.model.attention_downsample_rates == (2, 4)
+    old, new = UNet(before.model), UNet(after.model)
+    old.load_state_dict(load_weights(shipped, before))
+    new.load_state_dict(load_weights(widened, after))
+    assert sum(p.numel() for p in new.parameters()) > sum(p.numel() for p in old.parameters())
+    torch.manual_seed(0)
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([30, 700])
+    inputs = {"image_embed": torch.randn(2, 64), "text_encodings": torch.randn(2, 5, 64)}
+    with torch.no_grad():
+        assert torch.allclose(old(x, t, **inputs), new(x, t, **inputs), atol=1e-5)
+        # The new blocks are in the path: once their output projection is nonzero, the output moves.
+        for name, parameter in new.named_parameters():
+            if "proj_out" in name and name not in dict(old.named_parameters()):
+                parameter.add_(0.1)
+        assert not torch.allclose(old(x, t, **inputs), new(x, t, **inputs), atol=1e-3)
+    # A run of that geometry starts from those weights.
+    data = str(write_folder(tmp_path / "data"))
+    args = ["--data", data, "--batch-size", "2", "--device", "cpu", "--steps", "1", "--lr", "0"]
+    assert unclip_train("decoder", *args, "--out", str(tmp_path / "run"), "--config", str(widened), "--init", str(widened)) == 0
+    assert read_config(tmp_path / "run").model == after.model
+    with pytest.raises(ValueError, match="must keep the attention"):
+        load_add_attention().add_attention(shipped, tmp_path / "narrowed", (2,))
+
+
 def test_init_keeps_new_parameters_at_their_initialisation(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     from unclip.train.cli import initialise_from
 

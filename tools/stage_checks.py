@@ -163,11 +163,12 @@ def check_decoder(args: argparse.Namespace) -> None:
     decoder = load_engine("decoder", args.checkpoint)
     prompts, scenes = _scenes(args)
     images = np.stack([render(scene) for scene in scenes])
-    embeddings, text = clip.encode_image(images), clip.encode_text(prompts)
+    embeddings = _encode_images(clip, images)
     tiles, correct = [], {1: [], 2: []}
     for i, prompt in enumerate(prompts):
+        text = clip.encode_text([prompt])
         small = decoder.decode(
-            embeddings[i : i + 1], [i], text_encodings=text.encodings[i : i + 1], text_mask=text.mask[i : i + 1],
+            embeddings[i : i + 1], [i], text_encodings=text.encodings, text_mask=text.mask,
             guidance_scale=args.guidance, sampling=SamplingOptions(steps=args.steps),
         )[0]
         big = np.asarray(Image.fromarray(small).resize((128, 128), Image.Resampling.BICUBIC))

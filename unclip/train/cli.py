@@ -28,8 +28,14 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     parser.add_argument(
         "--init",
         type=Path,
-        help="start from this checkpoint's weights (same stage and geometry), e.g. to fine-tune with another "
+        help="start from this checkpoint's weights (same stage and geometry as the run's config), e.g. to fine-tune with another "
         "parameterization or data; the optimizer and EMA start fresh",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="train with this stage config (a checkpoint directory or its config.json) instead of the stage's "
+        "default, e.g. another geometry; a resumed run keeps its own",
     )
     parser.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints (and one at the end)")
     parser.add_argument("--seed", type=int, default=0)
@@ -118,7 +124,7 @@ def run_train(args: argparse.Namespace) -> int:
     """Exit code 0 on success; 1, with a message and no traceback, for bad data or checkpoints."""
     import torch
 
-    from unclip.checkpoint import CheckpointError, read_config
+    from unclip.checkpoint import CONFIG_FILE, CheckpointError, read_config
     from unclip.config import STAGE_CONFIGS
     from unclip.train.data import DataError, open_source
     from unclip.train.loop import TrainOptions, read_train_state, train
@@ -137,7 +143,14 @@ def run_train(args: argparse.Namespace) -> int:
     )
     try:
         # A resumed run keeps the configuration it was started with.
-        config = read_config(args.out) if args.resume else STAGE_CONFIGS[args.stage]()
+        if args.resume:
+            if args.config is not None:
+                raise CheckpointError(f"--config starts a new run; {args.out} resumes with the config saved there")
+            config = read_config(args.out)
+        elif args.config is not None:
+            config = read_config(args.config.parent if args.config.name == CONFIG_FILE else args.config)
+        else:
+            config = STAGE_CONFIGS[args.stage]()
         if config.kind != args.stage:
             raise CheckpointError(f"{args.out}: holds a checkpoint of stage {config.kind!r}, not {args.stage!r}")
         # The prior and decoder must go on with the CLIP they started with.
