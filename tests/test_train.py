@@ -388,11 +388,11 @@ def test_config_trains_another_geometry(tmp_path: Path, capsys: pytest.CaptureFi
     assert "no config.json" in capsys.readouterr().err
 
 
-def load_add_attention():
+def load_tool(name: str):
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "tools" / "add_attention.py"
-    spec = importlib.util.spec_from_file_location("unclip_tools_add_attention", path)
+    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"unclip_tools_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -403,9 +403,11 @@ def test_added_attention_keeps_the_output_and_trains_from_it(tmp_path: Path):
     from unclip.models.unet import UNet
 
     shipped = default_checkpoint("decoder")
-    widened = load_add_attention().add_attention(shipped, tmp_path / "widened", (2, 4))
+    widened = load_tool("add_attention").add_attention(shipped, tmp_path / "widened", (2, 4))
     before, after = read_config(shipped), read_config(widened)
     assert before.model.attention_downsample_rates == (4,) and after.model.attention_downsample_rates == (2, 4)
+    record = json.loads((widened / "training.json").read_text())["widened"]
+    assert record["attention_downsample_rates"] == [2, 4] and record["from"]["path"] == str(shipped)
     old, new = UNet(before.model), UNet(after.model)
     old.load_state_dict(load_weights(shipped, before))
     new.load_state_dict(load_weights(widened, after))
@@ -426,7 +428,37 @@ def test_added_attention_keeps_the_output_and_trains_from_it(tmp_path: Path):
     assert unclip_train("decoder", *args, "--out", str(tmp_path / "run"), "--config", str(widened), "--init", str(widened)) == 0
     assert read_config(tmp_path / "run").model == after.model
     with pytest.raises(ValueError, match="must keep the attention"):
-        load_add_attention().add_attention(shipped, tmp_path / "narrowed", (2,))
+        load_tool("add_attention").add_attention(shipped, tmp_path / "narrowed", (2,))
+
+
+def test_interpolated_weights_mix_a_checkpoint_with_its_fine_tune_and_record_both(tmp_path: Path):
+    from unclip.checkpoint import load_weights, read_config, save_checkpoint
+    from unclip.train.export import TRAINING_RECORD
+
+    interpolate = load_tool("interpolate_weights").interpolate
+    shipped = default_checkpoint("decoder")
+    config = read_config(shipped)
+    start = load_weights(shipped, config)
+    torch.manual_seed(0)
+    tuned = {name: tensor + 0.05 * torch.randn_like(tensor) for name, tensor in start.items()}
+    save_checkpoint(tmp_path / "tuned", config, tuned)
+    mixed_dir = interpolate(shipped, tmp_path / "tuned", tmp_path / "mix", 0.25, dtype="float32")
+    mixed = load_weights(mixed_dir, read_config(mixed_dir))
+    for name in start:
+        torch.testing.assert_close(mixed[name], 0.75 * start[name] + 0.25 * tuned[name])
+    record = json.loads((mixed_dir / TRAINING_RECORD).read_text())
+    shipped_record = json.loads((shipped / TRAINING_RECORD).read_text())
+    shipped_record.pop("stored_as")
+    assert record["stored_as"] == "float32" and record["interpolated"]["alpha"] == 0.25
+    assert record["interpolated"]["start"] == {"path": str(shipped), **shipped_record}
+    assert record["interpolated"]["end"] == {"path": str(tmp_path / "tuned")}
+    assert load_engine("decoder", mixed_dir).image_size == 32
+    with pytest.raises(ValueError, match="alpha must lie in"):
+        interpolate(shipped, tmp_path / "tuned", tmp_path / "bad", 1.5)
+    widened = load_tool("add_attention").add_attention(shipped, tmp_path / "widened", (2, 4))
+    with pytest.raises(ValueError, match="not the same network"):
+        interpolate(shipped, widened, tmp_path / "bad", 0.5)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_init_keeps_new_parameters_at_their_initialisation(tmp_path: Path, capsys: pytest.CaptureFixture[str]):

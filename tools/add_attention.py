@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from pathlib import Path
 
 import torch
 
 from unclip.checkpoint import load_weights, read_config, save_checkpoint
 from unclip.models.unet import AttentionBlock, Downsample, ResBlock, UNet, Upsample
+from unclip.train.export import TRAINING_RECORD, training_record
 
 BLOCK_TYPES = (ResBlock, AttentionBlock, Upsample, Downsample)
 
@@ -60,7 +62,10 @@ def add_attention(source: Path, out: Path, rates: tuple[int, ...], seed: int = 0
         owner = max((prefix for prefix in renames if key.startswith(prefix + ".")), key=len, default=None)
         state[key if owner is None else renames[owner] + key[len(owner) :]] = value
     new.load_state_dict(state)
-    return save_checkpoint(out, widened, new.state_dict())
+    target = save_checkpoint(out, widened, new.state_dict())
+    record = {"kind": config.kind, "widened": {"attention_downsample_rates": list(widened.model.attention_downsample_rates), "from": {"path": str(source), **training_record(source)}}}
+    (target / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    return target
 
 
 def main() -> None:
