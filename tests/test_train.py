@@ -489,3 +489,35 @@ def test_two_object_fraction_sets_the_share_of_two_object_scenes_and_is_recorded
     capsys.readouterr()
     assert unclip_train(*common, "--two-object-fraction", "1.5", "--out", str(tmp_path / "bad")) == 1
     assert "two_object_fraction must lie in [0, 1], got 1.5" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["prior", "decoder"])
+def test_drop_text_sets_the_share_of_rows_trained_without_the_caption(kind: str):
+    def dropped_rows(drop_text: float | None) -> float:
+        torch.manual_seed(0)
+        objective = make_objective(tiny_config(kind), drop_text=drop_text)
+        masks = []
+        objective.model.register_forward_pre_hook(lambda _, args, kwargs: masks.append(kwargs["drop_text"]), with_kwargs=True)
+        batch = next(iter(BatchStream(squares(), 64)))
+        objective(batch, torch.Generator().manual_seed(0))
+        return masks[0].float().mean().item()
+
+    assert dropped_rows(0.0) == 0.0 and dropped_rows(1.0) == 1.0
+    default = {"prior": 0.1, "decoder": 0.5}[kind]  # DALL-E 2's
+    assert abs(dropped_rows(None) - default) < 0.15
+    with pytest.raises(ValueError, match=r"drop_text must lie in \[0, 1\], got 1.5"):
+        make_objective(tiny_config(kind), drop_text=1.5)
+
+
+def test_cli_drop_text_is_recorded_kept_on_resume_and_refused_where_there_is_no_caption(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    common = ["decoder", "--data", "shapes", "--device", "cpu", "--batch-size", "2", "--image-size", "64", "--out", str(tmp_path / "d")]
+    assert unclip_train(*common, "--steps", "1", "--drop-text", "0.2") == 0
+    assert unclip_train(*common, "--steps", "2", "--resume") == 0
+    assert read_train_state(tmp_path / "d")["drop_text"] == 0.2
+    prior = ["prior", "--data", "shapes", "--device", "cpu", "--batch-size", "2", "--image-size", "64", "--steps", "1"]
+    assert unclip_train(*prior, "--out", str(tmp_path / "p")) == 0
+    assert read_train_state(tmp_path / "p")["drop_text"] == 0.1
+    capsys.readouterr()
+    upsampler = ["upsampler", "--data", "shapes", "--device", "cpu", "--batch-size", "2", "--steps", "1", "--drop-text", "0.2"]
+    assert unclip_train(*upsampler, "--out", str(tmp_path / "u")) == 1
+    assert "the upsampler stage has no caption dropout" in capsys.readouterr().err

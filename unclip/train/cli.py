@@ -62,6 +62,12 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         help="shapes: share of scenes with two objects in a relation (default: 0.3)",
     )
     parser.add_argument(
+        "--drop-text",
+        type=float,
+        help="prior, decoder: share of rows trained without the caption, for classifier-free guidance "
+        "(default: 0.1 prior, 0.5 decoder, as DALL-E 2; a resumed run keeps its own)",
+    )
+    parser.add_argument(
         "--lock",
         choices=("image", "text"),
         help="clip: freeze this tower and train only the other (LiT); a resumed run keeps its lock, "
@@ -170,7 +176,9 @@ def run_train(args: argparse.Namespace) -> int:
         }
         source = open_source(args.data, args.image_size, args.seed, **shapes_options)
         torch.manual_seed(args.seed)  # the freshly initialised network
-        objective = make_objective(config, clip)
+        # A resumed run keeps its caption dropout unless told otherwise.
+        drop_text = previous.get("drop_text") if args.resume and args.drop_text is None else args.drop_text
+        objective = make_objective(config, clip, drop_text)
         if args.init is not None and not args.resume:
             initialise_from(objective, args.init)
         lock = previous.get("lock") if args.resume else args.lock
@@ -181,6 +189,8 @@ def run_train(args: argparse.Namespace) -> int:
         # A resumed run keeps recording the checkpoint it was initialised from.
         init = previous.get("init") if args.resume else args.init and str(args.init)
         metadata = {"data": args.data, "clip": None if clip is None else str(clip), "init": init, "lock": lock}
+        if hasattr(objective, "drop_text"):
+            metadata["drop_text"] = objective.drop_text
         if args.data == "shapes":
             metadata |= shapes_options
         result = train(objective, source, args.out, options, metadata)

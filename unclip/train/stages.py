@@ -30,6 +30,7 @@ from unclip.train.data import Batch
 PRIOR_DROP_TEXT = 0.1
 DECODER_DROP_IMAGE = 0.1
 DECODER_DROP_TEXT = 0.5
+DEFAULT_DROP_TEXT = {"prior": PRIOR_DROP_TEXT, "decoder": DECODER_DROP_TEXT}
 # Upsampler conditioning augmentation: the low-res image is blurred with sigma ~ U(0, this), in low-res pixels.
 MAX_BLUR_SIGMA = 1.0
 DEFAULT_LR = {"clip": 5e-4, "prior": 3e-4, "decoder": 2e-4, "upsampler": 2e-4}
@@ -106,6 +107,12 @@ class FrozenClip(nn.Module):
         return F.normalize(self.model.encode_image(pixels).float(), dim=-1)
 
 
+def check_fraction(value: float, name: str) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must lie in [0, 1], got {value}")
+    return float(value)
+
+
 class Objective(nn.Module):
     kind: str
     use_ema: bool = True  # the diffusion models serve EMA weights
@@ -154,8 +161,9 @@ class PriorObjective(Objective):
 
     kind = "prior"
 
-    def __init__(self, config: PriorStageConfig, clip: FrozenClip):
+    def __init__(self, config: PriorStageConfig, clip: FrozenClip, drop_text: float = PRIOR_DROP_TEXT):
         super().__init__(config, DiffusionPrior(config.model))
+        self.drop_text = check_fraction(drop_text, "drop_text")
         cfg = config.model
         if (cfg.embed_dim, cfg.text_width) != (clip.embed_dim, clip.text_width) or cfg.context_length < clip.context_length:
             raise ValueError(
@@ -172,7 +180,7 @@ class PriorObjective(Objective):
         rows = x0.shape[0]
         t = random_timesteps(rows, self.diffusion.num_timesteps, generator).to(device)
         noise = torch.randn(x0.shape, generator=generator).to(device)
-        drop_text = bernoulli(rows, PRIOR_DROP_TEXT, generator).to(device)
+        drop_text = bernoulli(rows, self.drop_text, generator).to(device)
         x_t = self.diffusion.q_sample(x0, t, noise)
         output = self.model(
             x_t,
@@ -190,8 +198,9 @@ class DecoderObjective(Objective):
 
     kind = "decoder"
 
-    def __init__(self, config: DecoderStageConfig, clip: FrozenClip):
+    def __init__(self, config: DecoderStageConfig, clip: FrozenClip, drop_text: float = DECODER_DROP_TEXT):
         super().__init__(config, UNet(config.model))
+        self.drop_text = check_fraction(drop_text, "drop_text")
         cfg = config.model
         if cfg.image_embed_dim != clip.embed_dim or cfg.text_width not in (0, clip.text_width):
             raise ValueError(
@@ -212,7 +221,7 @@ class DecoderObjective(Objective):
         }
         if self.config.model.text_width > 0:
             _, text_states, text_mask = self.clip.encode_text(batch["captions"], device)
-            drop_text = bernoulli(rows, DECODER_DROP_TEXT, generator).to(device)
+            drop_text = bernoulli(rows, self.drop_text, generator).to(device)
             conditioning |= {"text_encodings": text_states, "text_mask": text_mask, "drop_text": drop_text}
         t = random_timesteps(rows, self.diffusion.num_timesteps, generator).to(device)
         noise = torch.randn(x0.shape, generator=generator).to(device)
@@ -264,16 +273,20 @@ class UpsamplerObjective(Objective):
         return self.diffusion_loss(output, x0, noise, t)
 
 
-def make_objective(config: StageConfig, clip: str | Path | None = None) -> Objective:
+def make_objective(config: StageConfig, clip: str | Path | None = None, drop_text: float | None = None) -> Objective:
     """The objective for `config`'s stage; prior and decoder use the frozen CLIP checkpoint `clip`
-    (default: the shipped one). Seed torch first: the network is freshly initialised."""
+    (default: the shipped one) and train `drop_text` of their rows without the caption (default:
+    DEFAULT_DROP_TEXT). Seed torch first: the network is freshly initialised."""
+    if drop_text is not None and config.kind not in DEFAULT_DROP_TEXT:
+        raise ValueError(f"drop_text applies to the prior and decoder; the {config.kind} stage has no caption dropout")
     if isinstance(config, ClipStageConfig):
         return ClipObjective(config)
     if isinstance(config, UpsamplerStageConfig):
         return UpsamplerObjective(config)
     frozen = FrozenClip(clip if clip is not None else default_checkpoint("clip"))
+    drop_text = DEFAULT_DROP_TEXT[config.kind] if drop_text is None else drop_text
     if isinstance(config, PriorStageConfig):
-        return PriorObjective(config, frozen)
+        return PriorObjective(config, frozen, drop_text)
     if isinstance(config, DecoderStageConfig):
-        return DecoderObjective(config, frozen)
+        return DecoderObjective(config, frozen, drop_text)
     raise TypeError(f"no training objective for {type(config).__name__}")
