@@ -16,11 +16,11 @@ from pathlib import Path
 
 from unclip.checkpoint import load_weights, read_config
 from unclip.train.export import STORAGE_DTYPES, training_record, write_servable
+from unclip.validation import check_fraction
 
 
 def interpolate(start: Path, end: Path, out: Path, alpha: float, dtype: str = "float16") -> Path:
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    check_fraction(alpha, "alpha")
     first, second = read_config(start), read_config(end)
     if first.kind != second.kind or first.model != second.model:
         raise ValueError(f"{start} and {end} are not the same network ({first.kind} vs {second.kind}); only a model and its fine-tune mix")

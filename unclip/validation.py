@@ -52,5 +52,12 @@ def check_range(value: float, name: str, low: float, high: float) -> float:
     return value
 
 
+def check_fraction(value: float, name: str) -> float:
+    """A share or mixing weight: a number in [0, 1] (NaN is refused too)."""
+    if not 0.0 <= value <= 1.0:
+        raise InvalidArgument(f"{name} must lie in [0, 1], got {value}")
+    return float(value)
+
+
 def _pretty(shape: Sequence[int | None]) -> str:
     return "[" + ", ".join("*" if d is None else str(d) for d in shape) + "]"

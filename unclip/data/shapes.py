@@ -19,6 +19,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from torch.utils.data import IterableDataset, get_worker_info
 
+from unclip.validation import check_fraction
+
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "black": (0, 0, 0),
     "white": (255, 255, 255),
@@ -464,13 +466,9 @@ class ShapesDataset(IterableDataset):
             raise ValueError("contrast groups are for training: a variant may lose the held-out pair the heldout split promises")
         self.contrast_group = contrast_group
         self.seed, self.size, self.split = seed, size, split
-        if not 0.0 <= two_object_fraction <= 1.0:
-            raise ValueError(f"two_object_fraction must lie in [0, 1], got {two_object_fraction}")
-        self.two_object_fraction = two_object_fraction
+        self.two_object_fraction = check_fraction(two_object_fraction, "two_object_fraction")
         self.heldout = list(heldout)
-        if not 0.0 <= mention_p <= 1.0:
-            raise ValueError(f"mention_p must lie in [0, 1], got {mention_p}")
-        self.mention_p = mention_p
+        self.mention_p = check_fraction(mention_p, "mention_p")
 
     def __iter__(self):
         worker = get_worker_info()

@@ -25,12 +25,11 @@ from unclip.models.unet import UNet
 from unclip.stages import default_checkpoint
 from unclip.stages.base import build_diffusion, embedding_to_model_space, images_to_unit
 from unclip.train.data import Batch
+from unclip.validation import check_fraction
 
 # Classifier-free guidance: the fraction of rows trained without each condition (DALL-E 2's values).
-PRIOR_DROP_TEXT = 0.1
 DECODER_DROP_IMAGE = 0.1
-DECODER_DROP_TEXT = 0.5
-DEFAULT_DROP_TEXT = {"prior": PRIOR_DROP_TEXT, "decoder": DECODER_DROP_TEXT}
+DEFAULT_DROP_TEXT = {"prior": 0.1, "decoder": 0.5}  # the caption; --drop-text sets another share
 # Upsampler conditioning augmentation: the low-res image is blurred with sigma ~ U(0, this), in low-res pixels.
 MAX_BLUR_SIGMA = 1.0
 DEFAULT_LR = {"clip": 5e-4, "prior": 3e-4, "decoder": 2e-4, "upsampler": 2e-4}
@@ -107,12 +106,6 @@ class FrozenClip(nn.Module):
         return F.normalize(self.model.encode_image(pixels).float(), dim=-1)
 
 
-def check_fraction(value: float, name: str) -> float:
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must lie in [0, 1], got {value}")
-    return float(value)
-
-
 class Objective(nn.Module):
     kind: str
     use_ema: bool = True  # the diffusion models serve EMA weights
@@ -161,7 +154,7 @@ class PriorObjective(Objective):
 
     kind = "prior"
 
-    def __init__(self, config: PriorStageConfig, clip: FrozenClip, drop_text: float = PRIOR_DROP_TEXT):
+    def __init__(self, config: PriorStageConfig, clip: FrozenClip, drop_text: float):
         super().__init__(config, DiffusionPrior(config.model))
         self.drop_text = check_fraction(drop_text, "drop_text")
         cfg = config.model
@@ -198,7 +191,7 @@ class DecoderObjective(Objective):
 
     kind = "decoder"
 
-    def __init__(self, config: DecoderStageConfig, clip: FrozenClip, drop_text: float = DECODER_DROP_TEXT):
+    def __init__(self, config: DecoderStageConfig, clip: FrozenClip, drop_text: float):
         super().__init__(config, UNet(config.model))
         self.drop_text = check_fraction(drop_text, "drop_text")
         cfg = config.model
