@@ -521,3 +521,23 @@ def test_cli_drop_text_is_recorded_kept_on_resume_and_refused_where_there_is_no_
     upsampler = ["upsampler", "--data", "shapes", "--device", "cpu", "--batch-size", "2", "--steps", "1", "--drop-text", "0.2"]
     assert unclip_train(*upsampler, "--out", str(tmp_path / "u")) == 1
     assert "the upsampler stage has no caption dropout" in capsys.readouterr().err
+
+
+def test_cli_resume_alone_continues_the_same_run(tmp_path: Path):
+    """`--resume` without the options a run started with keeps them (data, batch size, seed), so it
+    equals the uninterrupted run; an option given again on resume is the one that applies."""
+    started = ["--mention-p", "0.9", "--two-object-fraction", "0.8", "--seed", "5", "--batch-size", "2", "--lr", "1e-3"]
+    base = ["decoder", "--data", "shapes", "--device", "cpu", "--image-size", "64", "--checkpoint-every", "1"]
+    assert unclip_train(*base, *started, "--steps", "2", "--out", str(tmp_path / "straight")) == 0
+    assert unclip_train(*base, *started, "--steps", "1", "--out", str(tmp_path / "resumed")) == 0
+    assert unclip_train("decoder", "--data", "shapes", "--device", "cpu", "--image-size", "64", "--steps", "2", "--resume", "--out", str(tmp_path / "resumed")) == 0
+    state = read_train_state(tmp_path / "resumed")
+    assert (state["mention_p"], state["two_object_fraction"], state["options"]["seed"], state["options"]["batch_size"]) == (0.9, 0.8, 5, 2)
+    assert state["examples"] == 4 and state["options"]["lr"] == 1e-3
+    for name in ("model.safetensors", "train_weights.safetensors"):
+        expected, actual = load_file(str(tmp_path / "straight" / name)), load_file(str(tmp_path / "resumed" / name))
+        for key in expected:
+            torch.testing.assert_close(actual[key], expected[key])
+    assert unclip_train(*base, "--steps", "3", "--resume", "--lr", "5e-4", "--out", str(tmp_path / "resumed")) == 0
+    state = read_train_state(tmp_path / "resumed")
+    assert state["options"]["lr"] == 5e-4 and all(group["lr"] == 5e-4 for group in state["param_groups"])

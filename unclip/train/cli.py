@@ -21,7 +21,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     )
     parser.add_argument("--out", type=Path, required=True, help="checkpoint directory to write (and to resume from)")
     parser.add_argument("--steps", type=int, default=10_000, help="total steps, counting resumed ones (default: 10000)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, help="rows per step (default: 64; a resumed run keeps its own)")
     parser.add_argument("--lr", type=float, help="AdamW learning rate (default: per stage)")
     parser.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     parser.add_argument("--clip", type=Path, help="prior, decoder: frozen CLIP (default: the shipped one or the resumed run's)")
@@ -37,29 +37,29 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         help="train with this stage config (a checkpoint directory or its config.json) instead of the stage's "
         "default, e.g. another geometry; a resumed run keeps its own",
     )
-    parser.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints (and one at the end)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--checkpoint-every", type=int, help="steps between checkpoints, and one at the end (default: 1000; a resumed run keeps its own)"
+    )
+    parser.add_argument("--seed", type=int, help="initialisation, data and noise (default: 0; a resumed run keeps its own)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--workers", type=int, default=0, help="data loading processes (default: load in the training process)")
     parser.add_argument(
         "--mention-p",
         type=float,
-        default=0.5,
-        help="shapes: probability that a caption states each optional attribute (size, position, background)",
+        help="shapes: probability that a caption states each optional attribute (size, position, background) "
+        "(default: 0.5; a resumed run keeps its own)",
     )
     parser.add_argument(
         "--contrast-group",
         type=int,
-        default=1,
         help="shapes: follow each scene with N-1 variants whose captions differ from it in one fact (position, "
         "colour, shape, size, relation or which colour goes with which shape): hard negatives for CLIP; "
-        "--batch-size must be a multiple of N (default: 1, off)",
+        "--batch-size must be a multiple of N (default: 1, off; a resumed run keeps its own)",
     )
     parser.add_argument(
         "--two-object-fraction",
         type=float,
-        default=0.3,
-        help="shapes: share of scenes with two objects in a relation (default: 0.3)",
+        help="shapes: share of scenes with two objects in a relation (default: 0.3; a resumed run keeps its own)",
     )
     parser.add_argument(
         "--drop-text",
@@ -126,6 +126,22 @@ def lock_tower(objective, tower: str) -> None:
         objective.model.lock_text_tower()
 
 
+# Options a run records; a resumed run takes the recorded value of each one not given again, so
+# that `--resume` alone continues the same run (same data stream, batch size and seed).
+RESUMABLE_OPTIONS = {"batch_size": 64, "checkpoint_every": 1000, "seed": 0}
+RESUMABLE_SHAPES_OPTIONS = {"mention_p": 0.5, "contrast_group": 1, "two_object_fraction": 0.3}
+
+
+def resolve_resumable(args: argparse.Namespace, previous: dict) -> None:
+    """Fill in every resumable option left unset: the run's recorded value, else the default."""
+    for name, default in RESUMABLE_OPTIONS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, previous.get("options", {}).get(name, default))
+    for name, default in RESUMABLE_SHAPES_OPTIONS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, previous.get(name, default))
+
+
 def run_train(args: argparse.Namespace) -> int:
     """Exit code 0 on success; 1, with a message and no traceback, for bad data or checkpoints."""
     import torch
@@ -136,17 +152,6 @@ def run_train(args: argparse.Namespace) -> int:
     from unclip.train.loop import TrainOptions, read_train_state, train
     from unclip.train.stages import DEFAULT_LR, make_objective
 
-    options = TrainOptions(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr if args.lr is not None else DEFAULT_LR[args.stage],
-        checkpoint_every=args.checkpoint_every,
-        seed=args.seed,
-        device=args.device,
-        workers=args.workers,
-        resume=args.resume,
-        progress=sys.stderr.isatty(),
-    )
     try:
         # A resumed run keeps the configuration it was started with.
         if args.resume:
@@ -161,6 +166,19 @@ def run_train(args: argparse.Namespace) -> int:
             raise CheckpointError(f"{args.out}: holds a checkpoint of stage {config.kind!r}, not {args.stage!r}")
         # The prior and decoder must go on with the CLIP they started with.
         previous = read_train_state(args.out) if args.resume else {}
+        resolve_resumable(args, previous)
+        options = TrainOptions(
+            steps=args.steps,
+            batch_size=args.batch_size,
+            # A resumed run's optimizer state carries its own learning rate.
+            lr=args.lr if args.lr is not None else previous.get("options", {}).get("lr", DEFAULT_LR[args.stage]),
+            checkpoint_every=args.checkpoint_every,
+            seed=args.seed,
+            device=args.device,
+            workers=args.workers,
+            resume=args.resume,
+            progress=sys.stderr.isatty(),
+        )
         clip = previous.get("clip") if args.resume and args.clip is None else args.clip
         if not 1 <= args.contrast_group <= args.batch_size:
             raise ValueError(f"--contrast-group must lie in [1, --batch-size {args.batch_size}], got {args.contrast_group}")

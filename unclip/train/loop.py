@@ -215,6 +215,9 @@ class Trainer:
         if self.ema is not None:
             self.ema.weights = {name: tensor.to(self.device) for name, tensor in load_weights(out, config).items()}
         self.optimizer.load_state_dict(unflatten_optimizer_state(state, info["param_groups"]))
+        # The saved groups carry the rate the run had; a resumed run trains at the one it is given now.
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.options.lr
         torch.set_rng_state(state["rng.torch"])
         self.generator.set_state(state["rng.generator"])
         if "rng.cuda" in state and self.device.type == "cuda":
