@@ -126,20 +126,19 @@ def lock_tower(objective, tower: str) -> None:
         objective.model.lock_text_tower()
 
 
-# Options a run records; a resumed run takes the recorded value of each one not given again, so
-# that `--resume` alone continues the same run (same data stream, batch size and seed).
-RESUMABLE_OPTIONS = {"batch_size": 64, "checkpoint_every": 1000, "seed": 0}
-RESUMABLE_SHAPES_OPTIONS = {"mention_p": 0.5, "contrast_group": 1, "two_object_fraction": 0.3}
+# Options a run records, with their defaults; a resumed run takes the recorded value of each one
+# not given again, so that `--resume` alone continues the same run (same data stream, batch size,
+# seed, learning rate, caption dropout and CLIP). Training options are recorded under "options".
+RESUMABLE_TRAINING_OPTIONS = {"batch_size": 64, "checkpoint_every": 1000, "seed": 0, "lr": None}  # lr None: the stage's
+RESUMABLE_RUN_OPTIONS = {"mention_p": 0.5, "contrast_group": 1, "two_object_fraction": 0.3, "drop_text": None, "clip": None}
 
 
 def resolve_resumable(args: argparse.Namespace, previous: dict) -> None:
     """Fill in every resumable option left unset: the run's recorded value, else the default."""
-    for name, default in RESUMABLE_OPTIONS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, previous.get("options", {}).get(name, default))
-    for name, default in RESUMABLE_SHAPES_OPTIONS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, previous.get(name, default))
+    for recorded, defaults in ((previous.get("options", {}), RESUMABLE_TRAINING_OPTIONS), (previous, RESUMABLE_RUN_OPTIONS)):
+        for name, default in defaults.items():
+            if getattr(args, name) is None:
+                setattr(args, name, recorded.get(name, default))
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -164,14 +163,13 @@ def run_train(args: argparse.Namespace) -> int:
             config = STAGE_CONFIGS[args.stage]()
         if config.kind != args.stage:
             raise CheckpointError(f"{args.out}: holds a checkpoint of stage {config.kind!r}, not {args.stage!r}")
-        # The prior and decoder must go on with the CLIP they started with.
+        # A resumed run goes on with what it recorded (the prior and decoder with the CLIP they started with).
         previous = read_train_state(args.out) if args.resume else {}
         resolve_resumable(args, previous)
         options = TrainOptions(
             steps=args.steps,
             batch_size=args.batch_size,
-            # A resumed run's optimizer state carries its own learning rate.
-            lr=args.lr if args.lr is not None else previous.get("options", {}).get("lr", DEFAULT_LR[args.stage]),
+            lr=args.lr if args.lr is not None else DEFAULT_LR[args.stage],
             checkpoint_every=args.checkpoint_every,
             seed=args.seed,
             device=args.device,
@@ -179,7 +177,6 @@ def run_train(args: argparse.Namespace) -> int:
             resume=args.resume,
             progress=sys.stderr.isatty(),
         )
-        clip = previous.get("clip") if args.resume and args.clip is None else args.clip
         if not 1 <= args.contrast_group <= args.batch_size:
             raise ValueError(f"--contrast-group must lie in [1, --batch-size {args.batch_size}], got {args.contrast_group}")
         if args.batch_size % args.contrast_group:
@@ -194,9 +191,7 @@ def run_train(args: argparse.Namespace) -> int:
         }
         source = open_source(args.data, args.image_size, args.seed, **shapes_options)
         torch.manual_seed(args.seed)  # the freshly initialised network
-        # A resumed run keeps its caption dropout unless told otherwise.
-        drop_text = previous.get("drop_text") if args.resume and args.drop_text is None else args.drop_text
-        objective = make_objective(config, clip, drop_text)
+        objective = make_objective(config, args.clip, args.drop_text)
         if args.init is not None and not args.resume:
             initialise_from(objective, args.init)
         lock = previous.get("lock") if args.resume else args.lock
@@ -206,7 +201,7 @@ def run_train(args: argparse.Namespace) -> int:
             lock_tower(objective, lock)
         # A resumed run keeps recording the checkpoint it was initialised from.
         init = previous.get("init") if args.resume else args.init and str(args.init)
-        metadata = {"data": args.data, "clip": None if clip is None else str(clip), "init": init, "lock": lock}
+        metadata = {"data": args.data, "clip": None if args.clip is None else str(args.clip), "init": init, "lock": lock}
         if hasattr(objective, "drop_text"):
             metadata["drop_text"] = objective.drop_text
         if args.data == "shapes":
