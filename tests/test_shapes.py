@@ -13,12 +13,16 @@ from unclip.data.shapes import (
     COLOUR_JITTER,
     COLOURS,
     DEFAULT_HELDOUT,
+    EXTRA_COLOURS,
+    EXTRA_SHAPES,
     MAX_CONTRAST_GROUP,
     POSITION_PHRASES,
     RELATIONS,
     SHAPES,
     SIZES,
     ObjectSpec,
+    Scene,
+    ShapeObject,
     ShapesDataset,
     Spec,
     canonical_prompts,
@@ -287,3 +291,71 @@ def test_every_caption_has_enough_variants_for_the_largest_group():
         assert len(contrast_specs(bare, rng, train_combos, MAX_CONTRAST_GROUP - 1)) == MAX_CONTRAST_GROUP - 1
     with pytest.raises(ValueError, match="one-fact variants"):
         contrast_specs(Spec((ObjectSpec("red", "circle"),)), rng, train_combos, 50)
+
+
+def _uses_extra_words(caption: str) -> bool:
+    return bool(set(caption.split()) & (set(EXTRA_COLOURS) | set(EXTRA_SHAPES)))
+
+
+def test_extra_vocabulary_sets_the_share_of_scenes_that_draw_on_it_and_leaves_other_streams_alone():
+    def share(fraction: float) -> float:
+        items = take(ShapesDataset(seed=2, size=16, extra_vocabulary=fraction, two_object_fraction=0.5), 400)
+        return sum(_uses_extra_words(x["caption"]) for x in items) / len(items)
+
+    # An extended scene may still draw only domain pairs (16 of the 68 it may show), so the shares sit below the fraction.
+    assert share(0.0) == 0.0 and share(1.0) > 0.75 and 0.3 < share(0.5) < 0.55
+    # Off, the stream is exactly the one drawn before the option existed: no extra random numbers.
+    rng = np.random.default_rng([3, 0])
+    expected = [sample(rng, 0.3, DEFAULT_HELDOUT, "train", 0.5).caption for _ in range(30)]
+    assert [x["caption"] for x in take(ShapesDataset(seed=3, size=16), 30)] == expected
+    with pytest.raises(ValueError, match=r"extra_vocabulary must lie in \[0, 1\]"):
+        ShapesDataset(extra_vocabulary=1.5)
+
+
+def test_extra_vocabulary_keeps_held_out_pairs_out_of_scenes_and_contrast_groups():
+    group = 4
+    items = take(ShapesDataset(seed=6, size=16, extra_vocabulary=1.0, contrast_group=group, two_object_fraction=0.5, mention_p=0.8), 400)
+    changes = []
+    for start in range(0, len(items), group):
+        scene, *variants = (parse_caption(x["caption"]) for x in items[start : start + group])
+        for spec in (scene, *variants):
+            assert not {(o.colour, o.shape) for o in spec.objects} & set(DEFAULT_HELDOUT)
+        for variant in variants:
+            (change,) = _differences(scene, variant)  # still one fact apart
+            changes.append((change, variant))
+    # Variants draw on the extra words too: "a purple circle" meets "a purple ring", not only "a purple square".
+    assert any(change == "shape" and variant.objects[0].shape in EXTRA_SHAPES for change, variant in changes)
+    assert any(change == "colour" and variant.objects[0].colour in EXTRA_COLOURS for change, variant in changes)
+    assert any(variant.objects[0].colour == "purple" and variant.objects[0].shape in EXTRA_SHAPES for _, variant in changes)
+
+
+@pytest.mark.parametrize("shape", EXTRA_SHAPES)
+def test_extra_shapes_are_drawn_as_named(shape: str):
+    half = 0.3
+    obj = ShapeObject(shape, "pink", "large", 0.5, 0.5, half, EXTRA_COLOURS["pink"])
+    image = render(Scene("black", (obj,), None, f"a pink {shape}", {}), size=256)
+
+    def filled(dx: float, dy: float) -> bool:  # offsets from the centre, in half-widths
+        x, y = (int(256 * (0.5 + d * half)) for d in (dx, dy))
+        return bool(image[y, x].any())
+
+    # Points that tell these shapes from each other and from the domain's circle, square and triangle.
+    expected = {
+        "diamond": {(0, 0): True, (0.9, 0): True, (0, -0.9): True, (0.7, 0.7): False, (-0.7, -0.7): False},
+        "cross": {(0, 0): True, (0.9, 0): True, (0, 0.9): True, (0.7, 0.7): False, (-0.7, -0.7): False},
+        "ring": {(0, 0): False, (0.75, 0): True, (0, -0.75): True, (0.95, 0.95): False},
+        "star": {(0, 0): True, (0, -0.9): True, (0, 0.9): False, (0.9, 0.9): False},
+    }[shape]
+    assert {point: filled(*point) for point in expected} == expected
+    inside = image[image.any(axis=-1)]
+    assert np.abs(np.median(inside, axis=0) - EXTRA_COLOURS["pink"]).max() <= 1
+
+
+def test_the_judge_refuses_words_of_the_extra_vocabulary():
+    from unclip.eval.judge import judge
+
+    image = render(sample_scene_for(parse_caption("a red circle"), np.random.default_rng(0)))
+    assert judge("a red circle", image).correct
+    for caption in ("a pink circle", "a red star", "a red circle above a teal ring"):
+        with pytest.raises(ValueError, match="the judge knows the colours"):
+            judge(caption, image)

@@ -461,6 +461,26 @@ def test_interpolated_weights_mix_a_checkpoint_with_its_fine_tune_and_record_bot
     assert not (tmp_path / "bad").exists()
 
 
+def test_interpolated_clip_weights_average_two_checkpoints_of_one_run(tmp_path: Path):
+    """A CLIP config names its network by open_clip model name, not by a geometry; the mix of two
+    checkpoints of one run (a two-point weight average) must load and encode."""
+    from unclip.checkpoint import load_weights, read_config, save_checkpoint
+
+    interpolate = load_tool("interpolate_weights").interpolate
+    shipped = default_checkpoint("clip")
+    config = read_config(shipped)
+    start = load_weights(shipped, config)
+    later = {name: tensor.float() + 0.01 for name, tensor in start.items()}
+    save_checkpoint(tmp_path / "later", config, later)
+    mixed_dir = interpolate(shipped, tmp_path / "later", tmp_path / "mix", 0.5, dtype="float32")
+    mixed = load_weights(mixed_dir, read_config(mixed_dir))
+    for name in start:
+        torch.testing.assert_close(mixed[name], 0.5 * start[name].float() + 0.5 * later[name])
+    assert load_engine("clip", mixed_dir).encode_text(["a red circle"]).embeddings.shape == (1, 64)
+    with pytest.raises(ValueError, match="not the same network"):
+        interpolate(shipped, default_checkpoint("prior"), tmp_path / "bad", 0.5)
+
+
 def test_init_keeps_new_parameters_at_their_initialisation(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     from unclip.train.cli import initialise_from
 
@@ -541,3 +561,20 @@ def test_cli_resume_alone_continues_the_same_run(tmp_path: Path):
     assert unclip_train(*base, "--steps", "3", "--resume", "--lr", "5e-4", "--out", str(tmp_path / "resumed")) == 0
     state = read_train_state(tmp_path / "resumed")
     assert state["options"]["lr"] == 5e-4 and all(group["lr"] == 5e-4 for group in state["param_groups"])
+
+
+def test_cli_extra_vocabulary_is_recorded_kept_on_resume_and_refused_off_shapes(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    common = ["prior", "--data", "shapes", "--device", "cpu", "--batch-size", "2", "--image-size", "64", "--out", str(tmp_path / "p")]
+    assert unclip_train(*common, "--steps", "1", "--extra-vocabulary", "0.4") == 0
+    assert unclip_train(*common, "--steps", "2", "--resume") == 0
+    assert read_train_state(tmp_path / "p")["extra_vocabulary"] == 0.4
+    capsys.readouterr()
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "a.png")
+    (folder / "a.txt").write_text("a red circle")
+    other = ["prior", "--device", "cpu", "--batch-size", "2", "--steps", "1", "--extra-vocabulary", "0.4"]
+    assert unclip_train(*other, "--data", str(folder), "--out", str(tmp_path / "f")) == 1
+    assert "the extra vocabulary is drawn from the Shapes grammar" in capsys.readouterr().err
+    assert unclip_train(*other[:-1], "1.5", "--data", "shapes", "--out", str(tmp_path / "bad")) == 1
+    assert "extra_vocabulary must lie in [0, 1], got 1.5" in capsys.readouterr().err

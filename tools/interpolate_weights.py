@@ -19,10 +19,15 @@ from unclip.train.export import STORAGE_DTYPES, training_record, write_servable
 from unclip.validation import check_fraction
 
 
+def _network(config):
+    """What fixes a stage's tensors: its model geometry, or for CLIP the open_clip model name."""
+    return config.model if hasattr(config, "model") else config.model_name
+
+
 def interpolate(start: Path, end: Path, out: Path, alpha: float, dtype: str = "float16") -> Path:
     check_fraction(alpha, "alpha")
     first, second = read_config(start), read_config(end)
-    if first.kind != second.kind or first.model != second.model:
+    if first.kind != second.kind or _network(first) != _network(second):
         raise ValueError(f"{start} and {end} are not the same network ({first.kind} vs {second.kind}); only a model and its fine-tune mix")
     a, b = load_weights(start, first), load_weights(end, second)
     if a.keys() != b.keys() or any(a[k].shape != b[k].shape for k in a):

@@ -14,7 +14,8 @@
         decode the true CLIP image embedding (plus the caption's text tokens), upscale bicubically
         to 128x128 and judge; prints each prompt with what the judge found.
 
-`--split heldout` draws the prior, decoder and upsampler prompts from the held-out colour-shapes.
+`--split heldout` draws the prompts (clip: the images) from the held-out colour-shapes, `--split train`
+from the others; by default the clip check draws from both.
 
 `--grid PATH` writes the judged images side by side with the truth.
 """
@@ -59,7 +60,8 @@ def _encode_images(clip, images: np.ndarray) -> np.ndarray:
 def check_clip(args: argparse.Namespace) -> None:
     clip = load_engine("clip", args.checkpoint)
     rng = np.random.default_rng(args.seed)
-    scenes = [sample(rng, 0.0, DEFAULT_HELDOUT, "all") for _ in range(args.n)]
+    split = args.split or "all"
+    scenes = [sample(rng, 0.0, DEFAULT_HELDOUT, split) for _ in range(args.n)]
     images = np.stack([render(scene) for scene in scenes])
     combos = ONE_OBJECT_COMBOS
     captions = [f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} {shape} {POSITION_PHRASES[place]}" for colour, shape, place in combos]
@@ -80,28 +82,40 @@ def check_clip(args: argparse.Namespace) -> None:
     similarities = np.einsum("cpd,cqd->cpq", by_combo, by_combo)
     off_diagonal = ~np.eye(len(POSITION_PHRASES), dtype=bool)
     print(f"mean cosine similarity of captions that differ only in position: {similarities[:, off_diagonal].mean():.4f}")
-    _check_clip_pairs(clip, rng, args.n)
+    _check_clip_pairs(clip, rng, args.n, split)
 
 
-def _check_clip_pairs(clip, rng: np.random.Generator, n: int) -> None:
-    """Two objects: does the nearest of the four relation captions name the true relation, and does
-    the true caption beat the one with the two colours swapped between the shapes?"""
-    scenes = [sample(rng, 1.0, DEFAULT_HELDOUT, "all") for _ in range(n)]
+def _check_clip_pairs(clip, rng: np.random.Generator, n: int, split: str) -> None:
+    """Two objects: does the nearest of the four relation captions name the true relation, does
+    the true caption beat the one with the two colours swapped between the shapes, and does it beat
+    all four captions that give one object another shape?"""
+    scenes = [sample(rng, 1.0, DEFAULT_HELDOUT, split) for _ in range(n)]
     image_embeddings = _encode_images(clip, np.stack([render(scene) for scene in scenes]))
-    relation_hits = binding_hits = binding_total = 0
+    relation_hits = binding_hits = binding_total = shape_hits = 0
     relations = list(RELATIONS)
     for scene, image_embedding in zip(scenes, image_embeddings):
         a, b = (ObjectSpec(o.colour, o.shape) for o in scene.objects)
         spec = Spec((a, b), scene.relation)
         captions = [format_caption(dataclasses.replace(spec, relation=relation)) for relation in relations]
         captions.append(format_caption(colours_swapped(spec)))
+        reshaped = [
+            dataclasses.replace(spec, objects=tuple(ObjectSpec(o.colour, shape) if i == index else o for i, o in enumerate(spec.objects)))
+            for index, obj in enumerate(spec.objects)
+            for shape in SHAPES
+            if shape != obj.shape
+        ]
+        captions += [format_caption(variant) for variant in reshaped]
         scores = clip.encode_text(captions).embeddings @ image_embedding
         truth = relations.index(scene.relation)
         relation_hits += int(scores[:4].argmax() == truth)
+        shape_hits += int(scores[truth] > scores[5:].max())
         if a.shape != b.shape:  # with one shape twice, swapping the colours changes nothing
             binding_total += 1
             binding_hits += int(scores[truth] > scores[4])
-    print(f"two objects: relation {relation_hits}/{n} (chance 1/4), colours bound to the right shapes {binding_hits}/{binding_total} (chance 1/2)")
+    print(
+        f"two objects: relation {relation_hits}/{n} (chance 1/4), colours bound to the right shapes "
+        f"{binding_hits}/{binding_total} (chance 1/2), true shapes preferred to any one shape changed {shape_hits}/{n} (chance 1/5)"
+    )
 
 
 def _mean_image_embedding(clip, spec: Spec, rng: np.random.Generator, renders: int = 4) -> np.ndarray:
@@ -203,7 +217,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int)
     parser.add_argument("--guidance", type=float, help="decoder: 3, prior: 2")
     parser.add_argument("--seed", type=int, default=3)
-    parser.add_argument("--split", choices=("train", "heldout"), default="train", help="prompts from seen or held-out colour-shapes")
+    parser.add_argument(
+        "--split", choices=("train", "heldout"), help="prompts from seen or held-out colour-shapes (default: train; clip: both)"
+    )
     parser.add_argument("--grid", help="write the judged images here (PNG)")
     args = parser.parse_args()
     if args.stage in ("prior", "decoder") and not args.clip:
@@ -212,6 +228,8 @@ def main() -> None:
     args.n = args.n or defaults[0]
     args.steps = args.steps or defaults[1]
     args.guidance = args.guidance if args.guidance is not None else defaults[2]
+    if args.stage != "clip":
+        args.split = args.split or "train"
     checks = {"clip": check_clip, "prior": check_prior, "upsampler": check_upsampler, "decoder": check_decoder}
     checks[args.stage](args)
 

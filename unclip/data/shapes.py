@@ -35,6 +35,20 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "orange": (245, 140, 30),
 }
 SHAPES = ("circle", "square", "triangle")
+# A training-only vocabulary beyond the domain (`--extra-vocabulary`): more colours and shapes,
+# every one seen with nearly every other, so that a model meets colour and shape as separate
+# facts. With six colours and three shapes, most colour-shape pairs are seen and two are not, and
+# small models learn the pairs instead; a purple triangle then comes out as a purple circle.
+# Evaluation prompts and the judge keep to COLOURS and SHAPES, and the held-out pairs stay held out.
+EXTRA_COLOURS: dict[str, tuple[int, int, int]] = {
+    "pink": (240, 120, 190),
+    "brown": (130, 80, 35),
+    "lime": (165, 225, 50),
+    "teal": (20, 150, 150),
+}
+EXTRA_SHAPES = ("diamond", "cross", "ring", "star")
+ALL_COLOURS = COLOURS | EXTRA_COLOURS
+ALL_SHAPES = SHAPES + EXTRA_SHAPES
 SIZES: dict[str, float] = {"small": 0.10, "large": 0.16}  # nominal half-width, fraction of the side
 SIZE_JITTER = 0.10  # relative, uniform
 COLOUR_JITTER = 12  # per channel, uniform
@@ -131,8 +145,8 @@ class Spec:
         if len(self.objects) not in (1, 2):
             raise ValueError(f"a scene has one or two objects, got {len(self.objects)}")
         for o in self.objects:
-            _check_value("colour", o.colour, COLOURS)
-            _check_value("shape", o.shape, SHAPES)
+            _check_value("colour", o.colour, ALL_COLOURS)
+            _check_value("shape", o.shape, ALL_SHAPES)
             _check_value("size", o.size, SIZES)
             _check_value("position", o.position, POSITIONS)
         _check_value("relation", self.relation, RELATIONS)
@@ -190,7 +204,7 @@ def _alternatives(words) -> str:
     return "|".join(re.escape(w) for w in words)
 
 
-_COLOUR, _SHAPE = _alternatives(COLOURS), _alternatives(SHAPES)
+_COLOUR, _SHAPE = _alternatives(ALL_COLOURS), _alternatives(ALL_SHAPES)
 _BACKGROUND = rf"(?: on a (?P<background>{_alternatives(BACKGROUNDS)}) background)?"
 _ONE_OBJECT = re.compile(
     rf"(?P<article>an?) (?:(?P<size>{_alternatives(SIZES)}) )?(?P<colour>{_COLOUR}) (?P<shape>{_SHAPE})"
@@ -236,7 +250,7 @@ def _choice(rng: np.random.Generator, options):
 def _make_object(rng: np.random.Generator, colour: str, shape: str, size: str, cx=0.5, cy=0.5) -> ShapeObject:
     half_width = SIZES[size] * rng.uniform(1 - SIZE_JITTER, 1 + SIZE_JITTER)
     jitter = rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, size=3)
-    rgb = tuple(int(v) for v in np.clip(np.array(COLOURS[colour]) + jitter, 0, 255))
+    rgb = tuple(int(v) for v in np.clip(np.array(ALL_COLOURS[colour]) + jitter, 0, 255))
     return ShapeObject(shape, colour, size, cx, cy, half_width, rgb)
 
 
@@ -306,16 +320,18 @@ def _moved(obj: ShapeObject, cx: float, cy: float) -> ShapeObject:
     return ShapeObject(obj.shape, obj.colour, obj.size, float(cx), float(cy), obj.half_width, obj.rgb)
 
 
-def split_combos(heldout: list[tuple[str, str]], split: str) -> list[tuple[str, str]]:
-    """The (colour, shape) pairs a split may show: all but the held-out ones for "train", else all."""
-    combos = [(c, s) for c in COLOURS for s in SHAPES]
+def split_combos(heldout: list[tuple[str, str]], split: str, extended: bool = False) -> list[tuple[str, str]]:
+    """The (colour, shape) pairs a split may show: all but the held-out ones for "train", else all;
+    extended: over the extra vocabulary as well."""
+    colours, shapes = (ALL_COLOURS, ALL_SHAPES) if extended else (COLOURS, SHAPES)
+    combos = [(c, s) for c in colours for s in shapes]
     if split == "train":
         combos = [c for c in combos if c not in {tuple(pair) for pair in heldout}]
     return combos
 
 
 def _draw_combos(
-    rng: np.random.Generator, count: int, heldout: list[tuple[str, str]], split: str
+    rng: np.random.Generator, count: int, heldout: list[tuple[str, str]], split: str, extended: bool = False
 ) -> list[tuple[str, str]]:
     """(colour, shape) for `count` objects of different colours, honouring the held-out split."""
     if split not in SPLITS:
@@ -323,7 +339,7 @@ def _draw_combos(
     heldout = [tuple(c) for c in heldout]
     if split == "heldout" and not heldout:
         raise ValueError("the heldout split needs at least one held-out (colour, shape)")
-    combos = split_combos(heldout, split)
+    combos = split_combos(heldout, split, extended)
     while True:
         drawn = [_choice(rng, combos) for _ in range(count)]
         if split == "heldout":  # one object is held out, the other anything
@@ -355,10 +371,11 @@ def sample(
     heldout: list[tuple[str, str]] = DEFAULT_HELDOUT,
     split: str = "all",
     mention_p: float = 0.5,
+    extended: bool = False,
 ) -> Scene:
-    """One random scene with its caption."""
+    """One random scene with its caption; extended: its objects may use the extra vocabulary."""
     count = 2 if rng.random() < two_object_fraction else 1
-    spec = _random_spec(rng, _draw_combos(rng, count, heldout, split), mention_p)
+    spec = _random_spec(rng, _draw_combos(rng, count, heldout, split, extended), mention_p)
     return sample_scene_for(spec, rng)
 
 
@@ -379,6 +396,7 @@ def contrast_specs(spec: Spec, rng: np.random.Generator, combos: list[tuple[str,
     possible vary it; other facts fill up the rest. Colour-shape pairs stay within `combos`.
     """
     objects = spec.objects
+    colours, shapes = dict.fromkeys(c for c, _ in combos), dict.fromkeys(s for _, s in combos)  # ordered, unique
     kinds: dict[str, list[Spec]] = {}
     if len(objects) == 2:
         a, b = objects
@@ -388,7 +406,7 @@ def contrast_specs(spec: Spec, rng: np.random.Generator, combos: list[tuple[str,
             kinds["swap"] = [swapped]
         taken = {a.colour, b.colour}
         kinds["colour"] = [
-            dataclasses.replace(spec, objects=(a, ObjectSpec(c, b.shape))) for c in COLOURS if c not in taken and (c, b.shape) in combos
+            dataclasses.replace(spec, objects=(a, ObjectSpec(c, b.shape))) for c in colours if c not in taken and (c, b.shape) in combos
         ]
     else:
         (obj,) = objects
@@ -398,8 +416,8 @@ def contrast_specs(spec: Spec, rng: np.random.Generator, combos: list[tuple[str,
 
         if obj.position is not None:
             kinds["position"] = [with_object(position=p) for p in POSITIONS if p != obj.position]
-        kinds["colour"] = [with_object(colour=c) for c in COLOURS if c != obj.colour and (c, obj.shape) in combos]
-        kinds["shape"] = [with_object(shape=s) for s in SHAPES if s != obj.shape and (obj.colour, s) in combos]
+        kinds["colour"] = [with_object(colour=c) for c in colours if c != obj.colour and (c, obj.shape) in combos]
+        kinds["shape"] = [with_object(shape=s) for s in shapes if s != obj.shape and (obj.colour, s) in combos]
         if obj.size is not None:
             kinds["size"] = [with_object(size=s) for s in SIZES if s != obj.size]
     names = [name for name, options in kinds.items() if options]
@@ -420,12 +438,29 @@ def render(scene: Scene, size: int = 128) -> np.ndarray:
         # PIL boxes include their last pixel, hence the - 1.
         x0, y0 = (obj.cx - obj.half_width) * big, (obj.cy - obj.half_width) * big
         x1, y1 = (obj.cx + obj.half_width) * big - 1, (obj.cy + obj.half_width) * big - 1
+        cx, cy, half = obj.cx * big - 0.5, obj.cy * big - 0.5, obj.half_width * big
         if obj.shape == "circle":
             draw.ellipse((x0, y0, x1, y1), fill=obj.rgb)
         elif obj.shape == "square":
             draw.rectangle((x0, y0, x1, y1), fill=obj.rgb)
-        else:  # triangle pointing up: apex at the top centre of its box, base along the bottom
-            draw.polygon([(obj.cx * big - 0.5, y0), (x1, y1), (x0, y1)], fill=obj.rgb)
+        elif obj.shape == "triangle":  # pointing up: apex at the top centre of its box, base along the bottom
+            draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=obj.rgb)
+        elif obj.shape == "diamond":
+            draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=obj.rgb)
+        elif obj.shape == "cross":  # a plus sign whose arms are 0.4 of the box wide
+            arm = 0.4 * half
+            draw.rectangle((x0, cy - arm, x1, cy + arm), fill=obj.rgb)
+            draw.rectangle((cx - arm, y0, cx + arm, y1), fill=obj.rgb)
+        elif obj.shape == "ring":  # a disk with the background showing through its middle half
+            draw.ellipse((x0, y0, x1, y1), fill=obj.rgb)
+            hole = 0.5 * half
+            draw.ellipse((cx - hole, cy - hole, cx + hole, cy + hole), fill=BACKGROUNDS[scene.background])
+        elif obj.shape == "star":  # five points, the first straight up
+            angles = np.pi / 2 + np.arange(10) * np.pi / 5
+            radii = np.where(np.arange(10) % 2 == 0, half, 0.45 * half)
+            draw.polygon([(cx + r * np.cos(a), cy - r * np.sin(a)) for r, a in zip(radii, angles)], fill=obj.rgb)
+        else:
+            raise ValueError(f"cannot draw shape {obj.shape!r}")
     return np.asarray(image.resize((size, size), Image.Resampling.BOX))
 
 
@@ -446,6 +481,10 @@ class ShapesDataset(IterableDataset):
     contrast_group > 1: every scene is followed by contrast_group - 1 variants whose captions
     differ from it in one fact (`contrast_specs`), on the same background, so that batches whose
     size is a multiple of the group hold every scene with its hard negatives.
+
+    extra_vocabulary: the share of scenes (and their contrast groups) whose objects are drawn from
+    the colours and shapes of the domain plus EXTRA_COLOURS and EXTRA_SHAPES, held-out pairs still
+    excepted; the others keep to the domain.
     """
 
     def __init__(
@@ -457,6 +496,7 @@ class ShapesDataset(IterableDataset):
         split: str = "train",
         mention_p: float = 0.5,
         contrast_group: int = 1,
+        extra_vocabulary: float = 0.0,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
@@ -469,16 +509,20 @@ class ShapesDataset(IterableDataset):
         self.two_object_fraction = check_fraction(two_object_fraction, "two_object_fraction")
         self.heldout = list(heldout)
         self.mention_p = check_fraction(mention_p, "mention_p")
+        self.extra_vocabulary = check_fraction(extra_vocabulary, "extra_vocabulary")
 
     def __iter__(self):
         worker = get_worker_info()
         rng = np.random.default_rng([self.seed, 0 if worker is None else worker.id])
-        combos = split_combos(self.heldout, self.split)  # what contrast variants may show
+        # What contrast variants may show, by vocabulary.
+        combos = {extended: split_combos(self.heldout, self.split, extended) for extended in (False, True)}
         while True:
-            scene = sample(rng, self.two_object_fraction, self.heldout, self.split, self.mention_p)
+            # Drawn only when asked for, so that streams without the extra vocabulary stay as they were.
+            extended = self.extra_vocabulary > 0 and rng.random() < self.extra_vocabulary
+            scene = sample(rng, self.two_object_fraction, self.heldout, self.split, self.mention_p, extended)
             yield {"image": render(scene, self.size), "caption": scene.caption}
             if self.contrast_group > 1:
-                for spec in contrast_specs(parse_caption(scene.caption), rng, combos, self.contrast_group - 1):
+                for spec in contrast_specs(parse_caption(scene.caption), rng, combos[extended], self.contrast_group - 1):
                     variant = dataclasses.replace(sample_scene_for(spec, rng), background=scene.background)
                     yield {"image": render(variant, self.size), "caption": variant.caption}
 

@@ -227,8 +227,12 @@ def judge_spec(spec: Spec, analysis: Analysis) -> Verdict:
 
     details holds colour_ok, shape_ok, position_ok, relation_ok (None when the caption does not
     state one), count_ok (as many objects found as the caption names), size_ok and background_ok
-    (reported, not part of "correct"), and the objects used.
+    (reported, not part of "correct"), and the objects used. Raises ValueError for a colour or
+    shape of the extra training vocabulary, which the judge cannot tell apart.
     """
+    for o in spec.objects:
+        if o.colour not in COLOURS or o.shape not in SHAPES:
+            raise ValueError(f"the judge knows the colours {list(COLOURS)} and the shapes {list(SHAPES)}, not {o.colour} {o.shape}")
     candidates = [[d for d in analysis.objects if d.colour == o.colour] for o in spec.objects]
     details = {
         "colour_ok": all(candidates),

@@ -62,6 +62,12 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         help="shapes: share of scenes with two objects in a relation (default: 0.3; a resumed run keeps its own)",
     )
     parser.add_argument(
+        "--extra-vocabulary",
+        type=float,
+        help="shapes: share of scenes drawn with more colours and shapes than the domain has (held-out pairs still "
+        "excepted), so that colour and shape are learnt as separate facts (default: 0, off; a resumed run keeps its own)",
+    )
+    parser.add_argument(
         "--drop-text",
         type=float,
         help="prior, decoder: share of rows trained without the caption, for classifier-free guidance "
@@ -130,7 +136,14 @@ def lock_tower(objective, tower: str) -> None:
 # not given again, so that `--resume` alone continues the same run (same data stream, batch size,
 # seed, learning rate, caption dropout and CLIP). Training options are recorded under "options".
 RESUMABLE_TRAINING_OPTIONS = {"batch_size": 64, "checkpoint_every": 1000, "seed": 0, "lr": None}  # lr None: the stage's
-RESUMABLE_RUN_OPTIONS = {"mention_p": 0.5, "contrast_group": 1, "two_object_fraction": 0.3, "drop_text": None, "clip": None}
+RESUMABLE_RUN_OPTIONS = {
+    "mention_p": 0.5,
+    "contrast_group": 1,
+    "two_object_fraction": 0.3,
+    "extra_vocabulary": 0.0,
+    "drop_text": None,
+    "clip": None,
+}
 
 
 def resolve_resumable(args: argparse.Namespace, previous: dict) -> None:
@@ -188,6 +201,7 @@ def run_train(args: argparse.Namespace) -> int:
             "mention_p": args.mention_p,
             "contrast_group": args.contrast_group,
             "two_object_fraction": args.two_object_fraction,
+            "extra_vocabulary": args.extra_vocabulary,
         }
         source = open_source(args.data, args.image_size, args.seed, **shapes_options)
         torch.manual_seed(args.seed)  # the freshly initialised network

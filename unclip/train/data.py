@@ -87,7 +87,7 @@ class IterableSource(Source):
 
 
 def shapes_source(size: int, seed: int, **options) -> IterableSource:
-    """The Shapes train split; options are ShapesDataset's (mention_p, contrast_group, two_object_fraction)."""
+    """The Shapes train split; options are ShapesDataset's (mention_p, contrast_group, two_object_fraction, extra_vocabulary)."""
     from unclip.data.shapes import ShapesDataset  # written alongside; imported only when used
 
     ShapesDataset(**options)  # bad options fail here, not in the first batch
@@ -185,13 +185,16 @@ def _complete_sample(members: dict[str, bytes]) -> Iterator[tuple[bytes, str]]:
 
 def open_source(spec: str, size: int, seed: int, **shapes_options) -> Source:
     """"shapes", a directory of captioned images, a .tar shard, a directory of shards, or a glob of shards.
-    shapes_options apply to shapes only (ShapesDataset's mention_p, contrast_group and
-    two_object_fraction): how often a caption states each optional attribute, how many scenes in
-    a row differ from the first in one fact, and how many scenes show two objects."""
+    shapes_options apply to shapes only (ShapesDataset's mention_p, contrast_group,
+    two_object_fraction and extra_vocabulary): how often a caption states each optional attribute,
+    how many scenes in a row differ from the first in one fact, how many scenes show two objects,
+    and how many draw on the extra colours and shapes."""
     if spec == "shapes":
         return shapes_source(size, seed, **shapes_options)
     if shapes_options.get("contrast_group", 1) > 1:
         raise DataError(f"{spec}: contrast groups are drawn from the Shapes grammar; use them with --data shapes")
+    if shapes_options.get("extra_vocabulary", 0.0) > 0:
+        raise DataError(f"{spec}: the extra vocabulary is drawn from the Shapes grammar; use it with --data shapes")
     if any(char in spec for char in "*?["):
         shards = sorted(Path(p) for p in glob.glob(spec, recursive=True) if p.endswith(".tar"))
         if not shards:

@@ -27,7 +27,10 @@ def training_record(directory: str | Path) -> dict:
     directory = Path(directory)
     if (directory / TRAIN_STATE_JSON).is_file():
         state = read_train_state(directory)
-        recorded = ("kind", "step", "examples", "options", "data", "mention_p", "contrast_group", "two_object_fraction", "drop_text", "lock", "clip", "init")
+        recorded = (
+            "kind", "step", "examples", "options", "data", "mention_p", "contrast_group", "two_object_fraction",
+            "extra_vocabulary", "drop_text", "lock", "clip", "init",
+        )
         return {key: state[key] for key in recorded if key in state}
     if (directory / TRAINING_RECORD).is_file():
         record = json.loads((directory / TRAINING_RECORD).read_text())
