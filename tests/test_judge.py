@@ -14,10 +14,13 @@ from PIL import Image, ImageFilter
 from unclip.data.shapes import (
     BACKGROUNDS,
     COLOURS,
+    EXTRA_COLOURS,
+    EXTRA_SHAPES,
     POSITIONS,
     SHAPES,
     ObjectSpec,
     Scene,
+    ShapeObject,
     Spec,
     format_caption,
     parse_caption,
@@ -167,3 +170,16 @@ def test_label_finds_connected_components():
     assert (labels == -1).sum() == 6
     assert len(np.unique(labels[labels >= 0])) == 3  # the 0s around the corner, the 1s, the lone 0
     assert labels[0, 0] == labels[2, 0] and labels[0, 3] == labels[2, 2] != labels[3, 3]
+
+
+@pytest.mark.parametrize("colour", EXTRA_COLOURS)
+def test_an_object_of_a_colour_outside_the_palette_still_counts(colour: str):
+    """A model trained on the extra vocabulary may draw a teal star beside the red circle it was asked
+    for; the picture then says more than the caption, even though the judge cannot name the colour."""
+    for background in BACKGROUNDS:
+        asked = ShapeObject("circle", "red", "large", 0.25, 0.25, 0.16, COLOURS["red"])
+        stray = ShapeObject(EXTRA_SHAPES[-1], colour, "large", 0.75, 0.75, 0.16, EXTRA_COLOURS[colour])
+        alone, crowded = (render(Scene(background, objects, None, "", {})) for objects in ((asked,), (asked, stray)))
+        assert judge("a red circle in the top left corner", alone).correct
+        verdict = judge("a red circle in the top left corner", crowded)
+        assert not verdict.correct and verdict.details["n_objects"] == 2, (background, verdict.details)

@@ -35,6 +35,7 @@ MAX_HUE_ERROR = 25.0  # degrees from the nearest palette hue
 MIN_AREA = 0.004  # of the canvas; a quarter of the smallest object, larger than fringes and noise
 BLUR_SIGMAS = (0.0, 2.0, 4.0, 6.0)  # pixels; the blurs a shape template is tried with
 WINDOW_PAD = 6  # pixels around a blob's box where its blurred edges still show
+SEAM_WIDTH = 2  # pixels: an off-palette blob this close to a palette one is their blend, not an object
 # Geometric mean of the largest small and the smallest large half-width.
 SIZE_SPLIT = math.sqrt(SIZES["small"] * (1 + SIZE_JITTER) * SIZES["large"] * (1 - SIZE_JITTER))
 AREA_PER_HALF_WIDTH_SQUARED = {"circle": math.pi, "square": 4.0, "triangle": 2.0}
@@ -74,17 +75,20 @@ def _hue_and_chroma(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return hue * 60.0, chroma
 
 
-_COLOUR_NAMES = list(COLOURS)
+# A coloured blob of no palette hue (teal, say, which a model that learnt more colours than the
+# domain's might draw) is an object all the same: it makes a picture say more than its caption.
+UNKNOWN_COLOUR = "unknown"
+_COLOUR_NAMES = [*COLOURS, UNKNOWN_COLOUR]
 _PALETTE_HUES, _ = _hue_and_chroma(np.array(list(COLOURS.values()), dtype=np.float64))
 
 
 def _classify(hue: np.ndarray, chroma: np.ndarray) -> np.ndarray:
-    """Index into _COLOUR_NAMES of each pixel's nearest palette hue, -1 for background or no match."""
+    """Index into _COLOUR_NAMES of each pixel's nearest palette hue (UNKNOWN_COLOUR where no palette
+    hue is near), -1 for background."""
     error = np.abs(hue[..., None] - _PALETTE_HUES)
     error = np.minimum(error, 360.0 - error)  # hue is circular
-    nearest = error.argmin(-1)
-    ok = (chroma >= MIN_CHROMA) & (error.min(-1) <= MAX_HUE_ERROR)
-    return np.where(ok, nearest, -1)
+    nearest = np.where(error.min(-1) <= MAX_HUE_ERROR, error.argmin(-1), _COLOUR_NAMES.index(UNKNOWN_COLOUR))
+    return np.where(chroma >= MIN_CHROMA, nearest, -1)
 
 
 def _label(classes: np.ndarray) -> np.ndarray:
@@ -193,6 +197,19 @@ def _measure(
     return DetectedObject(colour, shape, size, cx, cy, half_width, position_of(cx, cy), float(mass / side**2))
 
 
+def _grown(mask: np.ndarray, pixels: int) -> np.ndarray:
+    """The mask dilated by `pixels` in the four directions (a diamond)."""
+    grown = mask.copy()
+    for _ in range(pixels):
+        step = grown.copy()
+        step[1:] |= grown[:-1]
+        step[:-1] |= grown[1:]
+        step[:, 1:] |= grown[:, :-1]
+        step[:, :-1] |= grown[:, 1:]
+        grown = step
+    return grown
+
+
 def analyze(image: np.ndarray) -> Analysis:
     """The background and every significant coloured blob of a uint8 [H, W, 3] image, largest first."""
     rgb = _prepare(image)
@@ -204,9 +221,13 @@ def analyze(image: np.ndarray) -> Analysis:
     side = rgb.shape[0]
     significant = ids[counts >= MIN_AREA * side * side]
     blobs = {label: labels == label for label in significant}
+    unknown = _COLOUR_NAMES.index(UNKNOWN_COLOUR)
+    palette_pixels = (classes >= 0) & (classes != unknown)
     objects = []
     for label, blob in blobs.items():
         colour = _COLOUR_NAMES[classes.flat[label]]  # a label is the flat index of one of its pixels
+        if colour == UNKNOWN_COLOUR and (_grown(blob, SEAM_WIDTH) & palette_pixels).any():
+            continue  # the blend along the seam of two nearby objects (red and purple make pink), not an object
         others = np.isin(labels, significant) & ~blob  # not fringes: they belong to this blob's edge
         obj = _measure(colour, blob, rgb, chroma, others, background)
         if obj is not None:
