@@ -7,7 +7,8 @@
     python tools/stage_checks.py prior PRIOR_DIR --clip CLIP_DIR [--n 60] [--steps 32] [--guidance 2]
         sample the prior for canonical prompts and name what its embedding shows: the nearest of
         the mean image embeddings of renders of every one-object colour-shape-position (one-object
-        prompts), or of the four relations and the colour swap (two-object prompts).
+        prompts), or of the four relations, the colour swap and the four one-shape changes
+        (two-object prompts).
     python tools/stage_checks.py upsampler UPSAMPLER_DIR [--n 12] [--steps 20]
         upsample true 32x32 renders, judge the 128x128 result.
     python tools/stage_checks.py decoder DECODER_DIR --clip CLIP_DIR [--n 18] [--steps 25] [--guidance 3]
@@ -98,13 +99,7 @@ def _check_clip_pairs(clip, rng: np.random.Generator, n: int, split: str) -> Non
         spec = Spec((a, b), scene.relation)
         captions = [format_caption(dataclasses.replace(spec, relation=relation)) for relation in relations]
         captions.append(format_caption(colours_swapped(spec)))
-        reshaped = [
-            dataclasses.replace(spec, objects=tuple(ObjectSpec(o.colour, shape) if i == index else o for i, o in enumerate(spec.objects)))
-            for index, obj in enumerate(spec.objects)
-            for shape in SHAPES
-            if shape != obj.shape
-        ]
-        captions += [format_caption(variant) for variant in reshaped]
+        captions += [format_caption(variant) for variant in _reshaped(spec)]
         scores = clip.encode_text(captions).embeddings @ image_embedding
         truth = relations.index(scene.relation)
         relation_hits += int(scores[:4].argmax() == truth)
@@ -118,6 +113,16 @@ def _check_clip_pairs(clip, rng: np.random.Generator, n: int, split: str) -> Non
     )
 
 
+def _reshaped(spec: Spec) -> list[Spec]:
+    """The two-object spec with one object given another shape, every way (four variants)."""
+    return [
+        dataclasses.replace(spec, objects=tuple(ObjectSpec(o.colour, shape) if i == index else o for i, o in enumerate(spec.objects)))
+        for index, obj in enumerate(spec.objects)
+        for shape in SHAPES
+        if shape != obj.shape
+    ]
+
+
 def _mean_image_embedding(clip, spec: Spec, rng: np.random.Generator, renders: int = 4) -> np.ndarray:
     images = np.stack([render(sample_scene_for(spec, rng)) for _ in range(renders)])
     mean = clip.encode_image(images).mean(axis=0)
@@ -129,7 +134,8 @@ def check_prior(args: argparse.Namespace) -> None:
     rng = np.random.default_rng(args.seed)
     combos = ONE_OBJECT_COMBOS
     one_object_references = np.stack([_mean_image_embedding(clip, Spec((ObjectSpec(c, s, position=p),)), rng) for c, s, p in combos])
-    right = {"colour": 0, "shape": 0, "position": 0, "relation": 0, "binding": 0}
+    right = {"colour": 0, "shape": 0, "position": 0, "relation": 0, "binding": 0, "shapes": 0}
+    shape_rng = np.random.default_rng([args.seed, 1])  # its own stream, so the other figures stay as they were
     counts = {1: 0, 2: 0, "binding": 0}
     for index, prompt in enumerate(canonical_prompts(args.n, seed=args.seed, split=args.split)):
         spec = parse_caption(prompt)
@@ -149,14 +155,17 @@ def check_prior(args: argparse.Namespace) -> None:
         variants = [dataclasses.replace(spec, relation=r, background=None) for r in RELATIONS]
         references = np.stack([_mean_image_embedding(clip, v, rng) for v in variants])
         right["relation"] += list(RELATIONS)[int((references @ embedding).argmax())] == spec.relation
+        truth = references[list(RELATIONS).index(spec.relation)]
+        reshaped = np.stack([_mean_image_embedding(clip, dataclasses.replace(v, background=None), shape_rng) for v in _reshaped(spec)])
+        right["shapes"] += float(truth @ embedding) > float((reshaped @ embedding).max())
         swapped = dataclasses.replace(colours_swapped(spec), background=None)
         if a.shape != b.shape:  # with one shape twice, swapping the colours changes nothing
             counts["binding"] += 1
-            truth = references[list(RELATIONS).index(spec.relation)]
             right["binding"] += float(truth @ embedding) > float(_mean_image_embedding(clip, swapped, rng) @ embedding)
     print(
         f"one object ({counts[1]}): colour {right['colour']}, shape {right['shape']}, position {right['position']}; "
-        f"two objects ({counts[2]}): relation {right['relation']}, colours bound to the right shapes {right['binding']}/{counts['binding']}"
+        f"two objects ({counts[2]}): relation {right['relation']}, colours bound to the right shapes {right['binding']}/{counts['binding']}, "
+        f"true shapes nearer than any one shape changed {right['shapes']}"
     )
 
 
