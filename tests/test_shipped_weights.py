@@ -1,11 +1,11 @@
-"""The shipped weights are trained: one-object images show the colour, shape and position their
-prompts ask for.
+"""The shipped weights are trained: images show the colour, shape and position or relation their
+prompts ask for, for seen colour-shape pairs and for the held-out ones no training image showed.
 
 A small, fixed sample of canonical prompts judged by the project's judge (the full measurement
 is `unclip eval`, recorded in BENCHMARKS.md). Generation is deterministic, so this is a
 regression test of the weights and of everything between them and the pixels: a broken
 checkpoint, loader, sampler or chain fails it, and so do untrained weights, which draw no
-objects. Two-object prompts are held to a lower bar than one-object ones, as the weights get
+objects. Two-object prompts are held to lower bars than one-object ones, as the weights get
 fewer of them right (BENCHMARKS.md).
 """
 
@@ -19,35 +19,36 @@ from unclip.data.shapes import canonical_prompts, parse_caption
 from unclip.eval.judge import judge
 from unclip.pipeline import GenerationParameters, generate
 
-PROMPTS = 10
-MIN_ALL_RIGHT = 8  # colour, shape, position and no extra object; `unclip eval` measures 95 % on seen prompts
-# Both colours and shapes, the relation and no third object. `unclip eval` measures 70-72.5 % on
-# seen pairs; these 16 prompts and seeds give 7 right, and the bar leaves room for images that
-# flip with floating-point order. Weights that cannot draw two bound objects get none right.
-TWO_OBJECT_PROMPTS = 16
-MIN_TWO_OBJECTS_RIGHT = 5
+# (split, objects in the prompt): how many canonical prompts to judge and how many must come out
+# right (colour, shape, position or relation, and no extra object). Bars sit a little under what
+# these prompts and seeds give with the shipped weights (the figures in the comments), so an image
+# that flips with floating-point order does not fail the test, and the two-object bars above what
+# the set shipped before gets, which could not draw most held-out colour-shapes beside another.
+CASES = {
+    # 8 right: the misses, a large blue square and a large blue circle on the right of a gray
+    # background, are right but for a thin line of no palette colour along the top edge, an
+    # upsampler artefact that the judge counts as a second object. The set before: 9.
+    ("train", 1): (10, 7),
+    ("train", 2): (16, 12),  # 14 right; the set before: 9
+    ("heldout", 1): (10, 9),  # 10 right; the set before: 9
+    ("heldout", 2): (16, 8),  # 10 right; the set before: 6
+}
+# The canonical prompt lists the bars were measured on.
+DRAWN = {"train": 40, "heldout": 60}
 
 
 def generate_one(stages, prompt: str, seed: int):
     return asyncio.run(generate(stages, GenerationParameters(prompt=prompt, seed=seed)))[0].pixels
 
 
-@pytest.fixture(scope="module")
-def one_object_prompts() -> list[str]:
-    prompts = [p for p in canonical_prompts(40, seed=11, split="train") if len(parse_caption(p).objects) == 1]
-    return prompts[:PROMPTS]
-
-
-def test_one_object_images_show_what_their_prompt_says(local_stages, one_object_prompts):
-    verdicts = [judge(prompt, generate_one(local_stages, prompt, seed)) for seed, prompt in enumerate(one_object_prompts)]
-    assert sum(v.correct for v in verdicts) >= MIN_ALL_RIGHT, [(p, v.details) for p, v in zip(one_object_prompts, verdicts)]
-
-
-def test_two_object_images_show_both_objects_in_their_relation(local_stages):
-    prompts = [p for p in canonical_prompts(40, seed=11, split="train") if len(parse_caption(p).objects) == 2]
-    prompts = prompts[:TWO_OBJECT_PROMPTS]
+@pytest.mark.parametrize(("split", "objects"), list(CASES), ids=[f"{s}-{n}-object" for s, n in CASES])
+def test_images_show_what_their_prompt_says(local_stages, split, objects):
+    count, minimum = CASES[split, objects]
+    drawn = canonical_prompts(DRAWN[split], seed=11, split=split)
+    prompts = [p for p in drawn if len(parse_caption(p).objects) == objects][:count]
+    assert len(prompts) == count
     verdicts = [judge(prompt, generate_one(local_stages, prompt, seed)) for seed, prompt in enumerate(prompts)]
-    assert sum(v.correct for v in verdicts) >= MIN_TWO_OBJECTS_RIGHT, [(p, v.details) for p, v in zip(prompts, verdicts)]
+    assert sum(v.correct for v in verdicts) >= minimum, [(p, v.details) for p, v in zip(prompts, verdicts) if not v.correct]
 
 
 def test_the_object_goes_where_the_prompt_says(local_stages):
