@@ -403,11 +403,15 @@ def test_added_attention_keeps_the_output_and_trains_from_it(tmp_path: Path):
     from unclip.models.unet import UNet
 
     shipped = default_checkpoint("decoder")
-    widened = load_tool("add_attention").add_attention(shipped, tmp_path / "widened", (2, 4))
-    before, after = read_config(shipped), read_config(widened)
-    assert before.model.attention_downsample_rates == (4,) and after.model.attention_downsample_rates == (2, 4)
+    before = read_config(shipped)
+    # Attention at full resolution too, whatever the shipped decoder has.
+    rates = tuple(sorted({1, *before.model.attention_downsample_rates}))
+    assert len(rates) > len(before.model.attention_downsample_rates)
+    widened = load_tool("add_attention").add_attention(shipped, tmp_path / "widened", rates)
+    after = read_config(widened)
+    assert after.model.attention_downsample_rates == rates
     record = json.loads((widened / "training.json").read_text())["widened"]
-    assert record["attention_downsample_rates"] == [2, 4] and record["from"]["path"] == str(shipped)
+    assert record["attention_downsample_rates"] == list(rates) and record["from"]["path"] == str(shipped)
     old, new = UNet(before.model), UNet(after.model)
     old.load_state_dict(load_weights(shipped, before))
     new.load_state_dict(load_weights(widened, after))
@@ -428,7 +432,7 @@ def test_added_attention_keeps_the_output_and_trains_from_it(tmp_path: Path):
     assert unclip_train("decoder", *args, "--out", str(tmp_path / "run"), "--config", str(widened), "--init", str(widened)) == 0
     assert read_config(tmp_path / "run").model == after.model
     with pytest.raises(ValueError, match="must keep the attention"):
-        load_tool("add_attention").add_attention(shipped, tmp_path / "narrowed", (2,))
+        load_tool("add_attention").add_attention(shipped, tmp_path / "narrowed", (1,))
 
 
 def test_interpolated_weights_mix_a_checkpoint_with_its_fine_tune_and_record_both(tmp_path: Path):
@@ -455,7 +459,8 @@ def test_interpolated_weights_mix_a_checkpoint_with_its_fine_tune_and_record_bot
     assert load_engine("decoder", mixed_dir).image_size == 32
     with pytest.raises(ValueError, match="alpha must lie in"):
         interpolate(shipped, tmp_path / "tuned", tmp_path / "bad", 1.5)
-    widened = load_tool("add_attention").add_attention(shipped, tmp_path / "widened", (2, 4))
+    rates = tuple(sorted({1, *config.model.attention_downsample_rates}))
+    widened = load_tool("add_attention").add_attention(shipped, tmp_path / "widened", rates)
     with pytest.raises(ValueError, match="not the same network"):
         interpolate(shipped, widened, tmp_path / "bad", 0.5)
     assert not (tmp_path / "bad").exists()
