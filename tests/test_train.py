@@ -398,14 +398,18 @@ def load_tool(name: str):
     return module
 
 
+def _with_full_resolution_attention(config) -> tuple[int, ...]:
+    """The UNet's attention rates plus full resolution: a wider network whatever the shipped decoder has."""
+    return tuple(sorted({1, *config.model.attention_downsample_rates}))
+
+
 def test_added_attention_keeps_the_output_and_trains_from_it(tmp_path: Path):
     from unclip.checkpoint import load_weights, read_config
     from unclip.models.unet import UNet
 
     shipped = default_checkpoint("decoder")
     before = read_config(shipped)
-    # Attention at full resolution too, whatever the shipped decoder has.
-    rates = tuple(sorted({1, *before.model.attention_downsample_rates}))
+    rates = _with_full_resolution_attention(before)
     assert len(rates) > len(before.model.attention_downsample_rates)
     widened = load_tool("add_attention").add_attention(shipped, tmp_path / "widened", rates)
     after = read_config(widened)
@@ -459,8 +463,7 @@ def test_interpolated_weights_mix_a_checkpoint_with_its_fine_tune_and_record_bot
     assert load_engine("decoder", mixed_dir).image_size == 32
     with pytest.raises(ValueError, match="alpha must lie in"):
         interpolate(shipped, tmp_path / "tuned", tmp_path / "bad", 1.5)
-    rates = tuple(sorted({1, *config.model.attention_downsample_rates}))
-    widened = load_tool("add_attention").add_attention(shipped, tmp_path / "widened", rates)
+    widened = load_tool("add_attention").add_attention(shipped, tmp_path / "widened", _with_full_resolution_attention(config))
     with pytest.raises(ValueError, match="not the same network"):
         interpolate(shipped, widened, tmp_path / "bad", 0.5)
     assert not (tmp_path / "bad").exists()

@@ -79,6 +79,7 @@ def _hue_and_chroma(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # domain's might draw) is an object all the same: it makes a picture say more than its caption.
 UNKNOWN_COLOUR = "unknown"
 _COLOUR_NAMES = [*COLOURS, UNKNOWN_COLOUR]
+_UNKNOWN_INDEX = _COLOUR_NAMES.index(UNKNOWN_COLOUR)
 _PALETTE_HUES, _ = _hue_and_chroma(np.array(list(COLOURS.values()), dtype=np.float64))
 
 
@@ -87,7 +88,7 @@ def _classify(hue: np.ndarray, chroma: np.ndarray) -> np.ndarray:
     hue is near), -1 for background."""
     error = np.abs(hue[..., None] - _PALETTE_HUES)
     error = np.minimum(error, 360.0 - error)  # hue is circular
-    nearest = np.where(error.min(-1) <= MAX_HUE_ERROR, error.argmin(-1), _COLOUR_NAMES.index(UNKNOWN_COLOUR))
+    nearest = np.where(error.min(-1) <= MAX_HUE_ERROR, error.argmin(-1), _UNKNOWN_INDEX)
     return np.where(chroma >= MIN_CHROMA, nearest, -1)
 
 
@@ -221,8 +222,7 @@ def analyze(image: np.ndarray) -> Analysis:
     side = rgb.shape[0]
     significant = ids[counts >= MIN_AREA * side * side]
     blobs = {label: labels == label for label in significant}
-    unknown = _COLOUR_NAMES.index(UNKNOWN_COLOUR)
-    palette_pixels = (classes >= 0) & (classes != unknown)
+    palette_pixels = (classes >= 0) & (classes != _UNKNOWN_INDEX)
     objects = []
     for label, blob in blobs.items():
         colour = _COLOUR_NAMES[classes.flat[label]]  # a label is the flat index of one of its pixels
