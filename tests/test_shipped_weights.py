@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 
 from unclip.data.shapes import canonical_prompts, parse_caption
 from unclip.eval.judge import judge
 from unclip.pipeline import GenerationParameters, generate
+from unclip.stages import default_checkpoint
+from unclip.stages.upsampler import ImageUpsampler
 
 # (split, objects in the prompt): how many canonical prompts to judge and how many must come out
 # right (colour, shape, position or relation, and no extra object). Bars sit a little under what
@@ -25,10 +28,9 @@ from unclip.pipeline import GenerationParameters, generate
 # that flips with floating-point order does not fail the test, and the two-object bars above what
 # the set shipped before gets, which could not draw most held-out colour-shapes beside another.
 CASES = {
-    # 8 right: the misses, a large blue square and a large blue circle on the right of a gray
-    # background, are right but for a thin line of no palette colour along the top edge, an
-    # upsampler artefact that the judge counts as a second object. The set before: 9.
-    ("train", 1): (10, 7),
+    # 9 right: the miss, a large blue square on the right of a gray background, has a faint
+    # yellowish halo beside the square that the judge counts as a second object. The set before: 9.
+    ("train", 1): (10, 8),
     ("train", 2): (16, 12),  # 14 right; the set before: 9
     ("heldout", 1): (10, 9),  # 10 right; the set before: 9
     ("heldout", 2): (16, 8),  # 10 right; the set before: 6
@@ -72,3 +74,17 @@ def test_the_picture_follows_the_prompt(local_stages):
         verdict = judge(f"{prompt} in the center", image).details
         assert verdict["colour_ok"] and verdict["shape_ok"], (prompt, verdict)
         assert not judge(f"{prompt} in the center", other).details["colour_ok"]
+
+
+@pytest.mark.parametrize("value", [0, 128, 255])
+def test_upsampler_keeps_a_flat_background_flat_across_the_whole_image(value: int):
+    # Trained on crops a quarter of the image side only, the upsampler turned flat 32x32 inputs into
+    # grain (standard deviation 12-14), lifted black to about 49, dimmed white to about 206 and drew a
+    # stripe along the top edge of gray; fine-tuned on whole images it keeps them flat.
+    upsampler = ImageUpsampler.from_checkpoint(default_checkpoint("upsampler"))
+    out = upsampler.upsample(np.full((1, 32, 32, 3), value, np.uint8), [4])[0].astype(float)
+    assert out.shape == (128, 128, 3)
+    assert out.std() < 4, out.std()
+    assert abs(out.mean() - value) < 8, out.mean()
+    edges = (out[0], out[-1], out[:, 0], out[:, -1])
+    assert max(abs(edge.mean(0) - value).max() for edge in edges) < 12

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, IterableDataset
 
 from unclip.config import ClipStageConfig, DecoderStageConfig, PriorStageConfig, UpsamplerStageConfig
-from unclip.data.shapes import parse_caption
+from unclip.data.shapes import parse_caption, render, sample_scene_for
 from unclip.models.prior import PriorConfig
 from unclip.options import SamplingOptions
 from unclip.stages import default_checkpoint, load_engine
@@ -586,3 +586,23 @@ def test_cli_extra_vocabulary_is_recorded_kept_on_resume_and_refused_off_shapes(
     assert "the extra vocabulary is drawn from the Shapes grammar" in capsys.readouterr().err
     assert unclip_train(*other[:-1], "1.5", "--data", "shapes", "--out", str(tmp_path / "bad")) == 1
     assert "extra_vocabulary must lie in [0, 1], got 1.5" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("crop", "expected"), [(0, 32), (64, 64), (128, 128)])
+def test_upsampler_trains_on_crops_of_the_configured_side(crop: int, expected: int):
+    config = dataclasses.replace(tiny_config("upsampler"), train_crop_size=crop)
+    objective = make_objective(config)
+    seen = []
+    objective.model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((tuple(args[0].shape), tuple(kwargs["low_res"].shape))), with_kwargs=True
+    )
+    images = torch.from_numpy(np.stack([render(sample_scene_for(parse_caption("a red circle"), np.random.default_rng(i)), 128) for i in range(2)]))
+    loss = objective({"images": images}, torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss)
+    assert seen == [((2, 3, expected, expected), (2, 3, expected // 4, expected // 4))]
+
+
+@pytest.mark.parametrize("crop", [100, 256, -32])
+def test_upsampler_crop_sides_that_do_not_fit_are_refused(crop: int):
+    with pytest.raises(ValueError, match="upsampler crops"):
+        make_objective(dataclasses.replace(tiny_config("upsampler"), train_crop_size=crop))

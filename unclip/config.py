@@ -81,6 +81,9 @@ class UpsamplerStageConfig:
     sampling: SamplingDefaults = field(default_factory=lambda: SamplingDefaults(steps=10))
     scale_factor: int = 4
     input_size: int = 32
+    # Side of the high-res training crops; 0: a quarter of the output side, as in DALL-E 2. Larger
+    # crops cost more per row but put training pixels as far from a border as whole images have them.
+    train_crop_size: int = 0
     weights: str = "model.safetensors"
     kind: str = "upsampler"
 

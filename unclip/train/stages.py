@@ -225,8 +225,9 @@ class DecoderObjective(Objective):
 class UpsamplerObjective(Objective):
     """Blurred, quantised low-res crop -> the high-res crop.
 
-    The network is convolutional, so it trains on crops a quarter of the target side (32x32 out
-    of 128x128 for the x4 model) and still upsamples whole images at inference.
+    The network is convolutional, so it trains on crops (by default a quarter of the target side:
+    32x32 out of 128x128 for the x4 model, config.train_crop_size) and upsamples whole images at
+    inference.
     """
 
     kind = "upsampler"
@@ -234,12 +235,13 @@ class UpsamplerObjective(Objective):
     def __init__(self, config: UpsamplerStageConfig):
         super().__init__(config, UNet(config.model))
         self.diffusion = build_diffusion(config.diffusion)
-        self.crop_size = config.input_size * config.scale_factor // 4
+        output_side = config.input_size * config.scale_factor
+        self.crop_size = config.train_crop_size or output_side // 4
         size_multiple = 2 ** (len(config.model.channel_mult) - 1)
-        if self.crop_size % (config.scale_factor * size_multiple):
+        if not 0 < self.crop_size <= output_side or self.crop_size % (config.scale_factor * size_multiple):
             raise ValueError(
-                f"upsampler crops of {self.crop_size} px must be multiples of scale_factor x {size_multiple} "
-                f"(input_size {config.input_size}, scale_factor {config.scale_factor})"
+                f"upsampler crops of {self.crop_size} px must lie in (0, {output_side}] and be multiples of "
+                f"scale_factor x {size_multiple} (input_size {config.input_size}, scale_factor {config.scale_factor})"
             )
 
     def forward(self, batch: Batch, generator: torch.Generator) -> Tensor:
