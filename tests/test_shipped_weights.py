@@ -19,8 +19,6 @@ import pytest
 from unclip.data.shapes import canonical_prompts, parse_caption
 from unclip.eval.judge import judge
 from unclip.pipeline import GenerationParameters, generate
-from unclip.stages import default_checkpoint
-from unclip.stages.upsampler import ImageUpsampler
 
 # (split, objects in the prompt): how many canonical prompts to judge and how many must come out
 # right (colour, shape, position or relation, and no extra object). Bars sit a little under what
@@ -77,12 +75,11 @@ def test_the_picture_follows_the_prompt(local_stages):
 
 
 @pytest.mark.parametrize("value", [0, 128, 255])
-def test_upsampler_keeps_a_flat_background_flat_across_the_whole_image(value: int):
+def test_upsampler_keeps_a_flat_background_flat_across_the_whole_image(local_stages, value: int):
     # Trained on crops a quarter of the image side only, the upsampler turned flat 32x32 inputs into
     # grain (standard deviation 12-14), lifted black to about 49, dimmed white to about 206 and drew a
     # stripe along the top edge of gray; fine-tuned on whole images it keeps them flat.
-    upsampler = ImageUpsampler.from_checkpoint(default_checkpoint("upsampler"))
-    out = upsampler.upsample(np.full((1, 32, 32, 3), value, np.uint8), [4])[0].astype(float)
+    out = local_stages.upsamplers[0].upsample(np.full((1, 32, 32, 3), value, np.uint8), [4])[0].astype(float)
     assert out.shape == (128, 128, 3)
     assert out.std() < 4, out.std()
     assert abs(out.mean() - value) < 8, out.mean()
