@@ -18,6 +18,7 @@ from unclip.diffusion import (
     row_noise,
     sample,
     space_timesteps,
+    two_condition_guidance,
 )
 
 T = 1000
@@ -260,6 +261,21 @@ def test_classifier_free_guidance_endpoints():
     torch.testing.assert_close(classifier_free_guidance(cond, uncond, 1.0), cond)
     torch.testing.assert_close(classifier_free_guidance(cond, uncond, 0.0), uncond)
     torch.testing.assert_close(classifier_free_guidance(cond, uncond, 3.0), uncond + 3 * (cond - uncond))
+
+
+def test_two_condition_guidance_endpoints():
+    uncond, first_only, both = torch.randn(3, 2, 3)
+    torch.testing.assert_close(two_condition_guidance(uncond, first_only, both, 0.0, 0.0), uncond)
+    torch.testing.assert_close(two_condition_guidance(uncond, first_only, both, 1.0, 0.0), first_only)
+    torch.testing.assert_close(two_condition_guidance(uncond, first_only, both, 1.0, 1.0), both)
+    # Equal scales: plain guidance, whatever the first condition alone predicts.
+    torch.testing.assert_close(
+        two_condition_guidance(uncond, first_only, both, 3.0, 3.0), classifier_free_guidance(both, uncond, 3.0)
+    )
+    torch.testing.assert_close(
+        two_condition_guidance(uncond, first_only, both, 5.0, 2.0),
+        uncond + 5 * (first_only - uncond) + 2 * (both - first_only),
+    )
 
 
 def test_row_noise_rows_depend_only_on_their_generator():

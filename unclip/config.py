@@ -36,6 +36,13 @@ class SamplingDefaults:
 
 
 @dataclass
+class DecoderSamplingDefaults(SamplingDefaults):
+    # The caption's own guidance scale, on top of the image embedding's (guidance_scale); see
+    # two_condition_guidance. None: one scale for both, plain classifier-free guidance.
+    text_guidance_scale: float | None = None
+
+
+@dataclass
 class ClipStageConfig:
     # Any open_clip model name; "unclip-tiny" is registered from unclip/models/open_clip_configs.
     model_name: str = "unclip-tiny"
@@ -61,7 +68,9 @@ class DecoderStageConfig:
     # background, layout and colour are decided; an eps model's x0 estimate there is its error
     # times up to 1/sqrt(acp), 2e4 at the last step of the cosine schedule.
     diffusion: DiffusionConfig = field(default_factory=lambda: DiffusionConfig(parameterization="v"))
-    sampling: SamplingDefaults = field(default_factory=lambda: SamplingDefaults(steps=25, guidance_scale=3.0))
+    sampling: DecoderSamplingDefaults = field(
+        default_factory=lambda: DecoderSamplingDefaults(steps=25, guidance_scale=3.0)
+    )
     image_size: int = 32
     weights: str = "model.safetensors"
     kind: str = "decoder"

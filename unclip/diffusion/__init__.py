@@ -2,7 +2,7 @@
 
 from unclip.diffusion.gaussian import PARAMETERIZATIONS, GaussianDiffusion
 from unclip.diffusion.respace import respace, respace_to_steps, space_timesteps
-from unclip.diffusion.sampling import SAMPLERS, classifier_free_guidance, row_noise, sample
+from unclip.diffusion.sampling import SAMPLERS, classifier_free_guidance, row_noise, sample, two_condition_guidance
 from unclip.diffusion.schedules import SCHEDULES, cosine_betas, linear_betas, make_betas
 
 __all__ = [
@@ -19,4 +19,5 @@ __all__ = [
     "row_noise",
     "sample",
     "space_timesteps",
+    "two_condition_guidance",
 ]

@@ -25,6 +25,16 @@ def classifier_free_guidance(cond: Tensor, uncond: Tensor, scale: float) -> Tens
     return uncond + scale * (cond - uncond)
 
 
+def two_condition_guidance(
+    uncond: Tensor, first_only: Tensor, both: Tensor, first_scale: float, second_scale: float
+) -> Tensor:
+    """Classifier-free guidance with a scale per condition, the second added on top of the first
+    (as InstructPix2Pix guides by image and instruction): a step of `first_scale` from nothing to
+    the first condition, then `second_scale` from the first to both. Equal scales give
+    `classifier_free_guidance(both, uncond, scale)`."""
+    return uncond + first_scale * (first_only - uncond) + second_scale * (both - first_only)
+
+
 def row_noise(
     generators: Sequence[torch.Generator],
     shape_per_row: Sequence[int],

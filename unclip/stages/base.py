@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from unclip.cancel import CancelToken
 from unclip.checkpoint import load_weights, read_config, weights_version
 from unclip.config import DiffusionConfig
-from unclip.diffusion import GaussianDiffusion, classifier_free_guidance, make_betas, sample
+from unclip.diffusion import GaussianDiffusion, classifier_free_guidance, make_betas, sample, two_condition_guidance
 from unclip.errors import Cancelled, DeadlineExceeded
 from unclip.options import SamplingOptions
 from unclip.validation import check_array, check_range
@@ -65,8 +65,8 @@ def row_generators(seeds: list[int], salt: str) -> list[torch.Generator]:
     return generators
 
 
-def resolve_guidance(scale: float | None, default: float) -> float:
-    return check_range(default if scale is None else scale, "guidance_scale", 0.0, MAX_GUIDANCE_SCALE)
+def resolve_guidance(scale: float | None, default: float, name: str = "guidance_scale") -> float:
+    return check_range(default if scale is None else scale, name, 0.0, MAX_GUIDANCE_SCALE)
 
 
 def compute_device() -> torch.device:
@@ -211,5 +211,26 @@ def guided(
         both = {key: torch.cat([cond[key], uncond[key]]) for key in cond}
         out_cond, out_uncond = net_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), **both).chunk(2)
         return classifier_free_guidance(out_cond, out_uncond, guidance_scale)
+
+    return model_fn
+
+
+def guided_two_conditions(
+    net_fn: Callable[..., torch.Tensor],
+    both: dict[str, torch.Tensor],
+    first_only: dict[str, torch.Tensor],
+    uncond: dict[str, torch.Tensor],
+    first_scale: float,
+    second_scale: float,
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Like `guided`, with a scale per condition (`two_condition_guidance`): the three
+    conditionings run as one tripled batch."""
+
+    net_fn = one_row_at_a_time(net_fn)
+
+    def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        stacked = {key: torch.cat([both[key], first_only[key], uncond[key]]) for key in both}
+        out_both, out_first, out_uncond = net_fn(torch.cat([x_t] * 3), torch.cat([t] * 3), **stacked).chunk(3)
+        return two_condition_guidance(out_uncond, out_first, out_both, first_scale, second_scale)
 
     return model_fn
