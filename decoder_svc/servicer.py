@@ -34,6 +34,7 @@ class DecodeCall:
     text_encodings: np.ndarray | None
     text_mask: np.ndarray | None
     guidance_scale: float | None
+    text_guidance_scale: float | None
     sampling: SamplingOptions
     inpaint: tuple[np.ndarray, np.ndarray] | None
 
@@ -45,6 +46,7 @@ class DecodeCall:
             codec.to_numpy(request.text_encodings, "text_encodings") if request.HasField("text_encodings") else None,
             codec.to_numpy(request.text_mask, "text_mask") if request.HasField("text_mask") else None,
             request.guidance_scale if request.HasField("guidance_scale") else None,
+            request.text_guidance_scale if request.HasField("text_guidance_scale") else None,
             SamplingOptions.from_proto(request.sampling),
             inpaint_from_proto(request),
         )
@@ -52,8 +54,8 @@ class DecodeCall:
     def run(self, engine, cancel, progress=None) -> np.ndarray:
         return engine.decode(
             self.image_embeddings, self.seeds, text_encodings=self.text_encodings, text_mask=self.text_mask,
-            guidance_scale=self.guidance_scale, sampling=self.sampling, inpaint=self.inpaint, cancel=cancel,
-            progress=progress,
+            guidance_scale=self.guidance_scale, text_guidance_scale=self.text_guidance_scale, sampling=self.sampling,
+            inpaint=self.inpaint, cancel=cancel, progress=progress,
         )
 
 

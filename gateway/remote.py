@@ -252,8 +252,9 @@ class RemoteStages:
 
     async def decode(
         self, image_embeddings: np.ndarray, text: TextEncoding | None, seeds: list[int], *,
-        guidance_scale: float | None, sampling: SamplingOptions, deadline: float | None,
-        inpaint: tuple[np.ndarray, np.ndarray] | None = None, preview_every: int = 0, on_preview: PreviewFn | None = None,
+        guidance_scale: float | None, text_guidance_scale: float | None = None, sampling: SamplingOptions,
+        deadline: float | None, inpaint: tuple[np.ndarray, np.ndarray] | None = None, preview_every: int = 0,
+        on_preview: PreviewFn | None = None,
     ) -> np.ndarray:
         request = decoder_pb2.DecodeRequest(
             image_embeddings=codec.from_numpy(image_embeddings), seeds=seeds, sampling=sampling.to_proto()
@@ -263,6 +264,8 @@ class RemoteStages:
             request.text_mask.CopyFrom(codec.from_numpy(text.mask))
         if guidance_scale is not None:
             request.guidance_scale = guidance_scale
+        if text_guidance_scale is not None:
+            request.text_guidance_scale = text_guidance_scale
         _set_inpaint(request, inpaint)
         if on_preview is None or preview_every <= 0:
             reply = await self._call("decoder", "Decode", request, deadline)

@@ -37,6 +37,7 @@ def parameters_from_proto(message: images_pb2.GenerationParameters) -> Generatio
         seed=optional("seed"),
         prior_guidance_scale=optional("prior_guidance_scale"),
         decoder_guidance_scale=optional("decoder_guidance_scale"),
+        decoder_text_guidance_scale=optional("decoder_text_guidance_scale"),
         prior_steps=optional("prior_steps"),
         decoder_steps=optional("decoder_steps"),
         upsampler_steps=optional("upsampler_steps"),

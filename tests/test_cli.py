@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -44,14 +45,18 @@ def test_generate_through_a_server_matches_in_process(tmp_path: Path):
     from unclip.local import LocalStages
 
     # A gateway whose backend is the in-process engines: the CLI's --server path end to end.
+    settings = [*STEPS, "--decoder-text-guidance", "3"]
     with BackgroundServer(lambda: Server(ImageServicer(ImageAPI(LocalStages.load())), SERVICES, port=0)) as server:
-        remote = unclip("generate", "a blue square", "--seed", "3", "--server", server.address, "--out", str(tmp_path / "remote"), *STEPS)
+        remote = unclip("generate", "a blue square", "--seed", "3", "--server", server.address, "--out", str(tmp_path / "remote"), *settings)
     assert remote.returncode == 0, remote.stderr
-    local = unclip("generate", "a blue square", "--seed", "3", "--out", str(tmp_path / "local"), *STEPS)
+    local = unclip("generate", "a blue square", "--seed", "3", "--out", str(tmp_path / "local"), *settings)
     assert local.returncode == 0, local.stderr
     remote_pixels = np.asarray(Image.open(remote.stdout.split()[0]))
     local_pixels = np.asarray(Image.open(local.stdout.split()[0]))
     np.testing.assert_array_equal(remote_pixels, local_pixels)
+    for result in (remote, local):
+        parameters = json.loads(read_png_text(Path(result.stdout.split()[0]).read_bytes())["parameters"])
+        assert parameters["decoder_text_guidance_scale"] == 3.0
 
 
 def test_generate_server_unreachable_is_a_clear_error(tmp_path: Path):

@@ -27,6 +27,7 @@ OPTIONAL_FIELDS = (
     "seed",
     "prior_guidance_scale",
     "decoder_guidance_scale",
+    "decoder_text_guidance_scale",
     "prior_steps",
     "decoder_steps",
     "upsampler_steps",
@@ -230,15 +231,16 @@ def test_application_metadata_routes_through_a_ray_serve_proxy(target, service):
 def test_parameters_given_arrive(target, service):
     with fast_client(target) as client:
         client.generate(
-            "a red cube", n=3, size=16, seed=0, prior_guidance_scale=4.0, decoder_guidance_scale=0.0, prior_steps=5,
-            decoder_steps=6, upsampler_steps=7, sampler="ddpm", prior_candidates=2,
+            "a red cube", n=3, size=16, seed=0, prior_guidance_scale=4.0, decoder_guidance_scale=0.0,
+            decoder_text_guidance_scale=2.5, prior_steps=5, decoder_steps=6, upsampler_steps=7, sampler="ddpm",
+            prior_candidates=2,
         )
 
     (sent,) = service.requests
     # Zeros included: "given" means set, even where the value equals proto3's default.
     assert all(sent.HasField(name) for name in OPTIONAL_FIELDS)
     assert (sent.n, sent.size, sent.seed) == (3, 16, 0)
-    assert (sent.prior_guidance_scale, sent.decoder_guidance_scale) == (4.0, 0.0)
+    assert (sent.prior_guidance_scale, sent.decoder_guidance_scale, sent.decoder_text_guidance_scale) == (4.0, 0.0, 2.5)
     assert (sent.prior_steps, sent.decoder_steps, sent.upsampler_steps, sent.prior_candidates) == (5, 6, 7, 2)
     assert sent.sampler == sampling_pb2.SAMPLER_DDPM
 
@@ -388,14 +390,15 @@ def test_stream_is_not_retried_after_an_event(target, service):
 def test_async_generate(target, service, tmp_path):
     async def main() -> list[GeneratedImage]:
         async with fast_async_client(target) as client:
-            return await client.generate("a red cube", n=2, seed=42, size=16, sampler="ddim")
+            return await client.generate("a red cube", n=2, seed=42, size=16, sampler="ddim", decoder_text_guidance_scale=3.0)
 
     images = asyncio.run(main())
 
     check_images(images, "a red cube", [42, 43], 16)
     (sent,) = service.requests
     assert sent.sampler == sampling_pb2.SAMPLER_DDIM
-    assert [name for name in OPTIONAL_FIELDS if sent.HasField(name)] == ["seed"]
+    assert [name for name in OPTIONAL_FIELDS if sent.HasField(name)] == ["seed", "decoder_text_guidance_scale"]
+    assert sent.decoder_text_guidance_scale == 3.0
     images[1].save(tmp_path / "cube.png")
     assert (tmp_path / "cube.png").read_bytes() == images[1].png
 

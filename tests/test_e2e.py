@@ -69,9 +69,12 @@ def serve_all():
 
 def test_distributed_images_equal_in_process_images(serve_all, local_stages):
     _, address, _ = serve_all
+    # A caption guidance scale of its own shows that it travels through the services too.
     with Client(address, timeout=120) as client:
-        remote = client.generate(PROMPT, n=2, seed=123, **FAST_STEPS)
-    local = asyncio.run(generate(local_stages, GenerationParameters(prompt=PROMPT, n=2, seed=123, **FAST_STEPS)))
+        remote = client.generate(PROMPT, n=2, seed=123, decoder_text_guidance_scale=3.0, **FAST_STEPS)
+    local = asyncio.run(
+        generate(local_stages, GenerationParameters(prompt=PROMPT, n=2, seed=123, decoder_text_guidance_scale=3.0, **FAST_STEPS))
+    )
     assert [image.seed for image in remote] == [123, 124]
     for remote_image, local_image in zip(remote, local):
         assert (remote_image.width, remote_image.height) == (128, 128)
@@ -117,6 +120,9 @@ def test_gateway_errors_carry_the_right_status(serve_all):
         with pytest.raises(UnclipError) as info:  # an explicit 0 is refused, not taken for "unset"
             client.generate(PROMPT, prior_candidates=0)
         assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and "num_candidates" in info.value.details
+        with pytest.raises(UnclipError) as info:
+            client.generate(PROMPT, decoder_text_guidance_scale=-1.0)
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and "text_guidance_scale" in info.value.details
         with pytest.raises(UnclipError) as info:
             client.generate(PROMPT, prior_steps=1000, decoder_steps=1000, timeout=1.0)
         assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED

@@ -71,6 +71,7 @@ def test_sizes_and_png_metadata(local_stages):
         (dict(decoder_steps=0), "steps"),
         (dict(sampler="euler"), "sampler"),
         (dict(prior_candidates=0), "num_candidates"),
+        (dict(decoder_text_guidance_scale=-1.0), "text_guidance_scale"),
     ],
 )
 def test_bad_parameters(local_stages, kwargs, message):
@@ -90,6 +91,17 @@ def test_guidance_and_sampler_change_the_image(local_stages):
     base = run(local_stages, seed=3, size=32)[0].pixels
     assert not np.array_equal(base, run(local_stages, seed=3, size=32, decoder_guidance_scale=1.0)[0].pixels)
     assert not np.array_equal(base, run(local_stages, seed=3, size=32, sampler="ddpm")[0].pixels)
+
+
+def test_decoder_text_guidance_scale_changes_the_image(local_stages):
+    # The shipped decoder guides by the image embedding at 2 and by the caption at 5 on top.
+    base = run(local_stages, seed=3, size=32)[0].pixels
+    # The caption at the image's scale: plain guidance at 2, not the default.
+    assert not np.array_equal(base, run(local_stages, seed=3, size=32, decoder_text_guidance_scale=2.0)[0].pixels)
+    # The defaults spelled out give the default image exactly.
+    explicit = run(local_stages, seed=3, size=32, decoder_guidance_scale=2.0, decoder_text_guidance_scale=5.0)[0]
+    np.testing.assert_array_equal(base, explicit.pixels)
+    assert json.loads(read_png_text(explicit.png)["parameters"])["decoder_text_guidance_scale"] == 5.0
 
 
 def test_generation_keeps_the_closer_of_two_prior_samples_by_default(local_stages):

@@ -18,6 +18,7 @@ from encoder_svc.servicer import ClipEncoderServicer
 from prior_svc.servicer import SERVICES as PRIOR_SERVICES
 from prior_svc.servicer import PriorServicer
 from unclip import codec
+from unclip.options import SamplingOptions
 from unclip.serving import BackgroundServer, Server
 from unclip.transport import GRPC_OPTIONS
 from unclip.v1 import (
@@ -190,7 +191,6 @@ def test_prior_valid_call_matches_the_engine(services, local_stages):
     assert embeddings.shape == (2, 64)
     np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, rtol=1e-5)
     text = local_stages.encoder.encode_text(["a red circle", "a blue square"])
-    from unclip.options import SamplingOptions
 
     expected = local_stages.prior.sample(
         text.embeddings, text.encodings, text.mask, [1, 2], num_candidates=2, sampling=SamplingOptions(steps=3)
@@ -283,6 +283,26 @@ def test_decoder_valid_call(services, local_stages):
     assert (info.kind, info.image_size, info.max_steps) == ("decoder", 32, 1000)
 
 
+def test_decoder_text_guidance_scale_changes_the_image(services, local_stages):
+    text = text_inputs(services)
+    embeddings = _unit_rows(2)
+
+    def decode(**scales) -> np.ndarray:
+        request = decoder_pb2.DecodeRequest(
+            image_embeddings=codec.from_numpy(embeddings), text_encodings=text.text_encodings, text_mask=text.text_mask,
+            seeds=[3, 4], guidance_scale=2.0, sampling=sampling_pb2.SamplingOptions(steps=2), **scales,
+        )
+        return codec.to_numpy(services["decoder"].stub.Decode(request, timeout=60).images)
+
+    unset, caption_1 = decode(), decode(text_guidance_scale=1.0)
+    assert not np.array_equal(unset, caption_1)
+    expected = local_stages.decoder.decode(
+        embeddings, [3, 4], text_encodings=codec.to_numpy(text.text_encodings), text_mask=codec.to_numpy(text.text_mask),
+        guidance_scale=2.0, text_guidance_scale=1.0, sampling=SamplingOptions(steps=2),
+    )
+    np.testing.assert_array_equal(caption_1, expected)
+
+
 def test_decoder_rejects_bad_input(services):
     stub = services["decoder"].stub
     steps = sampling_pb2.SamplingOptions(steps=2)
@@ -298,6 +318,13 @@ def test_decoder_rejects_bad_input(services):
     assert_invalid(stub.Decode, decoder_pb2.DecodeRequest(image_embeddings=too_many, seeds=list(range(65))), "batch size")
     ddxm = sampling_pb2.SamplingOptions(steps=2, sampler=7)
     assert_invalid(stub.Decode, decoder_pb2.DecodeRequest(image_embeddings=codec.from_numpy(_unit_rows(1)), seeds=[1], sampling=ddxm), "sampler")
+    text = text_inputs(services, texts=("a red circle",))
+    for bad in (float("nan"), -1.0):
+        request = decoder_pb2.DecodeRequest(
+            image_embeddings=codec.from_numpy(_unit_rows(1)), text_encodings=text.text_encodings, text_mask=text.text_mask,
+            seeds=[1], text_guidance_scale=bad, sampling=steps,
+        )
+        assert_invalid(stub.Decode, request, "text_guidance_scale")
 
 
 def test_upsampler_valid_call_and_bad_input(services):

@@ -33,6 +33,10 @@ def _add_sampling_flags(parser: argparse.ArgumentParser, prior: bool = True) -> 
     if prior:
         parser.add_argument("--prior-guidance", type=float, help="prior classifier-free guidance scale")
     parser.add_argument("--decoder-guidance", type=float, help="decoder classifier-free guidance scale")
+    parser.add_argument(
+        "--decoder-text-guidance", type=float,
+        help="the caption's decoder guidance scale, on top of --decoder-guidance (the image embedding's)",
+    )
     if prior:
         from unclip.pipeline import DEFAULT_PRIOR_CANDIDATES
 
@@ -48,7 +52,7 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict:
 
     kwargs = dict(
         decoder_steps=pick(args.decoder_steps), upsampler_steps=pick(args.upsampler_steps), sampler=args.sampler,
-        decoder_guidance_scale=args.decoder_guidance,
+        decoder_guidance_scale=args.decoder_guidance, decoder_text_guidance_scale=args.decoder_text_guidance,
     )
     if "prior_steps" in args:
         kwargs |= dict(

@@ -56,14 +56,14 @@ class LocalStages:
         return await asyncio.to_thread(self.encoder.encode_image, images)
 
     async def decode(
-        self, image_embeddings, text, seeds, *, guidance_scale, sampling, deadline,
+        self, image_embeddings, text, seeds, *, guidance_scale, text_guidance_scale=None, sampling, deadline,
         inpaint=None, preview_every=0, on_preview: PreviewFn | None = None,
     ) -> np.ndarray:
         return await self._run(
             self.decoder.decode, image_embeddings, seeds,
             text_encodings=None if text is None else text.encodings, text_mask=None if text is None else text.mask,
-            guidance_scale=guidance_scale, sampling=sampling, inpaint=inpaint, deadline=deadline,
-            progress=self._progress(preview_every, on_preview),
+            guidance_scale=guidance_scale, text_guidance_scale=text_guidance_scale, sampling=sampling, inpaint=inpaint,
+            deadline=deadline, progress=self._progress(preview_every, on_preview),
         )
 
     async def upsample(self, index, images, seeds, *, sampling, deadline, inpaint=None) -> np.ndarray:

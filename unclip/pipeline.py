@@ -68,8 +68,9 @@ class StageBackend(Protocol):
 
     async def decode(
         self, image_embeddings: np.ndarray, text: TextEncoding | None, seeds: list[int], *,
-        guidance_scale: float | None, sampling: SamplingOptions, deadline: float | None,
-        inpaint: tuple[np.ndarray, np.ndarray] | None = None, preview_every: int = 0, on_preview: PreviewFn | None = None,
+        guidance_scale: float | None, text_guidance_scale: float | None = None, sampling: SamplingOptions,
+        deadline: float | None, inpaint: tuple[np.ndarray, np.ndarray] | None = None, preview_every: int = 0,
+        on_preview: PreviewFn | None = None,
     ) -> np.ndarray: ...
 
     async def upsample(
@@ -85,7 +86,8 @@ class GenerationParameters:
     size: int | None = None  # None: the largest the pipeline serves
     seed: int | None = None  # None: random
     prior_guidance_scale: float | None = None
-    decoder_guidance_scale: float | None = None
+    decoder_guidance_scale: float | None = None  # the image embedding's
+    decoder_text_guidance_scale: float | None = None  # the caption's, on top (None: the model's default)
     prior_steps: int | None = None
     decoder_steps: int | None = None
     upsampler_steps: int | None = None
@@ -242,6 +244,7 @@ class Run:
         p = self.params
         images = await self.backend.decode(
             embeddings, text, self.seeds, guidance_scale=p.decoder_guidance_scale,
+            text_guidance_scale=p.decoder_text_guidance_scale,
             sampling=SamplingOptions(p.decoder_steps, p.sampler), deadline=self.deadline,
             inpaint=None if inpaint is None else inpaint.at_size(self.sizes[0], self.batch),
             preview_every=preview_every, on_preview=on_preview,

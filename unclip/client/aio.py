@@ -73,6 +73,7 @@ class AsyncClient:
         seed: int | None = None,
         prior_guidance_scale: float | None = None,
         decoder_guidance_scale: float | None = None,
+        decoder_text_guidance_scale: float | None = None,
         prior_steps: int | None = None,
         decoder_steps: int | None = None,
         upsampler_steps: int | None = None,
@@ -91,8 +92,8 @@ class AsyncClient:
         request = images_pb2.GenerateRequest(
             parameters=build_parameters(
                 prompt, n=n, size=size, seed=seed, prior_guidance_scale=prior_guidance_scale,
-                decoder_guidance_scale=decoder_guidance_scale, prior_steps=prior_steps,
-                decoder_steps=decoder_steps, upsampler_steps=upsampler_steps, sampler=sampler,
+                decoder_guidance_scale=decoder_guidance_scale, decoder_text_guidance_scale=decoder_text_guidance_scale,
+                prior_steps=prior_steps, decoder_steps=decoder_steps, upsampler_steps=upsampler_steps, sampler=sampler,
                 prior_candidates=prior_candidates,
             ),
             delivery=build_delivery(response_format, idempotency_key),
@@ -108,6 +109,7 @@ class AsyncClient:
         seed: int | None = None,
         prior_guidance_scale: float | None = None,
         decoder_guidance_scale: float | None = None,
+        decoder_text_guidance_scale: float | None = None,
         prior_steps: int | None = None,
         decoder_steps: int | None = None,
         upsampler_steps: int | None = None,
@@ -132,8 +134,8 @@ class AsyncClient:
         request = images_pb2.GenerateStreamRequest(
             parameters=build_parameters(
                 prompt, n=n, size=size, seed=seed, prior_guidance_scale=prior_guidance_scale,
-                decoder_guidance_scale=decoder_guidance_scale, prior_steps=prior_steps,
-                decoder_steps=decoder_steps, upsampler_steps=upsampler_steps, sampler=sampler,
+                decoder_guidance_scale=decoder_guidance_scale, decoder_text_guidance_scale=decoder_text_guidance_scale,
+                prior_steps=prior_steps, decoder_steps=decoder_steps, upsampler_steps=upsampler_steps, sampler=sampler,
                 prior_candidates=prior_candidates, preview_every=preview_every,
             ),
             delivery=build_delivery(response_format, idempotency_key),
@@ -170,6 +172,7 @@ class AsyncClient:
         size: int | None = None,
         seed: int | None = None,
         decoder_guidance_scale: float | None = None,
+        decoder_text_guidance_scale: float | None = None,
         decoder_steps: int | None = None,
         upsampler_steps: int | None = None,
         sampler: str | None = None,
@@ -187,7 +190,8 @@ class AsyncClient:
         request = images_pb2.CreateVariationsRequest(
             parameters=build_parameters(
                 n=n, size=size, seed=seed, decoder_guidance_scale=decoder_guidance_scale,
-                decoder_steps=decoder_steps, upsampler_steps=upsampler_steps, sampler=sampler,
+                decoder_text_guidance_scale=decoder_text_guidance_scale, decoder_steps=decoder_steps,
+                upsampler_steps=upsampler_steps, sampler=sampler,
             ),
             delivery=build_delivery(response_format, idempotency_key),
             image=image_bytes(image, "image"),
@@ -205,6 +209,7 @@ class AsyncClient:
         seed: int | None = None,
         prior_guidance_scale: float | None = None,
         decoder_guidance_scale: float | None = None,
+        decoder_text_guidance_scale: float | None = None,
         prior_steps: int | None = None,
         decoder_steps: int | None = None,
         upsampler_steps: int | None = None,
@@ -224,8 +229,8 @@ class AsyncClient:
         request = images_pb2.EditRequest(
             parameters=build_parameters(
                 prompt, n=n, size=size, seed=seed, prior_guidance_scale=prior_guidance_scale,
-                decoder_guidance_scale=decoder_guidance_scale, prior_steps=prior_steps,
-                decoder_steps=decoder_steps, upsampler_steps=upsampler_steps, sampler=sampler,
+                decoder_guidance_scale=decoder_guidance_scale, decoder_text_guidance_scale=decoder_text_guidance_scale,
+                prior_steps=prior_steps, decoder_steps=decoder_steps, upsampler_steps=upsampler_steps, sampler=sampler,
                 prior_candidates=prior_candidates,
             ),
             delivery=build_delivery(response_format, idempotency_key),
@@ -245,6 +250,7 @@ class AsyncClient:
         seed: int | None = None,
         prior_guidance_scale: float | None = None,
         decoder_guidance_scale: float | None = None,
+        decoder_text_guidance_scale: float | None = None,
         prior_steps: int | None = None,
         decoder_steps: int | None = None,
         upsampler_steps: int | None = None,
@@ -266,8 +272,8 @@ class AsyncClient:
             animated_gif=animated_gif,
             parameters=build_parameters(
                 size=size, seed=seed, prior_guidance_scale=prior_guidance_scale,
-                decoder_guidance_scale=decoder_guidance_scale, prior_steps=prior_steps,
-                decoder_steps=decoder_steps, upsampler_steps=upsampler_steps, sampler=sampler,
+                decoder_guidance_scale=decoder_guidance_scale, decoder_text_guidance_scale=decoder_text_guidance_scale,
+                prior_steps=prior_steps, decoder_steps=decoder_steps, upsampler_steps=upsampler_steps, sampler=sampler,
                 prior_candidates=prior_candidates,
             ),
             delivery=build_delivery(response_format, idempotency_key),
@@ -287,6 +293,7 @@ class AsyncClient:
         size: int | None = None,
         seed: int | None = None,
         decoder_guidance_scale: float | None = None,
+        decoder_text_guidance_scale: float | None = None,
         decoder_steps: int | None = None,
         upsampler_steps: int | None = None,
         sampler: str | None = None,
@@ -309,7 +316,8 @@ class AsyncClient:
             animated_gif=animated_gif,
             parameters=build_parameters(
                 size=size, seed=seed, decoder_guidance_scale=decoder_guidance_scale,
-                decoder_steps=decoder_steps, upsampler_steps=upsampler_steps, sampler=sampler,
+                decoder_text_guidance_scale=decoder_text_guidance_scale, decoder_steps=decoder_steps,
+                upsampler_steps=upsampler_steps, sampler=sampler,
             ),
             delivery=build_delivery(response_format, idempotency_key),
             image=image_bytes(image, "image"),

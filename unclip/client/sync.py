@@ -92,6 +92,7 @@ class Client:
         seed: int | None = None,
         prior_guidance_scale: float | None = None,
         decoder_guidance_scale: float | None = None,
+        decoder_text_guidance_scale: float | None = None,
         prior_steps: int | None = None,
         decoder_steps: int | None = None,
         upsampler_steps: int | None = None,
@@ -108,7 +109,12 @@ class Client:
             n: number of images; image i uses seed + i.
             size: output side in pixels; None for the largest the gateway serves.
             seed: None for a random one (each image's seed is in its `seed`).
-            prior_guidance_scale, decoder_guidance_scale: classifier-free guidance strengths.
+            prior_guidance_scale, decoder_guidance_scale: classifier-free guidance strengths (the
+                decoder's is the image embedding's).
+            decoder_text_guidance_scale: the caption's own decoder guidance strength, on top of
+                decoder_guidance_scale; None for the model's default (or decoder_guidance_scale
+                where the model has none). No effect where the decoder gets no prompt
+                (variations, interpolations, text diffs).
             prior_steps, decoder_steps, upsampler_steps: denoising steps per stage.
             sampler: "ddim" or "ddpm".
             prior_candidates: image embeddings sampled per image; the closest to the prompt is kept
@@ -128,8 +134,8 @@ class Client:
         request = images_pb2.GenerateRequest(
             parameters=build_parameters(
                 prompt, n=n, size=size, seed=seed, prior_guidance_scale=prior_guidance_scale,
-                decoder_guidance_scale=decoder_guidance_scale, prior_steps=prior_steps,
-                decoder_steps=decoder_steps, upsampler_steps=upsampler_steps, sampler=sampler,
+                decoder_guidance_scale=decoder_guidance_scale, decoder_text_guidance_scale=decoder_text_guidance_scale,
+                prior_steps=prior_steps, decoder_steps=decoder_steps, upsampler_steps=upsampler_steps, sampler=sampler,
                 prior_candidates=prior_candidates,
             ),
             delivery=build_delivery(response_format, idempotency_key),
@@ -145,6 +151,7 @@ class Client:
         seed: int | None = None,
         prior_guidance_scale: float | None = None,
         decoder_guidance_scale: float | None = None,
+        decoder_text_guidance_scale: float | None = None,
         prior_steps: int | None = None,
         decoder_steps: int | None = None,
         upsampler_steps: int | None = None,
@@ -169,8 +176,8 @@ class Client:
         request = images_pb2.GenerateStreamRequest(
             parameters=build_parameters(
                 prompt, n=n, size=size, seed=seed, prior_guidance_scale=prior_guidance_scale,
-                decoder_guidance_scale=decoder_guidance_scale, prior_steps=prior_steps,
-                decoder_steps=decoder_steps, upsampler_steps=upsampler_steps, sampler=sampler,
+                decoder_guidance_scale=decoder_guidance_scale, decoder_text_guidance_scale=decoder_text_guidance_scale,
+                prior_steps=prior_steps, decoder_steps=decoder_steps, upsampler_steps=upsampler_steps, sampler=sampler,
                 prior_candidates=prior_candidates, preview_every=preview_every,
             ),
             delivery=build_delivery(response_format, idempotency_key),
@@ -185,6 +192,7 @@ class Client:
         size: int | None = None,
         seed: int | None = None,
         decoder_guidance_scale: float | None = None,
+        decoder_text_guidance_scale: float | None = None,
         decoder_steps: int | None = None,
         upsampler_steps: int | None = None,
         sampler: str | None = None,
@@ -205,7 +213,8 @@ class Client:
         request = images_pb2.CreateVariationsRequest(
             parameters=build_parameters(
                 n=n, size=size, seed=seed, decoder_guidance_scale=decoder_guidance_scale,
-                decoder_steps=decoder_steps, upsampler_steps=upsampler_steps, sampler=sampler,
+                decoder_text_guidance_scale=decoder_text_guidance_scale, decoder_steps=decoder_steps,
+                upsampler_steps=upsampler_steps, sampler=sampler,
             ),
             delivery=build_delivery(response_format, idempotency_key),
             image=image_bytes(image, "image"),
@@ -223,6 +232,7 @@ class Client:
         seed: int | None = None,
         prior_guidance_scale: float | None = None,
         decoder_guidance_scale: float | None = None,
+        decoder_text_guidance_scale: float | None = None,
         prior_steps: int | None = None,
         decoder_steps: int | None = None,
         upsampler_steps: int | None = None,
@@ -251,8 +261,8 @@ class Client:
         request = images_pb2.EditRequest(
             parameters=build_parameters(
                 prompt, n=n, size=size, seed=seed, prior_guidance_scale=prior_guidance_scale,
-                decoder_guidance_scale=decoder_guidance_scale, prior_steps=prior_steps,
-                decoder_steps=decoder_steps, upsampler_steps=upsampler_steps, sampler=sampler,
+                decoder_guidance_scale=decoder_guidance_scale, decoder_text_guidance_scale=decoder_text_guidance_scale,
+                prior_steps=prior_steps, decoder_steps=decoder_steps, upsampler_steps=upsampler_steps, sampler=sampler,
                 prior_candidates=prior_candidates,
             ),
             delivery=build_delivery(response_format, idempotency_key),
@@ -272,6 +282,7 @@ class Client:
         seed: int | None = None,
         prior_guidance_scale: float | None = None,
         decoder_guidance_scale: float | None = None,
+        decoder_text_guidance_scale: float | None = None,
         prior_steps: int | None = None,
         decoder_steps: int | None = None,
         upsampler_steps: int | None = None,
@@ -303,8 +314,8 @@ class Client:
             animated_gif=animated_gif,
             parameters=build_parameters(
                 size=size, seed=seed, prior_guidance_scale=prior_guidance_scale,
-                decoder_guidance_scale=decoder_guidance_scale, prior_steps=prior_steps,
-                decoder_steps=decoder_steps, upsampler_steps=upsampler_steps, sampler=sampler,
+                decoder_guidance_scale=decoder_guidance_scale, decoder_text_guidance_scale=decoder_text_guidance_scale,
+                prior_steps=prior_steps, decoder_steps=decoder_steps, upsampler_steps=upsampler_steps, sampler=sampler,
                 prior_candidates=prior_candidates,
             ),
             delivery=build_delivery(response_format, idempotency_key),
@@ -324,6 +335,7 @@ class Client:
         size: int | None = None,
         seed: int | None = None,
         decoder_guidance_scale: float | None = None,
+        decoder_text_guidance_scale: float | None = None,
         decoder_steps: int | None = None,
         upsampler_steps: int | None = None,
         sampler: str | None = None,
@@ -358,7 +370,8 @@ class Client:
             animated_gif=animated_gif,
             parameters=build_parameters(
                 size=size, seed=seed, decoder_guidance_scale=decoder_guidance_scale,
-                decoder_steps=decoder_steps, upsampler_steps=upsampler_steps, sampler=sampler,
+                decoder_text_guidance_scale=decoder_text_guidance_scale, decoder_steps=decoder_steps,
+                upsampler_steps=upsampler_steps, sampler=sampler,
             ),
             delivery=build_delivery(response_format, idempotency_key),
             image=image_bytes(image, "image"),

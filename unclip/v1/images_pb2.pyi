@@ -39,13 +39,14 @@ class Delivery(_message.Message):
     def __init__(self, response_format: _Optional[_Union[ResponseFormat, str]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class GenerationParameters(_message.Message):
-    __slots__ = ("prompt", "n", "size", "seed", "prior_guidance_scale", "decoder_guidance_scale", "prior_steps", "decoder_steps", "upsampler_steps", "sampler", "prior_candidates", "preview_every")
+    __slots__ = ("prompt", "n", "size", "seed", "prior_guidance_scale", "decoder_guidance_scale", "decoder_text_guidance_scale", "prior_steps", "decoder_steps", "upsampler_steps", "sampler", "prior_candidates", "preview_every")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     N_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     PRIOR_GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
     DECODER_GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    DECODER_TEXT_GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
     PRIOR_STEPS_FIELD_NUMBER: _ClassVar[int]
     DECODER_STEPS_FIELD_NUMBER: _ClassVar[int]
     UPSAMPLER_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -58,13 +59,14 @@ class GenerationParameters(_message.Message):
     seed: int
     prior_guidance_scale: float
     decoder_guidance_scale: float
+    decoder_text_guidance_scale: float
     prior_steps: int
     decoder_steps: int
     upsampler_steps: int
     sampler: _sampling_pb2.Sampler
     prior_candidates: int
     preview_every: int
-    def __init__(self, prompt: _Optional[str] = ..., n: _Optional[int] = ..., size: _Optional[int] = ..., seed: _Optional[int] = ..., prior_guidance_scale: _Optional[float] = ..., decoder_guidance_scale: _Optional[float] = ..., prior_steps: _Optional[int] = ..., decoder_steps: _Optional[int] = ..., upsampler_steps: _Optional[int] = ..., sampler: _Optional[_Union[_sampling_pb2.Sampler, str]] = ..., prior_candidates: _Optional[int] = ..., preview_every: _Optional[int] = ...) -> None: ...
+    def __init__(self, prompt: _Optional[str] = ..., n: _Optional[int] = ..., size: _Optional[int] = ..., seed: _Optional[int] = ..., prior_guidance_scale: _Optional[float] = ..., decoder_guidance_scale: _Optional[float] = ..., decoder_text_guidance_scale: _Optional[float] = ..., prior_steps: _Optional[int] = ..., decoder_steps: _Optional[int] = ..., upsampler_steps: _Optional[int] = ..., sampler: _Optional[_Union[_sampling_pb2.Sampler, str]] = ..., prior_candidates: _Optional[int] = ..., preview_every: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("parameters", "delivery")
