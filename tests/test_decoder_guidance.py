@@ -8,11 +8,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_checkpoint import tiny_decoder_config
 
 from unclip.checkpoint import save_checkpoint
 from unclip.config import DecoderSamplingDefaults, DecoderStageConfig
 from unclip.errors import InvalidArgument
-from unclip.models.unet import UNet, decoder_config_tiny
+from unclip.models.unet import UNet
 from unclip.options import SamplingOptions
 from unclip.stages import load_engine
 from unclip.stages.base import MAX_GUIDANCE_SCALE, guided, guided_two_conditions
@@ -21,12 +22,8 @@ FAST = SamplingOptions(steps=3)
 
 
 def tiny_config(text_guidance_scale: float | None = None) -> DecoderStageConfig:
-    model = dataclasses.replace(
-        decoder_config_tiny(), model_channels=16, num_head_channels=16, channel_mult=(1, 2),
-        attention_downsample_rates=(2,), num_image_tokens=2, position_embedding_size=16,
-    )
     sampling = DecoderSamplingDefaults(steps=3, guidance_scale=2.0, text_guidance_scale=text_guidance_scale)
-    return DecoderStageConfig(model=model, sampling=sampling, image_size=16)
+    return dataclasses.replace(tiny_decoder_config(), sampling=sampling)
 
 
 def random_weights(config: DecoderStageConfig) -> dict[str, torch.Tensor]:

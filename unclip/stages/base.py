@@ -191,6 +191,15 @@ def one_row_at_a_time(net_fn: Callable[..., torch.Tensor]) -> Callable[..., torc
     return call
 
 
+def stacked_passes(
+    net_fn: Callable[..., torch.Tensor], x_t: torch.Tensor, t: torch.Tensor, conditionings: list[dict[str, torch.Tensor]]
+) -> tuple[torch.Tensor, ...]:
+    """`net_fn` on (x_t, t) under each conditioning, run as one stacked batch; one output each."""
+    stacked = {key: torch.cat([conditioning[key] for conditioning in conditionings]) for key in conditionings[0]}
+    copies = len(conditionings)
+    return net_fn(torch.cat([x_t] * copies), torch.cat([t] * copies), **stacked).chunk(copies)
+
+
 def guided(
     net_fn: Callable[..., torch.Tensor],
     cond: dict[str, torch.Tensor],
@@ -208,8 +217,7 @@ def guided(
     def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if guidance_scale == 1.0:
             return net_fn(x_t, t, **cond)
-        both = {key: torch.cat([cond[key], uncond[key]]) for key in cond}
-        out_cond, out_uncond = net_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), **both).chunk(2)
+        out_cond, out_uncond = stacked_passes(net_fn, x_t, t, [cond, uncond])
         return classifier_free_guidance(out_cond, out_uncond, guidance_scale)
 
     return model_fn
@@ -223,14 +231,12 @@ def guided_two_conditions(
     first_scale: float,
     second_scale: float,
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Like `guided`, with a scale per condition (`two_condition_guidance`): the three
-    conditionings run as one tripled batch."""
+    """Like `guided`, with a scale per condition (`two_condition_guidance`): three passes a step."""
 
     net_fn = one_row_at_a_time(net_fn)
 
     def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        stacked = {key: torch.cat([both[key], first_only[key], uncond[key]]) for key in both}
-        out_both, out_first, out_uncond = net_fn(torch.cat([x_t] * 3), torch.cat([t] * 3), **stacked).chunk(3)
+        out_both, out_first, out_uncond = stacked_passes(net_fn, x_t, t, [both, first_only, uncond])
         return two_condition_guidance(out_uncond, out_first, out_both, first_scale, second_scale)
 
     return model_fn

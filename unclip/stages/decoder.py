@@ -76,10 +76,8 @@ class ImageDecoder:
         if (text_encodings is None) != (text_mask is None):
             raise InvalidArgument("text_encodings and text_mask must be given together")
         scale = resolve_guidance(guidance_scale, self.config.sampling.guidance_scale)
-        text_scale = text_guidance_scale
-        if text_scale is None:
-            text_scale = getattr(self.config.sampling, "text_guidance_scale", None)
-        text_scale = scale if text_scale is None else resolve_guidance(text_scale, scale, "text_guidance_scale")
+        text_default = self.config.sampling.text_guidance_scale
+        text_scale = resolve_guidance(text_guidance_scale, scale if text_default is None else text_default, "text_guidance_scale")
         options = sampling.resolve(self.config.sampling, self.config.diffusion.timesteps)
 
         with_text = text_encodings is not None and cfg.text_width > 0
