@@ -9,7 +9,9 @@ HELM := .tools/bin/helm
 KUBECTL := $(BIN)/kubectl
 PROMPT ?= a red circle in the top left corner
 
-.PHONY: demo test test-kind install tools protos lint lint-protos bench clean
+PYTHON_SOURCES := unclip encoder_svc prior_svc decoder_svc gateway tools tests deploy
+
+.PHONY: demo test test-fast test-kind install tools protos lint typecheck lint-protos docs bench clean
 
 # The venv is reinstalled whenever pyproject.toml changes.
 $(INSTALLED): pyproject.toml
@@ -35,8 +37,13 @@ tools: $(BUF) $(HELM) $(KUBECTL)
 demo: $(INSTALLED)
 	$(BIN)/unclip generate "$(PROMPT)" --seed 0 --out out
 
-test: $(INSTALLED) $(BUF) $(HELM)
-	$(BIN)/python -m pytest -q
+# The quality gates first (style, types, protos, generated docs), then every test; -rs says why a test skipped.
+test: lint typecheck $(INSTALLED) $(BUF) $(HELM)
+	$(BIN)/python -m pytest -q -rs
+
+# The inner loop: no test that starts servers, a Ray cluster or full-quality sampling.
+test-fast: $(INSTALLED)
+	$(BIN)/python -m pytest -q -rs -m "not slow"
 
 # The chart end to end on a throwaway kind cluster (needs Docker and kind; skipped with a message otherwise).
 test-kind: $(INSTALLED) $(HELM)
@@ -46,8 +53,16 @@ protos: $(INSTALLED)
 	$(BIN)/python tools/gen_protos.py
 
 lint: $(INSTALLED) $(BUF)
-	$(BIN)/ruff check unclip encoder_svc prior_svc decoder_svc gateway tools tests
+	$(BIN)/ruff check $(PYTHON_SOURCES)
+	$(BIN)/ruff format --check $(PYTHON_SOURCES)
 	$(BUF) lint protos
+
+typecheck: $(INSTALLED)
+	$(BIN)/mypy
+
+# docs/api.md and docs/configuration.md are generated; a test fails when they are stale.
+docs: $(INSTALLED)
+	$(BIN)/python tools/gen_docs.py
 
 lint-protos: $(BUF)
 	$(BUF) lint protos
@@ -56,4 +71,4 @@ bench: $(INSTALLED)
 	$(BIN)/unclip bench pipeline
 
 clean:
-	rm -rf $(VENV) .tools out .pytest_cache
+	rm -rf $(VENV) .tools out .pytest_cache .mypy_cache .ruff_cache

@@ -14,16 +14,17 @@ import time
 import uuid
 import weakref
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import unclip
 from unclip.errors import InvalidArgument
 from unclip.images import edit_inputs, frames_to_gif, upload_to_rgb
 from unclip.manipulations import interpolate, text_diff, variations
-from unclip.pipeline import GenerationParameters, Inpaint, StageBackend, generate
+from unclip.parameters import GenerationParameters
+from unclip.pipeline import Inpaint, PreviewFn, StageBackend, StageCallback, StageEvent, generate
 
 if TYPE_CHECKING:
-    from unclip.storage import ResultStore
+    from unclip.storage import ResultStore, StoredResult
 
 
 GIF_NAME = "animation.gif"
@@ -64,8 +65,14 @@ class ImageAPI:
     # -- operations ------------------------------------------------------------------------
 
     async def generate(
-        self, params: GenerationParameters, *, want_url: bool = False, idempotency_key: str | None = None,
-        deadline: float | None = None, on_stage=None, on_preview=None,
+        self,
+        params: GenerationParameters,
+        *,
+        want_url: bool = False,
+        idempotency_key: str | None = None,
+        deadline: float | None = None,
+        on_stage: StageCallback | None = None,
+        on_preview: PreviewFn | None = None,
     ) -> Result:
         async def produce(on_stage_timed):
             return await generate(self.backend, params, deadline=deadline, on_stage=on_stage_timed, on_preview=on_preview), None
@@ -73,11 +80,15 @@ class ImageAPI:
         return await self._deliver("generate", params, {}, produce, want_url, idempotency_key, on_stage)
 
     async def variations(
-        self, image: bytes, params: GenerationParameters | None = None, *, n: int = 1, size: int | None = None,
-        seed: int | None = None, want_url: bool = False, idempotency_key: str | None = None, deadline: float | None = None,
-        on_stage=None,
+        self,
+        image: bytes,
+        params: GenerationParameters,
+        *,
+        want_url: bool = False,
+        idempotency_key: str | None = None,
+        deadline: float | None = None,
+        on_stage: StageCallback | None = None,
     ) -> Result:
-        params = params or GenerationParameters(prompt="", n=n, size=size, seed=seed)
         pixels = upload_to_rgb(image, await self.output_size(params.size))
 
         async def produce(on_stage_timed):
@@ -86,8 +97,15 @@ class ImageAPI:
         return await self._deliver("variation", params, {"image": _digest(image)}, produce, want_url, idempotency_key, on_stage)
 
     async def edit(
-        self, image: bytes, mask: bytes | None, params: GenerationParameters, *, want_url: bool = False,
-        idempotency_key: str | None = None, deadline: float | None = None, on_stage=None,
+        self,
+        image: bytes,
+        mask: bytes | None,
+        params: GenerationParameters,
+        *,
+        want_url: bool = False,
+        idempotency_key: str | None = None,
+        deadline: float | None = None,
+        on_stage: StageCallback | None = None,
     ) -> Result:
         pixels, regenerate = edit_inputs(image, mask, await self.output_size(params.size))
         inpaint = Inpaint(pixels, regenerate)
@@ -99,14 +117,22 @@ class ImageAPI:
         return await self._deliver("edit", params, inputs, produce, want_url, idempotency_key, on_stage)
 
     async def interpolate(
-        self, params: GenerationParameters, frames: int, *, images: tuple[bytes, bytes] | None = None,
-        prompts: tuple[str, str] | None = None, animated_gif: bool = False, want_url: bool = False,
-        idempotency_key: str | None = None, deadline: float | None = None, on_stage=None,
+        self,
+        params: GenerationParameters,
+        frames: int,
+        *,
+        images: tuple[bytes, bytes] | None = None,
+        prompts: tuple[str, str] | None = None,
+        animated_gif: bool = False,
+        want_url: bool = False,
+        idempotency_key: str | None = None,
+        deadline: float | None = None,
+        on_stage: StageCallback | None = None,
     ) -> Result:
         if images is not None:
             side = await self.output_size(params.size)
             decoded = (upload_to_rgb(images[0], side, "images.first"), upload_to_rgb(images[1], side, "images.second"))
-            inputs = {"images": [_digest(images[0]), _digest(images[1])]}
+            inputs: dict[str, Any] = {"images": [_digest(images[0]), _digest(images[1])]}
         else:
             decoded, inputs = None, {"prompts": list(prompts or ())}
 
@@ -120,22 +146,43 @@ class ImageAPI:
         return await self._deliver("interpolation", params, inputs, produce, want_url, idempotency_key, on_stage)
 
     async def text_diff(
-        self, image: bytes, caption: str, target_caption: str, params: GenerationParameters, frames: int, *,
-        max_rotation: float = 0.5, animated_gif: bool = False, want_url: bool = False,
-        idempotency_key: str | None = None, deadline: float | None = None, on_stage=None,
+        self,
+        image: bytes,
+        caption: str,
+        target_caption: str,
+        params: GenerationParameters,
+        frames: int,
+        *,
+        max_rotation: float = 0.5,
+        animated_gif: bool = False,
+        want_url: bool = False,
+        idempotency_key: str | None = None,
+        deadline: float | None = None,
+        on_stage: StageCallback | None = None,
     ) -> Result:
         pixels = upload_to_rgb(image, await self.output_size(params.size))
 
         async def produce(on_stage_timed):
             results = await text_diff(
-                self.backend, pixels, caption, target_caption, params, frames, max_rotation=max_rotation,
-                deadline=deadline, on_stage=on_stage_timed,
+                self.backend,
+                pixels,
+                caption,
+                target_caption,
+                params,
+                frames,
+                max_rotation=max_rotation,
+                deadline=deadline,
+                on_stage=on_stage_timed,
             )
             return results, frames_to_gif([r.pixels for r in results]) if animated_gif else None
 
         inputs = {
-            "image": _digest(image), "caption": caption, "target_caption": target_caption, "frames": frames,
-            "max_rotation": max_rotation, "animated_gif": animated_gif,
+            "image": _digest(image),
+            "caption": caption,
+            "target_caption": target_caption,
+            "frames": frames,
+            "max_rotation": max_rotation,
+            "animated_gif": animated_gif,
         }
         return await self._deliver("text_diff", params, inputs, produce, want_url, idempotency_key, on_stage)
 
@@ -145,7 +192,9 @@ class ImageAPI:
         if (want_url or idempotency_key) and self.store is None:
             needs = "response format URL" if want_url else "an idempotency key"
             raise InvalidArgument(f"{needs} needs the gateway's object store; none is configured (UNCLIP_S3_ENDPOINT)")
-        fingerprint = _digest(json.dumps({"operation": operation, "parameters": asdict(params), "inputs": inputs}, sort_keys=True).encode())
+        fingerprint = _digest(
+            json.dumps({"operation": operation, "parameters": asdict(params), "inputs": inputs}, sort_keys=True).encode()
+        )
         if idempotency_key is None:
             return await self._produce_and_store(uuid.uuid4().hex, operation, params, fingerprint, produce, want_url, on_stage)
         if not 1 <= len(idempotency_key) <= 255:
@@ -156,7 +205,7 @@ class ImageAPI:
         if lock is None:
             lock = self._key_locks[request_id] = asyncio.Lock()
         async with lock:
-            stored = await self.store.load(request_id)
+            stored = await self._store().load(request_id)
             if stored is not None:
                 if stored.record.get("fingerprint") != fingerprint:
                     raise InvalidArgument("idempotency_key: already used for a different request")
@@ -166,9 +215,8 @@ class ImageAPI:
     async def _produce_and_store(self, request_id, operation, params, fingerprint, produce, want_url, on_stage) -> Result:
         timings: dict[str, float] = {}
 
-        async def on_stage_timed(event):
-            name = event.stage if event.stage != "upsample" else f"upsample{event.index}"
-            timings[name] = round(event.seconds, 4)
+        async def on_stage_timed(event: StageEvent) -> None:
+            timings[event.name] = round(event.seconds, 4)
             if on_stage is not None:
                 result = on_stage(event)
                 if result is not None:
@@ -178,37 +226,46 @@ class ImageAPI:
         images, gif = await produce(on_stage_timed)
         timings["total"] = round(time.perf_counter() - started, 4)
         created = int(time.time())
-        result = Result(
-            request_id, created, [ResultImage(i.png, i.seed, i.width, i.height) for i in images], gif=gif
-        )
+        result = Result(request_id, created, [ResultImage(i.png, i.seed, i.width, i.height) for i in images], gif=gif)
         if self.store is None:
             return result
         info = await self.backend.describe()
         record = {
-            "request_id": request_id, "operation": operation, "created": created, "fingerprint": fingerprint,
-            "parameters": asdict(params), "seeds": [i.seed for i in images],
-            "sizes": [[i.width, i.height] for i in images], "models": info.model_versions, "timings": timings,
+            "request_id": request_id,
+            "operation": operation,
+            "created": created,
+            "fingerprint": fingerprint,
+            "parameters": asdict(params),
+            "seeds": [i.seed for i in images],
+            "sizes": [[i.width, i.height] for i in images],
+            "models": info.model_versions,
+            "timings": timings,
             "software": f"unclip {unclip.__version__}",
         }
         extras = {GIF_NAME: (gif, "image/gif")} if gif is not None else None
         keys = await self.store.save(request_id, [i.png for i in images], record, extras)
         if want_url:
-            for image, key in zip(result.images, keys):
+            for image, key in zip(result.images, keys, strict=True):
                 image.url = self.store.presigned_url(key)
             if gif is not None:
                 result.gif_url = self.store.presigned_url(self.store.key(request_id, GIF_NAME))
         return result
 
-    def _stored_result(self, stored, want_url: bool) -> Result:
-        record = stored.record
+    def _stored_result(self, stored: StoredResult, want_url: bool) -> Result:
+        store, record = self._store(), stored.record
         images = []
-        for png, key, seed, (width, height) in zip(stored.images, stored.keys, record["seeds"], record["sizes"]):
-            images.append(ResultImage(png, seed, width, height, self.store.presigned_url(key) if want_url else None))
+        for png, key, seed, (width, height) in zip(stored.images, stored.keys, record["seeds"], record["sizes"], strict=True):
+            images.append(ResultImage(png, seed, width, height, store.presigned_url(key) if want_url else None))
         result = Result(stored.request_id, record["created"], images)
         if GIF_NAME in stored.extras:
             result.gif = stored.extras[GIF_NAME]
-            result.gif_url = self.store.presigned_url(self.store.key(stored.request_id, GIF_NAME)) if want_url else None
+            result.gif_url = store.presigned_url(store.key(stored.request_id, GIF_NAME)) if want_url else None
         return result
+
+    def _store(self) -> ResultStore:
+        if self.store is None:  # _deliver refuses what needs a store before any work
+            raise InvalidArgument("this needs the gateway's object store; none is configured (UNCLIP_S3_ENDPOINT)")
+        return self.store
 
 
 def _digest(data: bytes) -> str:

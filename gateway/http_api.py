@@ -1,12 +1,15 @@
 """The gateway's HTTP API, compatible with OpenAI's Images API (the DALL-E 2 endpoints).
 
-    POST /v1/images/generations   JSON       prompt, n, size, response_format, seed (+ model, quality, style, user: ignored)
-    POST /v1/images/variations    multipart  image, n, size, response_format, seed (+ model, user: ignored)
-    POST /v1/images/edits         multipart  image, mask, prompt, n, size, response_format, seed (+ model, user: ignored)
+    POST /v1/images/generations   JSON       prompt, n, size, response_format (+ model, quality, style, user: ignored)
+    POST /v1/images/variations    multipart  image, n, size, response_format (+ model, user: ignored)
+    POST /v1/images/edits         multipart  image, mask, prompt, n, size, response_format (+ model, user: ignored)
     GET  /healthz
 
-so the official `openai` SDKs work against a gateway by changing their base URL. `seed` is an
-extension (image i uses seed + i, as everywhere in unclip). Requests are validated here, then
+so the official `openai` SDKs work against a gateway by changing their base URL. Every other
+generation parameter the operation takes (`unclip.parameters`: seed, the guidance scales,
+steps, sampler, ...) is accepted as an extension field under its own name, e.g. the openai
+SDK's `extra_body={"seed": 7}`; image i uses seed + i, as everywhere in unclip. Requests are
+validated here, then
 handed to the transport-independent image API (`gateway.api`), which runs the pipeline; its
 errors become OpenAI-shaped error bodies:
 
@@ -27,54 +30,76 @@ import json
 import logging
 import re
 import time
-from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import BadHttpMessage
 
 from gateway.api import Result
 from unclip.errors import UnclipError
-from unclip.pipeline import GenerationParameters
+from unclip.parameters import OPERATIONS, GenerationParameters, Group, parameters, value_type
 
 log = logging.getLogger("unclip.gateway.http")
 
-MAX_N = 10  # OpenAI's limit; the image API enforces its own, lower one
 MAX_JSON_BYTES = 1024 * 1024
 MAX_TEXT_FIELD_BYTES = 64 * 1024  # a multipart text field (the prompt is the longest)
 MAX_IDEMPOTENCY_KEY_CHARS = 255
 INTERNAL_ERROR_MESSAGE = "The server had an error while processing your request."
 
 _IGNORED = frozenset({"model", "user"})  # accepted for compatibility, not used
-_COMMON = frozenset({"n", "size", "response_format", "seed"}) | _IGNORED
-GENERATION_FIELDS = _COMMON | {"prompt", "quality", "style"}
-VARIATION_FIELDS = _COMMON | {"image"}
-EDIT_FIELDS = _COMMON | {"image", "mask", "prompt"}
+# What each route takes besides its operation's generation parameters.
+_ROUTE_FIELDS = {
+    "generate": frozenset({"response_format", "quality", "style"}) | _IGNORED,
+    "variations": frozenset({"response_format", "image"}) | _IGNORED,
+    "edit": frozenset({"response_format", "image", "mask"}) | _IGNORED,
+}
 FILE_FIELDS = frozenset({"image", "mask"})
 # The openai SDK names a list of images "image[]"; one image sent that way is still one image.
 _FIELD_ALIASES = {"image[]": "image"}
-# The image API's InvalidArgument messages start with the field they are about ("size: ...").
+# InvalidArgument messages start with the field they are about ("size: ...").
 _FIELD_PREFIX = re.compile(r"^(\w+):")
+_KNOWN_FIELDS = frozenset(item.name for item in parameters()) | frozenset().union(*_ROUTE_FIELDS.values())
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
 _FORM_INTEGER = re.compile(r"^-?\d+$")
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string"}
+
+
+def allowed_fields(operation: str) -> frozenset[str]:
+    """The fields a route of `operation` accepts: its generation parameters, and OpenAI's own."""
+    return frozenset(item.name for item in parameters(operation)) | _ROUTE_FIELDS[operation]
 
 
 class ImageBackend(Protocol):
     """The part of the gateway's image API (`gateway.api`) this transport calls."""
 
     async def generate(
-        self, params: GenerationParameters, *, want_url: bool = False, idempotency_key: str | None = None,
+        self,
+        params: GenerationParameters,
+        *,
+        want_url: bool = False,
+        idempotency_key: str | None = None,
         deadline: float | None = None,
     ) -> Result: ...
 
     async def variations(
-        self, image: bytes, *, n: int = 1, size: int | None = None, seed: int | None = None, want_url: bool = False,
-        idempotency_key: str | None = None, deadline: float | None = None,
+        self,
+        image: bytes,
+        params: GenerationParameters,
+        *,
+        want_url: bool = False,
+        idempotency_key: str | None = None,
+        deadline: float | None = None,
     ) -> Result: ...
 
     async def edit(
-        self, image: bytes, mask: bytes | None, params: GenerationParameters, *, want_url: bool = False,
-        idempotency_key: str | None = None, deadline: float | None = None,
+        self,
+        image: bytes,
+        mask: bytes | None,
+        params: GenerationParameters,
+        *,
+        want_url: bool = False,
+        idempotency_key: str | None = None,
+        deadline: float | None = None,
     ) -> Result: ...
 
 
@@ -82,7 +107,12 @@ class HTTPAPIError(Exception):
     """An error answered as OpenAI shapes it."""
 
     def __init__(
-        self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
         code: str | None = None,
     ) -> None:
         super().__init__(message)
@@ -118,7 +148,7 @@ def error_from_unclip(error: UnclipError) -> HTTPAPIError:
     status, type_, code = mapped
     message = str(error)
     param = None
-    if status == 400 and (match := _FIELD_PREFIX.match(message)) and match[1] in GENERATION_FIELDS | EDIT_FIELDS:
+    if status == 400 and (match := _FIELD_PREFIX.match(message)) and match[1] in _KNOWN_FIELDS:
         param = match[1]
     return HTTPAPIError(status, message, type=type_, param=param, code=code)
 
@@ -150,73 +180,63 @@ async def _errors_middleware(request: web.Request, handler) -> web.StreamRespons
         return HTTPAPIError(500, INTERNAL_ERROR_MESSAGE, type="server_error").response()
 
 
-@dataclass
-class _Options:
-    """The options every endpoint shares, validated."""
-
-    n: int
-    size: int | None  # None: the largest the gateway serves
-    seed: int | None
-    want_url: bool
-
-
 def _reject_unknown(fields: dict[str, object], allowed: frozenset[str]) -> None:
     for name in fields:
         if name not in allowed:
             raise _invalid(f"Unrecognized request argument supplied: {name}", name)
 
 
-def _prompt(fields: dict[str, object]) -> str:
-    prompt = fields.get("prompt")
-    if prompt is None:
-        raise _invalid("Missing required parameter: 'prompt'.", "prompt")
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise _invalid("prompt: must be a non-empty string", "prompt")
-    return prompt
-
-
-def _integer(fields: dict[str, object], name: str) -> int | None:
-    value = fields.get(name)
-    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+def _typed(name: str, value: object, from_form: bool) -> object:
+    """A parameter's value as its type: form fields arrive as text, JSON values as they are."""
+    kind = value_type(name)
+    if from_form and isinstance(value, str):
+        if kind is int and _FORM_INTEGER.match(value):
+            return int(value)
+        if kind is float:
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if kind is str:
+            return value
+    elif kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    elif isinstance(value, kind) and not isinstance(value, bool):
         return value
-    raise _invalid(f"{name}: must be an integer, got {value!r}", name)
+    raise _invalid(f"{name}: must be {_TYPE_NAMES[kind]}, got {value!r}", name)
 
 
-def _options(fields: dict[str, object]) -> _Options:
-    n = _integer(fields, "n")
-    if n is None:
-        n = 1
-    if not 1 <= n <= MAX_N:
-        raise _invalid(f"n: must be between 1 and {MAX_N}, got {n}", "n")
+def _size(value: object) -> int:
+    match = _SIZE.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise _invalid(f"size: must be a string like '256x256', got {value!r}", "size")
+    if match[1] != match[2]:
+        raise _invalid(f"size: only square images are supported, got {value!r}", "size")
+    return int(match[1])
 
-    size = None
-    requested_size = fields.get("size")
-    if requested_size is not None:
-        match = _SIZE.match(requested_size) if isinstance(requested_size, str) else None
-        if match is None:
-            raise _invalid(f"size: must be a string like '256x256', got {requested_size!r}", "size")
-        if match[1] != match[2]:
-            raise _invalid(f"size: only square images are supported, got {requested_size!r}", "size")
-        size = int(match[1])
 
+def _parameters(fields: dict[str, object], operation: str, *, from_form: bool) -> GenerationParameters:
+    """The generation parameters of a request, validated as the image API will (so a bad one is
+    answered before any work), named as in unclip.parameters; `size` in OpenAI's "WxH" form."""
+    if Group.PROMPT in OPERATIONS[operation] and fields.get("prompt") is None:
+        raise _invalid("Missing required parameter: 'prompt'.", "prompt")
+    values: dict[str, Any] = {}
+    for item in parameters(operation):
+        value = fields.get(item.name)
+        if value is not None:  # JSON null: not given
+            values[item.name] = _size(value) if item.name == "size" else _typed(item.name, value, from_form)
+    params = GenerationParameters(**values)
+    params.validate(operation)
+    return params
+
+
+def _wants_url(fields: dict[str, object]) -> bool:
     response_format = fields.get("response_format")
     if response_format is None:
         response_format = "url"
     if response_format not in ("url", "b64_json"):
         raise _invalid(f"response_format: must be 'url' or 'b64_json', got {response_format!r}", "response_format")
-
-    return _Options(n=n, size=size, seed=_integer(fields, "seed"), want_url=response_format == "url")
-
-
-def _typed_form_fields(fields: dict[str, str]) -> dict[str, object]:
-    """Multipart fields are all text; parse the integers so JSON and forms share one validation."""
-    typed: dict[str, object] = dict(fields)
-    for name in ("n", "seed"):
-        if name in fields:
-            if not _FORM_INTEGER.match(fields[name]):
-                raise _invalid(f"{name}: must be an integer, got {fields[name]!r}", name)
-            typed[name] = int(fields[name])
-    return typed
+    return response_format == "url"
 
 
 async def _read_part(part: BodyPartReader, name: str, limit: int) -> bytes:
@@ -232,8 +252,7 @@ def _images_response(result: Result, want_url: bool) -> web.Response:
     if want_url:
         if any(image.url is None for image in result.images):
             raise _invalid(
-                "response_format 'url' needs the gateway's object store, which is not configured; "
-                "use response_format 'b64_json'",
+                "response_format 'url' needs the gateway's object store, which is not configured; use response_format 'b64_json'",
                 "response_format",
             )
         data = [{"url": image.url} for image in result.images]
@@ -301,7 +320,7 @@ class _Handlers:
         for name, data in files.items():
             if not data:
                 raise _invalid(f"{name}: the file is empty", name)
-        return _typed_form_fields(fields), files
+        return dict(fields), files
 
     @staticmethod
     def _image(files: dict[str, bytes]) -> bytes:
@@ -312,35 +331,26 @@ class _Handlers:
     async def generations(self, request: web.Request) -> web.Response:
         deadline, key = self._deadline(), self._idempotency_key(request)
         fields = await self._read_json(request)
-        _reject_unknown(fields, GENERATION_FIELDS)
-        prompt = _prompt(fields)
-        options = _options(fields)
-        params = GenerationParameters(prompt=prompt, n=options.n, size=options.size, seed=options.seed)
-        result = await self.api.generate(params, want_url=options.want_url, idempotency_key=key, deadline=deadline)
-        return _images_response(result, options.want_url)
+        _reject_unknown(fields, allowed_fields("generate"))
+        params, want_url = _parameters(fields, "generate", from_form=False), _wants_url(fields)
+        result = await self.api.generate(params, want_url=want_url, idempotency_key=key, deadline=deadline)
+        return _images_response(result, want_url)
 
     async def variations(self, request: web.Request) -> web.Response:
         deadline, key = self._deadline(), self._idempotency_key(request)
-        fields, files = await self._read_form(request, VARIATION_FIELDS)
+        fields, files = await self._read_form(request, allowed_fields("variations"))
         image = self._image(files)
-        options = _options(fields)
-        result = await self.api.variations(
-            image, n=options.n, size=options.size, seed=options.seed, want_url=options.want_url,
-            idempotency_key=key, deadline=deadline,
-        )
-        return _images_response(result, options.want_url)
+        params, want_url = _parameters(fields, "variations", from_form=True), _wants_url(fields)
+        result = await self.api.variations(image, params, want_url=want_url, idempotency_key=key, deadline=deadline)
+        return _images_response(result, want_url)
 
     async def edits(self, request: web.Request) -> web.Response:
         deadline, key = self._deadline(), self._idempotency_key(request)
-        fields, files = await self._read_form(request, EDIT_FIELDS)
+        fields, files = await self._read_form(request, allowed_fields("edit"))
         image = self._image(files)
-        prompt = _prompt(fields)
-        options = _options(fields)
-        params = GenerationParameters(prompt=prompt, n=options.n, size=options.size, seed=options.seed)
-        result = await self.api.edit(
-            image, files.get("mask"), params, want_url=options.want_url, idempotency_key=key, deadline=deadline
-        )
-        return _images_response(result, options.want_url)
+        params, want_url = _parameters(fields, "edit", from_form=True), _wants_url(fields)
+        result = await self.api.edit(image, files.get("mask"), params, want_url=want_url, idempotency_key=key, deadline=deadline)
+        return _images_response(result, want_url)
 
     @staticmethod
     async def healthz(request: web.Request) -> web.Response:

@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar, cast
 
 import grpc
-import numpy as np
 from google.protobuf.message import Message
 
 from unclip import codec
+from unclip.calls import SERVICE_NAMES, DecodeCall, StageCall, grpc_module, info_call
 from unclip.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -29,26 +28,18 @@ from unclip.errors import (
     UnclipError,
     error_for_status,
 )
-from unclip.options import SamplingOptions
-from unclip.pipeline import PipelineInfo, PreviewFn, TextEncoding
+from unclip.pipeline import PipelineInfo, PreviewFn
+from unclip.stage import Stage
 from unclip.transport import GRPC_OPTIONS
-from unclip.v1 import (
-    decoder_pb2,
-    decoder_pb2_grpc,
-    encoder_pb2,
-    encoder_pb2_grpc,
-    prior_pb2,
-    prior_pb2_grpc,
-    upsampler_pb2,
-    upsampler_pb2_grpc,
-)
+from unclip.v1 import decoder_pb2
 
+R = TypeVar("R")
 INFO_TIMEOUT_SECONDS = 5.0
 INFO_TTL_SECONDS = 30.0  # re-read what the stages serve now and then: they may be redeployed
 
 
 class StageTransport(Protocol):
-    """Delivers stage requests. Stages are named "encoder", "prior", "decoder", "upsampler0", ...;
+    """Delivers stage requests. Stages are named by instance ("encoder", ..., "upsampler0");
     failures are raised as `UnclipError`s carrying the stage's status code."""
 
     async def unary(self, stage: str, method: str, request: Message, timeout: float | None) -> Message: ...
@@ -58,25 +49,18 @@ class StageTransport(Protocol):
     async def close(self) -> None: ...
 
 
-def stage_kind(stage: str) -> str:
-    """"upsampler1" -> "upsampler"."""
-    return re.sub(r"\d+$", "", stage)
+def _stub(name: str, channel: grpc.aio.Channel) -> Any:
+    stage = Stage.from_instance(name)
+    return getattr(grpc_module(stage), f"{SERVICE_NAMES[stage]}Stub")(channel)
 
 
 class GrpcTransport:
     """gRPC stubs on one channel per stage; `targets` maps each stage to its host:port."""
 
-    STUBS = {
-        "encoder": encoder_pb2_grpc.ClipEncoderServiceStub,
-        "prior": prior_pb2_grpc.PriorServiceStub,
-        "decoder": decoder_pb2_grpc.DecoderServiceStub,
-        "upsampler": upsampler_pb2_grpc.UpsamplerServiceStub,
-    }
-
     def __init__(self, targets: Mapping[str, str]):
         self.addresses = dict(targets)
         self._channels = {stage: grpc.aio.insecure_channel(addr, options=GRPC_OPTIONS) for stage, addr in targets.items()}
-        self._stubs = {stage: self.STUBS[stage_kind(stage)](channel) for stage, channel in self._channels.items()}
+        self._stubs = {stage: _stub(stage, channel) for stage, channel in self._channels.items()}
 
     async def close(self) -> None:
         await asyncio.gather(*(channel.close() for channel in self._channels.values()))
@@ -178,11 +162,16 @@ class RemoteStages:
     transport calls them: host:port addresses for gRPC (the default), app names for Ray Serve."""
 
     def __init__(
-        self, encoder: str, prior: str, decoder: str, upsamplers: Sequence[str], *,
+        self,
+        encoder: str,
+        prior: str,
+        decoder: str,
+        upsamplers: Sequence[str],
+        *,
         transport: Callable[[Mapping[str, str]], StageTransport] = GrpcTransport,
     ):
-        targets = {"encoder": encoder, "prior": prior, "decoder": decoder}
-        targets |= {f"upsampler{i}": target for i, target in enumerate(upsamplers)}
+        targets = {Stage.ENCODER.instance(): encoder, Stage.PRIOR.instance(): prior, Stage.DECODER.instance(): decoder}
+        targets |= {Stage.UPSAMPLER.instance(i): target for i, target in enumerate(upsamplers)}
         self.transport = transport(targets)
         self.upsampler_count = len(upsamplers)
         self._info: PipelineInfo | None = None
@@ -200,97 +189,43 @@ class RemoteStages:
             raise DeadlineExceeded(f"the deadline passed before the {stage} stage was called")
         return timeout
 
-    async def _call(self, stage: str, method: str, request: Message, deadline: float | None) -> Any:
-        return await self.transport.unary(stage, method, request, self._timeout(stage, deadline))
-
     async def describe(self) -> PipelineInfo:
         if self._info is not None and time.monotonic() - self._info_time < INFO_TTL_SECONDS:
             return self._info
         deadline = time.monotonic() + INFO_TIMEOUT_SECONDS
-        replies = await asyncio.gather(
-            self._call("encoder", "GetEncoderInfo", encoder_pb2.GetEncoderInfoRequest(), deadline),
-            self._call("prior", "GetPriorInfo", prior_pb2.GetPriorInfoRequest(), deadline),
-            self._call("decoder", "GetDecoderInfo", decoder_pb2.GetDecoderInfoRequest(), deadline),
-            *(
-                self._call(f"upsampler{i}", "GetUpsamplerInfo", upsampler_pb2.GetUpsamplerInfoRequest(), deadline)
-                for i in range(self.upsampler_count)
-            ),
-        )
-        encoder, prior, decoder, *ups = (reply.info for reply in replies)
-        versions = {"clip": encoder.version, "prior": prior.version, "decoder": decoder.version}
-        versions |= {f"upsampler{i}": up.version for i, up in enumerate(ups)}
-        self._info = PipelineInfo(decoder.image_size, [up.scale_factor for up in ups], versions)
+        stages = [(Stage.ENCODER, 0), (Stage.PRIOR, 0), (Stage.DECODER, 0)]
+        stages += [(Stage.UPSAMPLER, i) for i in range(self.upsampler_count)]
+        infos = await asyncio.gather(*(self.run(info_call(stage)(), index=i, deadline=deadline) for stage, i in stages))
+        encoder, prior, decoder, *upsamplers = infos
+        self._info = PipelineInfo.from_models(encoder, prior, decoder, upsamplers)
         self._info_time = time.monotonic()
         return self._info
 
-    async def encode_text(self, texts: list[str], *, deadline: float | None) -> TextEncoding:
-        reply = await self._call("encoder", "EncodeText", encoder_pb2.EncodeTextRequest(texts=texts), deadline)
-        return TextEncoding(
-            codec.to_numpy(reply.text_embeddings, "text_embeddings"),
-            codec.to_numpy(reply.text_encodings, "text_encodings"),
-            codec.to_numpy(reply.text_mask, "text_mask"),
-        )
-
-    async def sample_prior(
-        self, text: TextEncoding, seeds: list[int], *, num_candidates: int, guidance_scale: float | None,
-        sampling: SamplingOptions, deadline: float | None,
-    ) -> np.ndarray:
-        request = prior_pb2.SampleRequest(
-            text_embeddings=codec.from_numpy(text.embeddings), text_encodings=codec.from_numpy(text.encodings),
-            text_mask=codec.from_numpy(text.mask), seeds=seeds, num_candidates=num_candidates,
-            sampling=sampling.to_proto(),
-        )
-        if guidance_scale is not None:
-            request.guidance_scale = guidance_scale
-        reply = await self._call("prior", "Sample", request, deadline)
-        return codec.to_numpy(reply.image_embeddings, "image_embeddings")
-
-    async def encode_image(self, images: np.ndarray, *, deadline: float | None) -> np.ndarray:
-        request = encoder_pb2.EncodeImageRequest(images=codec.from_numpy(images))
-        reply = await self._call("encoder", "EncodeImage", request, deadline)
-        return codec.to_numpy(reply.image_embeddings, "image_embeddings")
-
-    async def decode(
-        self, image_embeddings: np.ndarray, text: TextEncoding | None, seeds: list[int], *,
-        guidance_scale: float | None, text_guidance_scale: float | None = None, sampling: SamplingOptions,
-        deadline: float | None, inpaint: tuple[np.ndarray, np.ndarray] | None = None, preview_every: int = 0,
+    async def run(
+        self,
+        call: StageCall[R],
+        *,
+        index: int = 0,
+        deadline: float | None,
         on_preview: PreviewFn | None = None,
-    ) -> np.ndarray:
-        request = decoder_pb2.DecodeRequest(
-            image_embeddings=codec.from_numpy(image_embeddings), seeds=seeds, sampling=sampling.to_proto()
+        preview_every: int = 0,
+    ) -> R:
+        name = call.STAGE.instance(index)
+        if isinstance(call, DecodeCall) and on_preview is not None and preview_every > 0:
+            return await self._decode_stream(call, on_preview, preview_every, deadline)
+        reply = await self.transport.unary(name, call.METHOD, call.to_proto(), self._timeout(name, deadline))
+        return call.result(reply)
+
+    async def _decode_stream(self, call: DecodeCall, on_preview: PreviewFn, preview_every: int, deadline: float | None) -> Any:
+        name = Stage.DECODER.instance()
+        stream = decoder_pb2.DecodeStreamRequest(
+            request=cast(decoder_pb2.DecodeRequest, call.to_proto()), preview_every=preview_every
         )
-        if text is not None:
-            request.text_encodings.CopyFrom(codec.from_numpy(text.encodings))
-            request.text_mask.CopyFrom(codec.from_numpy(text.mask))
-        if guidance_scale is not None:
-            request.guidance_scale = guidance_scale
-        if text_guidance_scale is not None:
-            request.text_guidance_scale = text_guidance_scale
-        _set_inpaint(request, inpaint)
-        if on_preview is None or preview_every <= 0:
-            reply = await self._call("decoder", "Decode", request, deadline)
-            return codec.to_numpy(reply.images, "images")
-        stream = decoder_pb2.DecodeStreamRequest(request=request, preview_every=preview_every)
-        events = self.transport.server_stream("decoder", "DecodeStream", stream, self._timeout("decoder", deadline))
+        events: Any = self.transport.server_stream(name, "DecodeStream", stream, self._timeout(name, deadline))
         async with contextlib.aclosing(events):  # ends the call as soon as the images are here
             async for event in events:
                 if event.HasField("preview"):
                     on_preview(event.preview.step, event.preview.total_steps, codec.to_numpy(event.preview.images, "preview"))
                 else:
-                    return codec.to_numpy(event.result.images, "images")
+                    return call.result(event.result)
         raise Unavailable("decoder: the stream ended without images")
-
-    async def upsample(
-        self, index: int, images: np.ndarray, seeds: list[int], *, sampling: SamplingOptions, deadline: float | None,
-        inpaint: tuple[np.ndarray, np.ndarray] | None = None,
-    ) -> np.ndarray:
-        request = upsampler_pb2.UpsampleRequest(images=codec.from_numpy(images), seeds=seeds, sampling=sampling.to_proto())
-        _set_inpaint(request, inpaint)
-        reply = await self._call(f"upsampler{index}", "Upsample", request, deadline)
-        return codec.to_numpy(reply.images, "images")
-
-
-def _set_inpaint(request, inpaint: tuple[np.ndarray, np.ndarray] | None) -> None:
-    if inpaint is not None:
-        request.inpaint_images.CopyFrom(codec.from_numpy(inpaint[0]))
-        request.inpaint_mask.CopyFrom(codec.from_numpy(inpaint[1]))

@@ -5,46 +5,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any, cast
 
 from gateway.api import ImageAPI, Result
+from unclip import codec
 from unclip.errors import InvalidArgument, UnclipError
-from unclip.options import sampler_from_proto
-from unclip.pipeline import DEFAULT_PRIOR_CANDIDATES, GenerationParameters, StageEvent
+from unclip.parameters import GenerationParameters
+from unclip.pipeline import StageEvent
 from unclip.png import encode_png
 from unclip.serving import ServiceSpec, events_until_done, rpc, streaming_rpc
 from unclip.v1 import images_pb2, images_pb2_grpc
 
 log = logging.getLogger("unclip.gateway")
-STAGE_ENUM = {
-    "encode": images_pb2.STAGE_ENCODE,
-    "prior": images_pb2.STAGE_PRIOR,
-    "decode": images_pb2.STAGE_DECODE,
-    "upsample": images_pb2.STAGE_UPSAMPLE,
-}
 STAGE_RETRY_SECONDS = 1.0
 
 
 def parameters_from_proto(message: images_pb2.GenerationParameters) -> GenerationParameters:
-    def optional(name: str):
-        return getattr(message, name) if message.HasField(name) else None
-
-    candidates = optional("prior_candidates")  # an explicit 0 is refused downstream, not defaulted
-
-    return GenerationParameters(
-        prompt=message.prompt,
-        n=message.n or 1,
-        size=message.size or None,
-        seed=optional("seed"),
-        prior_guidance_scale=optional("prior_guidance_scale"),
-        decoder_guidance_scale=optional("decoder_guidance_scale"),
-        decoder_text_guidance_scale=optional("decoder_text_guidance_scale"),
-        prior_steps=optional("prior_steps"),
-        decoder_steps=optional("decoder_steps"),
-        upsampler_steps=optional("upsampler_steps"),
-        sampler=sampler_from_proto(message.sampler),
-        prior_candidates=DEFAULT_PRIOR_CANDIDATES if candidates is None else candidates,
-        preview_every=message.preview_every,
-    )
+    return codec.from_message(GenerationParameters, message)
 
 
 def response_from_result(result: Result, delivery: images_pb2.Delivery) -> images_pb2.GenerateResponse:
@@ -53,7 +30,10 @@ def response_from_result(result: Result, delivery: images_pb2.Delivery) -> image
         request_id=result.request_id,
         images=[
             images_pb2.GeneratedImage(
-                png=b"" if as_url else image.png, url=image.url or "", seed=image.seed, width=image.width,
+                png=b"" if as_url else image.png,
+                url=image.url or "",
+                seed=image.seed,
+                width=image.width,
                 height=image.height,
             )
             for image in result.images
@@ -72,8 +52,11 @@ def delivery_options(delivery: images_pb2.Delivery) -> dict:
 
 def progress_from_event(event: StageEvent) -> images_pb2.StageProgress:
     return images_pb2.StageProgress(
-        stage=STAGE_ENUM[event.stage], stage_index=event.index, completed_stages=event.completed,
-        total_stages=event.total, stage_seconds=event.seconds,
+        stage=cast(images_pb2.Stage, images_pb2.Stage.Value(f"STAGE_{event.stage.event.upper()}")),
+        stage_index=event.index,
+        completed_stages=event.completed,
+        total_stages=event.total,
+        stage_seconds=event.seconds,
     )
 
 
@@ -117,15 +100,20 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
 
         def on_preview(step: int, total: int, images) -> None:
             pngs = [encode_png(pixels, {}) for pixels in images]
-            events.put_nowait(images_pb2.GenerateStreamResponse(preview=images_pb2.Preview(step=step, total_steps=total, png=pngs)))
+            events.put_nowait(
+                images_pb2.GenerateStreamResponse(preview=images_pb2.Preview(step=step, total_steps=total, png=pngs))
+            )
 
         def on_stage(event: StageEvent) -> None:
             events.put_nowait(images_pb2.GenerateStreamResponse(progress=progress_from_event(event)))
 
         task = asyncio.ensure_future(
             self.api.generate(
-                parameters_from_proto(request.parameters), deadline=self._deadline(context), on_stage=on_stage,
-                on_preview=on_preview, **delivery_options(request.delivery),
+                parameters_from_proto(request.parameters),
+                deadline=self._deadline(context),
+                on_stage=on_stage,
+                on_preview=on_preview,
+                **delivery_options(request.delivery),
             )
         )
         try:
@@ -138,7 +126,9 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
     @rpc
     async def CreateVariations(self, request, context):
         result = await self.api.variations(
-            request.image, parameters_from_proto(request.parameters), deadline=self._deadline(context),
+            request.image,
+            parameters_from_proto(request.parameters),
+            deadline=self._deadline(context),
             **delivery_options(request.delivery),
         )
         return images_pb2.CreateVariationsResponse(result=response_from_result(result, request.delivery))
@@ -149,26 +139,40 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
         if endpoints is None:
             raise InvalidArgument("endpoints: give two images or two prompts")
         pair = getattr(request, endpoints)
+        ends: dict[str, Any] = {endpoints: (pair.first, pair.second)}
         result = await self.api.interpolate(
-            parameters_from_proto(request.parameters), request.frames, animated_gif=request.animated_gif,
-            deadline=self._deadline(context), **{endpoints: (pair.first, pair.second)}, **delivery_options(request.delivery),
+            parameters_from_proto(request.parameters),
+            request.frames,
+            animated_gif=request.animated_gif,
+            deadline=self._deadline(context),
+            **ends,
+            **delivery_options(request.delivery),
         )
         return images_pb2.InterpolateResponse(result=response_from_result(result, request.delivery))
 
     @rpc
     async def TextDiff(self, request, context):
         result = await self.api.text_diff(
-            request.image, request.caption, request.target_caption, parameters_from_proto(request.parameters),
-            request.frames, max_rotation=request.max_rotation if request.HasField("max_rotation") else 0.5,
-            animated_gif=request.animated_gif, deadline=self._deadline(context), **delivery_options(request.delivery),
+            request.image,
+            request.caption,
+            request.target_caption,
+            parameters_from_proto(request.parameters),
+            request.frames,
+            max_rotation=request.max_rotation if request.HasField("max_rotation") else 0.5,
+            animated_gif=request.animated_gif,
+            deadline=self._deadline(context),
+            **delivery_options(request.delivery),
         )
         return images_pb2.TextDiffResponse(result=response_from_result(result, request.delivery))
 
     @rpc
     async def Edit(self, request, context):
         result = await self.api.edit(
-            request.image, request.mask or None, parameters_from_proto(request.parameters),
-            deadline=self._deadline(context), **delivery_options(request.delivery),
+            request.image,
+            request.mask or None,
+            parameters_from_proto(request.parameters),
+            deadline=self._deadline(context),
+            **delivery_options(request.delivery),
         )
         return images_pb2.EditResponse(result=response_from_result(result, request.delivery))
 

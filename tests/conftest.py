@@ -1,8 +1,14 @@
-"""Shared fixtures. Servers are started by the tests themselves, on 127.0.0.1 only."""
+"""Shared fixtures and tiny configs. Servers are started by the tests themselves, on 127.0.0.1 only."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
+
+from unclip.config import DecoderStageConfig, DiffusionConfig, PriorStageConfig, SamplingDefaults, UpsamplerStageConfig
+from unclip.models.prior import PriorConfig
+from unclip.models.unet import decoder_config_tiny, upsampler_config_tiny
 
 # Few denoising steps: the tests check plumbing and determinism, not image quality.
 FAST_STEPS = dict(prior_steps=3, decoder_steps=3, upsampler_steps=2)
@@ -14,3 +20,33 @@ def local_stages():
     from unclip.local import LocalStages
 
     return LocalStages.load()
+
+
+# -- tiny stage configs: networks small enough to build and run in milliseconds ---------------
+
+
+def tiny_prior_config() -> PriorStageConfig:
+    return PriorStageConfig(
+        model=PriorConfig(width=32, layers=1, heads=2),
+        diffusion=DiffusionConfig(timesteps=100, schedule="linear", parameterization="x0"),
+        sampling=SamplingDefaults(steps=7, sampler="ddpm", eta=0.5, guidance_scale=1.5),
+    )
+
+
+def tiny_decoder_config() -> DecoderStageConfig:
+    model = dataclasses.replace(
+        decoder_config_tiny(),
+        model_channels=16,
+        num_head_channels=16,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_downsample_rates=(2,),
+        num_image_tokens=2,
+        position_embedding_size=16,
+    )
+    return DecoderStageConfig(model=model, image_size=16, weights="decoder.safetensors")
+
+
+def tiny_upsampler_config() -> UpsamplerStageConfig:
+    model = dataclasses.replace(upsampler_config_tiny(), model_channels=16, channel_mult=(1, 2))
+    return UpsamplerStageConfig(model=model, scale_factor=2, input_size=8)

@@ -146,7 +146,7 @@ def _wait_ready(server: S3Server, timeout: float) -> None:
         try:
             probe.list_buckets()
             return
-        except Exception as error:  # not listening yet, or the filer behind the gateway not up yet
+        except Exception as error:  # noqa: BLE001 - not listening yet, or the filer behind the gateway not up yet
             last_error = error
             time.sleep(0.1)
     raise RuntimeError(

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_decoder_config, tiny_prior_config, tiny_upsampler_config
 from safetensors import safe_open
 
 import unclip.checkpoint as checkpoint
@@ -31,39 +32,12 @@ from unclip.config import (
     SamplingDefaults,
     UpsamplerStageConfig,
 )
-from unclip.models.prior import DiffusionPrior, PriorConfig
-from unclip.models.unet import UNet, decoder_config_tiny, upsampler_config_tiny
+from unclip.models.prior import DiffusionPrior
+from unclip.models.unet import UNet, decoder_config_tiny
 from unclip.options import SamplingOptions
 from unclip.stages import load_engine
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def tiny_prior_config() -> PriorStageConfig:
-    return PriorStageConfig(
-        model=PriorConfig(width=32, layers=1, heads=2),
-        diffusion=DiffusionConfig(timesteps=100, schedule="linear", parameterization="x0"),
-        sampling=SamplingDefaults(steps=7, sampler="ddpm", eta=0.5, guidance_scale=1.5),
-    )
-
-
-def tiny_decoder_config() -> DecoderStageConfig:
-    model = dataclasses.replace(
-        decoder_config_tiny(),
-        model_channels=16,
-        num_head_channels=16,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
-        attention_downsample_rates=(2,),
-        num_image_tokens=2,
-        position_embedding_size=16,
-    )
-    return DecoderStageConfig(model=model, image_size=16, weights="decoder.safetensors")
-
-
-def tiny_upsampler_config() -> UpsamplerStageConfig:
-    model = dataclasses.replace(upsampler_config_tiny(), model_channels=16, channel_mult=(1, 2))
-    return UpsamplerStageConfig(model=model, scale_factor=2, input_size=8)
 
 
 def build_module(config) -> torch.nn.Module:
@@ -172,9 +146,7 @@ def test_clip_round_trip(tmp_path):
 
 
 def test_non_default_values_round_trip(tmp_path):
-    config = dataclasses.replace(
-        ClipStageConfig(), model_name="ViT-B-32", weights="open_clip_model.safetensors"
-    )
+    config = dataclasses.replace(ClipStageConfig(), model_name="ViT-B-32", weights="open_clip_model.safetensors")
     save_checkpoint(tmp_path / "c", config, small_state_dict())
     assert read_config(tmp_path / "c") == config
     assert (tmp_path / "c" / "open_clip_model.safetensors").is_file()
@@ -194,7 +166,7 @@ def test_half_storage_loads_as_float32(tmp_path):
     state = small_state_dict(1)
     directory = save_checkpoint(tmp_path / "half", config, state, storage_dtype=torch.float16)
     with safe_open(str(weights_path(directory, config)), "pt") as handle:
-        stored = {name: handle.get_tensor(name) for name in handle.keys()}
+        stored = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 - not a dict
     assert stored["layer.weight"].dtype == torch.float16
     assert stored["layer.bias"].dtype == torch.float16
     assert stored["counter"].dtype == torch.int64  # integer tensors are not converted
@@ -221,7 +193,7 @@ def test_load_weights_missing_file(tmp_path):
     config = tiny_prior_config()
     save_checkpoint(tmp_path / "p", config, small_state_dict())
     (tmp_path / "p" / config.weights).unlink()
-    with pytest.raises(CheckpointError, match="weights file .*model.safetensors.* not found"):
+    with pytest.raises(CheckpointError, match=r"weights file .*model\.safetensors.* not found"):
         load_weights(tmp_path / "p", config)
 
 
@@ -481,7 +453,7 @@ def test_init_stage_writes_half_precision_checkpoint(prior_dir):
     config = read_config(prior_dir)
     assert config == PriorStageConfig()
     with safe_open(str(weights_path(prior_dir, config)), "pt") as handle:
-        dtypes = {handle.get_tensor(name).dtype for name in handle.keys()}
+        dtypes = {handle.get_tensor(name).dtype for name in handle.keys()}  # noqa: SIM118 - not a dict
         assert handle.metadata() == {"kind": "prior"}
     assert dtypes == {torch.float16}
 
@@ -562,5 +534,5 @@ def test_decoder_engine_from_tiny_checkpoint(tmp_path):
     embeddings = np.random.default_rng(1).standard_normal((2, 64)).astype(np.float32)
     images = engine.decode(embeddings, [5, 6], sampling=SamplingOptions(steps=1), guidance_scale=1.0)
     assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
-    with pytest.raises(ValueError, match="holds a 'decoder' checkpoint, expected 'prior'"):
+    with pytest.raises(CheckpointError, match="holds a 'decoder' checkpoint, expected 'prior'"):
         load_engine("prior", tmp_path / "dec")

@@ -8,10 +8,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
+from servers import BackgroundServer
 
 from unclip.png import read_png_text
-from unclip.serving import BackgroundServer, Server
+from unclip.serving import Server
+
+# Runs the `unclip` command in processes of its own.
+pytestmark = pytest.mark.slow
 
 STEPS = ["--prior-steps", "3", "--decoder-steps", "3", "--upsampler-steps", "2"]
 
@@ -25,7 +30,7 @@ def test_generate_in_process_writes_pngs(tmp_path: Path):
     assert result.returncode == 0, result.stderr
     paths = [Path(line) for line in result.stdout.split()]
     assert [p.name for p in paths] == ["a-red-circle-in-the-top-left-corner-7.png", "a-red-circle-in-the-top-left-corner-8.png"]
-    for path, seed in zip(paths, (7, 8)):
+    for path, seed in zip(paths, (7, 8), strict=True):
         assert Image.open(path).size == (128, 128)
         text = read_png_text(path.read_bytes())
         assert text["prompt"] == "a red circle in the top left corner" and text["seed"] == str(seed)
@@ -47,7 +52,9 @@ def test_generate_through_a_server_matches_in_process(tmp_path: Path):
     # A gateway whose backend is the in-process engines: the CLI's --server path end to end.
     settings = [*STEPS, "--decoder-text-guidance", "3"]
     with BackgroundServer(lambda: Server(ImageServicer(ImageAPI(LocalStages.load())), SERVICES, port=0)) as server:
-        remote = unclip("generate", "a blue square", "--seed", "3", "--server", server.address, "--out", str(tmp_path / "remote"), *settings)
+        remote = unclip(
+            "generate", "a blue square", "--seed", "3", "--server", server.address, "--out", str(tmp_path / "remote"), *settings
+        )
     assert remote.returncode == 0, remote.stderr
     local = unclip("generate", "a blue square", "--seed", "3", "--out", str(tmp_path / "local"), *settings)
     assert local.returncode == 0, local.stderr

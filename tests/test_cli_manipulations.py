@@ -12,6 +12,9 @@ from PIL import Image
 
 from unclip.png import read_png_text
 
+# Runs the `unclip` command in processes of its own.
+pytestmark = pytest.mark.slow
+
 SIZE = 32  # the base decoder's size: no upsampler runs, and inputs at this size are not resized
 STEPS = ["--decoder-steps", "2", "--upsampler-steps", "1", "--size", str(SIZE)]
 PRIOR_STEPS = ["--prior-steps", "2"]
@@ -38,7 +41,7 @@ def test_variations_write_n_pngs(tmp_path: Path, picture: Path):
     paths = written(unclip("variations", str(picture), "-n", "2", "--seed", "3", "--out", str(tmp_path / "out"), *STEPS))
 
     assert [path.name for path in paths] == ["variation-3.png", "variation-4.png"]
-    for path, seed in zip(paths, (3, 4)):
+    for path, seed in zip(paths, (3, 4), strict=True):
         text = read_png_text(path.read_bytes())
         assert text["operation"] == "variation" and text["seed"] == str(seed)
         assert Image.open(path).size == (SIZE, SIZE)
@@ -46,8 +49,19 @@ def test_variations_write_n_pngs(tmp_path: Path, picture: Path):
 
 def test_interpolate_prompts_writes_frames_and_a_gif(tmp_path: Path):
     result = unclip(
-        "interpolate", "--prompts", "a red circle", "a blue square", "--frames", "3", "--gif", "--seed", "5",
-        "--out", str(tmp_path), *STEPS, *PRIOR_STEPS,
+        "interpolate",
+        "--prompts",
+        "a red circle",
+        "a blue square",
+        "--frames",
+        "3",
+        "--gif",
+        "--seed",
+        "5",
+        "--out",
+        str(tmp_path),
+        *STEPS,
+        *PRIOR_STEPS,
     )
     *frames, gif = written(result)
 
@@ -62,8 +76,21 @@ def test_interpolate_prompts_writes_frames_and_a_gif(tmp_path: Path):
 
 def test_textdiff_writes_frames(tmp_path: Path, picture: Path):
     result = unclip(
-        "textdiff", str(picture), "--caption", "a red circle", "--target", "a blue square", "--frames", "2",
-        "--max-rotation", "0.3", "--seed", "1", "--out", str(tmp_path), *STEPS,
+        "textdiff",
+        str(picture),
+        "--caption",
+        "a red circle",
+        "--target",
+        "a blue square",
+        "--frames",
+        "2",
+        "--max-rotation",
+        "0.3",
+        "--seed",
+        "1",
+        "--out",
+        str(tmp_path),
+        *STEPS,
     )
     paths = written(result)
 
@@ -78,8 +105,18 @@ def test_edit_keeps_the_pixels_outside_the_mask(tmp_path: Path, picture: Path):
     Image.fromarray(mask, mode="RGBA").save(mask_path)
 
     result = unclip(
-        "edit", str(picture), "--prompt", "a blue square", "--mask", str(mask_path), "--seed", "2",
-        "--out", str(tmp_path / "out"), *STEPS, *PRIOR_STEPS,
+        "edit",
+        str(picture),
+        "--prompt",
+        "a blue square",
+        "--mask",
+        str(mask_path),
+        "--seed",
+        "2",
+        "--out",
+        str(tmp_path / "out"),
+        *STEPS,
+        *PRIOR_STEPS,
     )
     (path,) = written(result)
 
@@ -111,17 +148,33 @@ def test_missing_file_is_a_clear_error(tmp_path: Path):
 
 
 def test_through_a_server(tmp_path: Path, picture: Path):
+    from servers import BackgroundServer
+
     from gateway.api import ImageAPI
     from gateway.servicer import SERVICES, ImageServicer
     from unclip.local import LocalStages
-    from unclip.serving import BackgroundServer, Server
+    from unclip.serving import Server
 
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
     with BackgroundServer(lambda: Server(ImageServicer(ImageAPI(LocalStages.load())), SERVICES, port=0)) as server:
         diff = unclip(
-            "textdiff", str(picture), "--caption", "a red circle", "--target", "a blue square", "--frames", "2", "--gif",
-            "--seed", "4", "--server", server.address, "--out", str(tmp_path), *STEPS,
+            "textdiff",
+            str(picture),
+            "--caption",
+            "a red circle",
+            "--target",
+            "a blue square",
+            "--frames",
+            "2",
+            "--gif",
+            "--seed",
+            "4",
+            "--server",
+            server.address,
+            "--out",
+            str(tmp_path),
+            *STEPS,
         )
         failed = unclip("variations", str(bad), "--server", server.address, "--out", str(tmp_path / "failed"))
 

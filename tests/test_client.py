@@ -214,7 +214,7 @@ def test_parameters_not_given_are_not_set(target, service):
         client.generate("a red cube")
 
     (sent,) = service.requests
-    assert sent.prompt == "a red cube" and sent.n == 1
+    assert sent.prompt == "a red cube" and sent.n == 0  # unset: the server's default, 1
     assert sent.size == 0 and sent.sampler == sampling_pb2.SAMPLER_UNSPECIFIED
     assert [name for name in OPTIONAL_FIELDS if sent.HasField(name)] == []
 
@@ -231,8 +231,17 @@ def test_application_metadata_routes_through_a_ray_serve_proxy(target, service):
 def test_parameters_given_arrive(target, service):
     with fast_client(target) as client:
         client.generate(
-            "a red cube", n=3, size=16, seed=0, prior_guidance_scale=4.0, decoder_guidance_scale=0.0,
-            decoder_text_guidance_scale=2.5, prior_steps=5, decoder_steps=6, upsampler_steps=7, sampler="ddpm",
+            "a red cube",
+            n=3,
+            size=16,
+            seed=0,
+            prior_guidance_scale=4.0,
+            decoder_guidance_scale=0.0,
+            decoder_text_guidance_scale=2.5,
+            prior_steps=5,
+            decoder_steps=6,
+            upsampler_steps=7,
+            sampler="ddpm",
             prior_candidates=2,
         )
 
@@ -270,9 +279,8 @@ def test_unavailable_is_retried_until_it_succeeds(target, service):
 
 def test_invalid_argument_is_not_retried(target, service):
     service.always = grpc.StatusCode.INVALID_ARGUMENT
-    with fast_client(target, retries=3) as client:
-        with pytest.raises(UnclipError) as caught:
-            client.generate("a red cube")
+    with fast_client(target, retries=3) as client, pytest.raises(UnclipError) as caught:
+        client.generate("a red cube")
 
     assert len(service.requests) == 1
     error = caught.value
@@ -284,9 +292,8 @@ def test_invalid_argument_is_not_retried(target, service):
 
 def test_retries_are_limited_by_count(target, service):
     service.always = grpc.StatusCode.UNAVAILABLE
-    with fast_client(target, retries=2) as client:
-        with pytest.raises(UnclipError) as caught:
-            client.generate("a red cube")
+    with fast_client(target, retries=2) as client, pytest.raises(UnclipError) as caught:
+        client.generate("a red cube")
 
     assert len(service.requests) == 3
     assert caught.value.code == grpc.StatusCode.UNAVAILABLE and caught.value.attempts == 3
@@ -333,9 +340,8 @@ def test_per_call_timeout_overrides_the_clients(target, service):
 
 def test_unreachable_server_raises_unavailable_naming_the_target():
     target = f"127.0.0.1:{free_port()}"
-    with fast_client(target, retries=1) as client:
-        with pytest.raises(UnclipError) as caught:
-            client.generate("a red cube")
+    with fast_client(target, retries=1) as client, pytest.raises(UnclipError) as caught:
+        client.generate("a red cube")
     assert caught.value.code == grpc.StatusCode.UNAVAILABLE and caught.value.attempts == 2
     assert target in str(caught.value)
 
@@ -374,10 +380,9 @@ def test_stream_is_retried_before_the_first_event(target, service):
 def test_stream_is_not_retried_after_an_event(target, service):
     service.fail_after_first_event = True
     events = []
-    with fast_client(target) as client:
-        with pytest.raises(UnclipError) as caught:
-            for event in client.generate_stream("a red cube"):
-                events.append(event)
+    with fast_client(target) as client, pytest.raises(UnclipError) as caught:
+        for event in client.generate_stream("a red cube"):
+            events.append(event)
 
     assert events == [StageProgress("encode", 0, 1, 4, 0.25)]
     assert caught.value.code == grpc.StatusCode.UNAVAILABLE
@@ -648,16 +653,14 @@ def test_text_diff_sends_captions_and_rotation(target, service):
     ],
 )
 def test_arguments_of_the_new_calls_are_checked_before_any_call(target, service, call, error, field_name):
-    with fast_client(target) as client:
-        with pytest.raises(error, match=field_name):
-            call(client)
+    with fast_client(target) as client, pytest.raises(error, match=field_name):
+        call(client)
     assert service.received == []
 
 
 def test_unreadable_path_raises_oserror(target, service, tmp_path):
-    with fast_client(target) as client:
-        with pytest.raises(FileNotFoundError):
-            client.variations(tmp_path / "missing.png")
+    with fast_client(target) as client, pytest.raises(FileNotFoundError):
+        client.variations(tmp_path / "missing.png")
     assert service.received == []
 
 

@@ -7,8 +7,9 @@ import struct
 import numpy as np
 import pytest
 import torch
+from torch_codec import from_torch, to_torch
 
-from unclip.codec import InvalidTensor, from_numpy, from_torch, to_numpy, to_torch
+from unclip.codec import InvalidTensor, from_numpy, to_numpy
 from unclip.errors import InvalidArgument
 from unclip.v1 import tensor_pb2
 
@@ -124,7 +125,13 @@ def test_special_float_values_survive_exactly():
 
 
 def bf16_bits_from_torch(values: np.ndarray) -> np.ndarray:
-    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    return (
+        torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+        .to(torch.bfloat16)
+        .view(torch.int16)
+        .numpy()
+        .view(np.uint16)
+    )
 
 
 def tricky_float32() -> np.ndarray:
@@ -137,13 +144,23 @@ def tricky_float32() -> np.ndarray:
     just_above = upper | 0x8001
     special = np.array(
         [
-            0x00000000, 0x80000000,  # +-0
-            0x7F800000, 0xFF800000,  # +-inf
-            0x7F7FFFFF, 0xFF7FFFFF,  # largest finite: rounds to inf
-            0x7F7F7FFF, 0x7F7F8000,  # just below / at the tie below the largest bf16
-            0x3F808000, 0x3F818000,  # ties: 1.0+half ulp (even -> down), next (odd -> up)
-            0x00008000, 0x00018000, 0x00000001, 0x007FFFFF,  # subnormals
-            0x3F800000, 0xBF800000, 0x3FFFFFFF,
+            0x00000000,
+            0x80000000,  # +-0
+            0x7F800000,
+            0xFF800000,  # +-inf
+            0x7F7FFFFF,
+            0xFF7FFFFF,  # largest finite: rounds to inf
+            0x7F7F7FFF,
+            0x7F7F8000,  # just below / at the tie below the largest bf16
+            0x3F808000,
+            0x3F818000,  # ties: 1.0+half ulp (even -> down), next (odd -> up)
+            0x00008000,
+            0x00018000,
+            0x00000001,
+            0x007FFFFF,  # subnormals
+            0x3F800000,
+            0xBF800000,
+            0x3FFFFFFF,
         ],
         dtype=np.uint32,
     )
@@ -179,7 +196,7 @@ def test_bfloat16_ties_round_to_even():
 
 def test_bfloat16_known_bytes():
     message = from_numpy(np.array([1.0, -2.0, np.inf], dtype=np.float32), BFLOAT16)
-    assert message.data == bytes.fromhex("803f" "00c0" "807f")
+    assert message.data == bytes.fromhex("803f00c0807f")
 
 
 def test_bfloat16_numpy_decode_widens_exactly():
@@ -248,10 +265,10 @@ def test_wire_bytes_are_little_endian_row_major():
 
 def test_known_bytes_other_dtypes():
     assert from_numpy(np.array([1, -2], np.int64)).data == struct.pack("<2q", 1, -2)
-    assert from_numpy(np.array([1.0, -2.0], np.float16)).data == bytes.fromhex("003c" "00c0")
+    assert from_numpy(np.array([1.0, -2.0], np.float16)).data == bytes.fromhex("003c00c0")
     assert from_numpy(np.array([0, 255, 7], np.uint8)).data == bytes([0, 255, 7])
     assert from_numpy(np.array([True, False, True])).data == b"\x01\x00\x01"
-    assert from_torch(torch.tensor([1.0, -2.0], dtype=torch.bfloat16)).data == bytes.fromhex("803f" "00c0")
+    assert from_torch(torch.tensor([1.0, -2.0], dtype=torch.bfloat16)).data == bytes.fromhex("803f00c0")
     assert from_numpy(np.float32(2.0)).data == struct.pack("<f", 2.0)
     assert list(from_numpy(np.float32(2.0)).shape) == []
 
@@ -395,9 +412,7 @@ def test_huge_declared_shape_is_rejected_without_allocating():
         to_numpy(message, "x")
 
 
-@pytest.mark.parametrize(
-    "dtype", [np.complex64, np.complex128, np.float64, np.int32, np.uint16, np.int8, object, "U3"], ids=str
-)
+@pytest.mark.parametrize("dtype", [np.complex64, np.complex128, np.float64, np.int32, np.uint16, np.int8, object, "U3"], ids=str)
 def test_unsupported_numpy_dtypes_raise_type_error(dtype):
     array = np.zeros((2,), dtype=dtype)
     with pytest.raises(TypeError, match="cannot encode"):

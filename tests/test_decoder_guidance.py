@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_checkpoint import tiny_decoder_config
+from conftest import tiny_decoder_config
 
 from unclip.checkpoint import save_checkpoint
 from unclip.config import DecoderSamplingDefaults, DecoderStageConfig
@@ -16,7 +16,8 @@ from unclip.errors import InvalidArgument
 from unclip.models.unet import UNet
 from unclip.options import SamplingOptions
 from unclip.stages import load_engine
-from unclip.stages.base import MAX_GUIDANCE_SCALE, guided, guided_two_conditions
+from unclip.stages.guidance import guided, guided_two_conditions
+from unclip.validation import MAX_GUIDANCE_SCALE
 
 FAST = SamplingOptions(steps=3)
 
@@ -97,9 +98,7 @@ def test_three_pass_guidance_pairs_each_row_with_its_own_conditions():
     expected = guided(net, cond, uncond, 3.0)(x, t)
     torch.testing.assert_close(guided_two_conditions(net, cond, image_only, uncond, 3.0, 3.0)(x, t), expected)
     # Image guidance at 1 and text guidance at 0 leave the image-only prediction.
-    torch.testing.assert_close(
-        guided_two_conditions(net, cond, image_only, uncond, 1.0, 0.0)(x, t), net(x, t, **image_only)
-    )
+    torch.testing.assert_close(guided_two_conditions(net, cond, image_only, uncond, 1.0, 0.0)(x, t), net(x, t, **image_only))
 
 
 def test_rows_decoded_together_match_rows_decoded_alone(checkpoints, inputs):
@@ -108,8 +107,11 @@ def test_rows_decoded_together_match_rows_decoded_alone(checkpoints, inputs):
     both = engine.decode(embeddings, [7, 8], sampling=FAST, **text)
     for row, seed in enumerate([7, 8]):
         alone = engine.decode(
-            embeddings[row : row + 1], [seed], sampling=FAST,
-            text_encodings=text["text_encodings"][row : row + 1], text_mask=text["text_mask"][row : row + 1],
+            embeddings[row : row + 1],
+            [seed],
+            sampling=FAST,
+            text_encodings=text["text_encodings"][row : row + 1],
+            text_mask=text["text_mask"][row : row + 1],
         )
         np.testing.assert_array_equal(both[row : row + 1], alone)
 

@@ -18,10 +18,15 @@ import grpc
 import numpy as np
 import pytest
 from conftest import FAST_STEPS
+from parameter_cases import BASE, PARAMETER_NAMES, SENDS_PREVIEWS, as_keyword_arguments, generate_in_process, varied
 
-from unclip.client import AsyncClient, Client, StageProgress, UnclipError
+from unclip.client import AsyncClient, Client, Preview, StageProgress, UnclipError
 from unclip.launcher import check_health
-from unclip.pipeline import GenerationParameters, generate
+from unclip.parameters import GenerationParameters
+from unclip.pipeline import generate
+
+# Starts `unclip serve all`: five processes.
+pytestmark = pytest.mark.slow
 
 PROMPT = "a green triangle at the bottom"
 
@@ -49,7 +54,9 @@ def serve_all():
     port = _free_port_block(6)  # the gateway, four stages, and the gateway's HTTP API
     process = subprocess.Popen(
         [sys.executable, "-m", "unclip", "serve", "all", "--port", str(port), "--http-port", str(port + 5)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     address = f"127.0.0.1:{port}"
     try:
@@ -76,11 +83,28 @@ def test_distributed_images_equal_in_process_images(serve_all, local_stages):
         generate(local_stages, GenerationParameters(prompt=PROMPT, n=2, seed=123, decoder_text_guidance_scale=3.0, **FAST_STEPS))
     )
     assert [image.seed for image in remote] == [123, 124]
-    for remote_image, local_image in zip(remote, local):
+    for remote_image, local_image in zip(remote, local, strict=True):
         assert (remote_image.width, remote_image.height) == (128, 128)
         np.testing.assert_array_equal(np.asarray(remote_image.image), local_image.pixels)
         assert remote_image.png == local_image.png  # metadata included
     assert remote[0].metadata["prompt"] == PROMPT and remote[0].metadata["seed"] == 123
+
+
+@pytest.mark.parametrize("name", PARAMETER_NAMES)
+def test_each_parameter_gives_the_in_process_images_through_the_services(serve_all, local_stages, name):
+    """Each parameter at a value other than its default (which changes the images in-process,
+    test_parameters) gives the same PNGs through `serve all`: no hop drops or alters it."""
+    _, address, _ = serve_all
+    expected, previews = generate_in_process(local_stages, varied(name))
+    prompt, parameters = as_keyword_arguments(varied(name))
+    with Client(address, timeout=120) as client:
+        events = list(client.generate_stream(prompt, **parameters))
+    assert [image.png for image in events[-1]] == [image.png for image in expected]
+    assert (
+        sum(isinstance(event, Preview) for event in events)
+        == previews
+        == (BASE["decoder_steps"] if name == SENDS_PREVIEWS else 0)
+    )
 
 
 def test_batch_image_reproducible_alone_through_services(serve_all):
@@ -119,7 +143,7 @@ def test_gateway_errors_carry_the_right_status(serve_all):
         assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and "[32, 128]" in info.value.details
         with pytest.raises(UnclipError) as info:  # an explicit 0 is refused, not taken for "unset"
             client.generate(PROMPT, prior_candidates=0)
-        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and "num_candidates" in info.value.details
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and "prior_candidates" in info.value.details
         with pytest.raises(UnclipError) as info:
             client.generate(PROMPT, decoder_text_guidance_scale=-1.0)
         assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and "text_guidance_scale" in info.value.details
@@ -144,7 +168,7 @@ def test_http_api_is_served_next_to_grpc(serve_all):
 
 
 def test_ctrl_c_stops_every_service(serve_all):
-    process, address, port = serve_all
+    process, _, port = serve_all
     process.send_signal(signal.SIGINT)
     try:
         output, _ = process.communicate(timeout=60)

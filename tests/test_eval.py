@@ -9,9 +9,10 @@ import sys
 
 import numpy as np
 
+from unclip.calls import DecodeCall, EncodeTextCall, SampleCall, TextEncoding, UpsampleCall
 from unclip.data.shapes import COLOURS, parse_caption, render, sample_scene_for
 from unclip.eval.report import format_table, run_eval
-from unclip.pipeline import PipelineInfo, TextEncoding
+from unclip.pipeline import PipelineInfo
 
 
 class OracleStages:
@@ -26,22 +27,28 @@ class OracleStages:
     async def describe(self):
         return PipelineInfo(32, [4], {"oracle": "1"})
 
-    async def encode_text(self, texts, *, deadline):
-        self.prompt = texts[0]
-        return TextEncoding(np.zeros((1, 64), np.float32), np.zeros((1, 1, 64), np.float32), np.ones((1, 1), bool))
+    async def run(self, call, **kwargs):
+        if isinstance(call, EncodeTextCall):
+            self.prompt = call.texts[0]
+            return TextEncoding(np.zeros((1, 64), np.float32), np.zeros((1, 1, 64), np.float32), np.ones((1, 1), bool))
+        if isinstance(call, SampleCall):
+            return np.zeros((len(call.seeds), 64), np.float32)
+        if isinstance(call, DecodeCall):
+            return self.decode(call.seeds)
+        assert isinstance(call, UpsampleCall)
+        return self.upsample(call.images, call.seeds)
 
-    async def sample_prior(self, text, seeds, **kwargs):
-        return np.zeros((len(seeds), 64), np.float32)
-
-    async def decode(self, embeddings, text, seeds, **kwargs):
+    def decode(self, seeds):
         spec = parse_caption(self.prompt)
         if self.wrong_colour:
             used = {o.colour for o in spec.objects}
             spare = [c for c in COLOURS if c not in used]
-            spec = dataclasses.replace(spec, objects=[dataclasses.replace(o, colour=c) for o, c in zip(spec.objects, spare)])
+            spec = dataclasses.replace(
+                spec, objects=[dataclasses.replace(o, colour=c) for o, c in zip(spec.objects, spare, strict=True)]
+            )
         return np.stack([render(sample_scene_for(spec, np.random.default_rng(seed)), size=32) for seed in seeds])
 
-    async def upsample(self, index, images, seeds, **kwargs):
+    def upsample(self, images, seeds):
         spec = parse_caption(self.prompt)
         if self.wrong_colour:
             return np.repeat(np.repeat(images, 4, axis=1), 4, axis=2)
@@ -62,7 +69,11 @@ def test_perfect_images_score_everything(local_stages):
 
 def test_wrong_colours_score_nothing(local_stages):
     report = run_eval(
-        OracleStages(local_stages.encoder, wrong_colour=True), prompts=10, seed=2, split="train", sampling={},
+        OracleStages(local_stages.encoder, wrong_colour=True),
+        prompts=10,
+        seed=2,
+        split="train",
+        sampling={},
         retrieval_captions=10,
     )
     for group in ("one_object", "two_objects"):
@@ -74,9 +85,25 @@ def test_wrong_colours_score_nothing(local_stages):
 def test_eval_command_writes_json(tmp_path):
     out = tmp_path / "eval.json"
     result = subprocess.run(
-        [sys.executable, "-m", "unclip", "eval", "--prompts", "2", "--steps", "1", "--retrieval-captions", "4", "--json", str(out),
-         "--images", str(tmp_path / "images")],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "unclip",
+            "eval",
+            "--prompts",
+            "2",
+            "--steps",
+            "1",
+            "--retrieval-captions",
+            "4",
+            "--json",
+            str(out),
+            "--images",
+            str(tmp_path / "images"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())

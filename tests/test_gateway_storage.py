@@ -12,13 +12,17 @@ import grpc
 import numpy as np
 import openai
 import pytest
+import urllib3
 from PIL import Image
 from s3server import free_ports, s3_server_fixture
+from servers import BackgroundServer
 
 from gateway.app import build_gateway
-from unclip.serving import BackgroundServer
 from unclip.storage import StorageConfig
 from unclip.v1 import images_pb2, images_pb2_grpc
+
+# Starts a SeaweedFS server.
+pytestmark = pytest.mark.slow
 
 s3_server = s3_server_fixture("module")
 FAST = dict(prior_steps=2, decoder_steps=2, upsampler_steps=1)
@@ -108,22 +112,52 @@ def test_idempotent_retry_returns_the_stored_result(gateway, s3_server, local_st
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "different request" in info.value.details()
 
 
-def test_storage_outage_is_unavailable_and_leaves_nothing(s3_server, local_stages):
+def test_storage_outage_is_unavailable(s3_server, local_stages):
     dead = storage_config(s3_server, endpoint=f"127.0.0.1:{free_ports(1)[0]}")
-    with Gateway(local_stages, dead) as running:
-        with pytest.raises(grpc.RpcError) as info:
-            running.stub.Generate(generate_request(seed=1), timeout=120)
+    with Gateway(local_stages, dead) as running, pytest.raises(grpc.RpcError) as info:
+        running.stub.Generate(generate_request(seed=1), timeout=120)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "unreachable" in info.value.details() and dead.endpoint in info.value.details()
 
 
+def test_a_save_that_fails_part_way_leaves_nothing_in_the_bucket(gateway, s3_server, monkeypatch):
+    """The images reach the real store, then the record's write fails: the caller gets
+    UNAVAILABLE and the bucket holds nothing of the request."""
+    client = gateway.store._client
+    put_object = client.put_object
+    written = []
+
+    def fail_on_the_record(bucket, key, *args, **kwargs):
+        if key.endswith("/record.json"):
+            raise urllib3.exceptions.ProtocolError("connection reset while writing the record")
+        written.append(key)
+        return put_object(bucket, key, *args, **kwargs)
+
+    monkeypatch.setattr(client, "put_object", fail_on_the_record)
+    before = objects_under(s3_server, "results/")
+    with pytest.raises(grpc.RpcError) as info:
+        gateway.stub.Generate(generate_request(n=2, seed=31), timeout=120)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert len(written) == 2  # both images had landed before the record failed
+    assert objects_under(s3_server, "results/") == before
+
+
 def test_stream_sends_previews(gateway):
-    events = list(gateway.stub.GenerateStream(
-        images_pb2.GenerateStreamRequest(parameters=images_pb2.GenerationParameters(
-            prompt="a red circle", size=32, seed=2, prior_steps=2, decoder_steps=4, preview_every=2,
-        )),
-        timeout=120,
-    ))
+    events = list(
+        gateway.stub.GenerateStream(
+            images_pb2.GenerateStreamRequest(
+                parameters=images_pb2.GenerationParameters(
+                    prompt="a red circle",
+                    size=32,
+                    seed=2,
+                    prior_steps=2,
+                    decoder_steps=4,
+                    preview_every=2,
+                )
+            ),
+            timeout=120,
+        )
+    )
     previews = [e.preview for e in events if e.HasField("preview")]
     assert [(p.step, p.total_steps) for p in previews] == [(2, 4), (4, 4)]
     last_preview = np.asarray(Image.open(io.BytesIO(previews[-1].png[0])))
@@ -136,21 +170,28 @@ def test_grpc_manipulations(gateway):
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(source, "PNG")
     params = images_pb2.GenerationParameters(size=32, seed=1, **FAST)
     variations = gateway.stub.CreateVariations(
-        images_pb2.CreateVariationsRequest(image=source.getvalue(), parameters=images_pb2.GenerationParameters(n=2, size=32, **FAST)),
+        images_pb2.CreateVariationsRequest(
+            image=source.getvalue(), parameters=images_pb2.GenerationParameters(n=2, size=32, **FAST)
+        ),
         timeout=120,
     )
     assert len(variations.result.images) == 2
     interpolation = gateway.stub.Interpolate(
         images_pb2.InterpolateRequest(
-            prompts=images_pb2.PromptPair(first="a red circle", second="a blue square"), frames=3, animated_gif=True,
-            parameters=params, delivery=images_pb2.Delivery(response_format=images_pb2.RESPONSE_FORMAT_URL),
+            prompts=images_pb2.PromptPair(first="a red circle", second="a blue square"),
+            frames=3,
+            animated_gif=True,
+            parameters=params,
+            delivery=images_pb2.Delivery(response_format=images_pb2.RESPONSE_FORMAT_URL),
         ),
         timeout=120,
     )
     assert len(interpolation.result.images) == 3 and interpolation.result.gif == b""
     assert Image.open(io.BytesIO(fetch(interpolation.result.gif_url))).n_frames == 3
     diff = gateway.stub.TextDiff(
-        images_pb2.TextDiffRequest(image=source.getvalue(), caption="a red circle", target_caption="a blue circle", frames=2, parameters=params),
+        images_pb2.TextDiffRequest(
+            image=source.getvalue(), caption="a red circle", target_caption="a blue circle", frames=2, parameters=params
+        ),
         timeout=120,
     )
     assert len(diff.result.images) == 2
@@ -176,10 +217,16 @@ def test_openai_client_end_to_end(gateway):
     rgba[..., 3] = 255
     rgba[:16, :16, 3] = 0
     Image.fromarray(rgba, "RGBA").save(source, "PNG")
-    edited = client.images.edit(image=("in.png", source.getvalue(), "image/png"), prompt="a blue square", size="32x32", response_format="b64_json")
+    edited = client.images.edit(
+        image=("in.png", source.getvalue(), "image/png"), prompt="a blue square", size="32x32", response_format="b64_json"
+    )
     pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(edited.data[0].b64_json))).convert("RGB"))
-    assert (pixels[16:, 16:] == 200).all()  # outside the transparent region the image is kept
-    variation = client.images.create_variation(image=("in.png", source.getvalue(), "image/png"), n=1, size="32x32", response_format="b64_json")
+    transparent = rgba[..., 3] == 0
+    assert (pixels[~transparent] == 200).all()  # outside the transparent region the image is kept
+    assert not (pixels[transparent] == 200).all()  # inside it, new content
+    variation = client.images.create_variation(
+        image=("in.png", source.getvalue(), "image/png"), n=1, size="32x32", response_format="b64_json"
+    )
     assert len(variation.data) == 1
     with pytest.raises(openai.BadRequestError) as info:
         client.images.generate(prompt="a red circle", size="64x64")

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from gateway.api import ImageAPI
-from unclip.pipeline import GenerationParameters
+from unclip.parameters import GenerationParameters
 
 GOLDEN = json.loads((Path(__file__).parent / "data" / "golden_pngs.json").read_text())
 

@@ -21,7 +21,7 @@ from PIL import Image
 from gateway.api import Result, ResultImage
 from gateway.http_api import create_http_app
 from unclip.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
-from unclip.pipeline import GenerationParameters
+from unclip.parameters import GenerationParameters
 
 MAX_UPLOAD_BYTES = 32 * 1024
 REQUEST_TIMEOUT = 30.0
@@ -43,9 +43,6 @@ class Call:
     params: GenerationParameters | None = None
     image: bytes | None = None
     mask: bytes | None = None
-    n: int | None = None
-    size: int | None = None
-    seed: int | None = None
     want_url: bool = False
     idempotency_key: str | None = None
     deadline: float | None = None
@@ -67,7 +64,10 @@ class FakeImageAPI:
         seed = seed or 0
         images = [
             ResultImage(
-                png=png_bytes(size, (i * 40, 0, 0)), seed=seed + i, width=size, height=size,
+                png=png_bytes(size, (i * 40, 0, 0)),
+                seed=seed + i,
+                width=size,
+                height=size,
                 url=f"https://store.test/{seed + i}.png" if call.want_url and self.store else None,
             )
             for i in range(n)
@@ -78,18 +78,20 @@ class FakeImageAPI:
         call = Call("generate", params=params, want_url=want_url, idempotency_key=idempotency_key, deadline=deadline)
         return self._result(call, params.n, params.size, params.seed)
 
-    async def variations(
-        self, image, *, n=1, size=None, seed=None, want_url=False, idempotency_key=None, deadline=None
-    ) -> Result:
+    async def variations(self, image, params, *, want_url=False, idempotency_key=None, deadline=None) -> Result:
         call = Call(
-            "variations", image=image, n=n, size=size, seed=seed, want_url=want_url,
-            idempotency_key=idempotency_key, deadline=deadline,
+            "variations", params=params, image=image, want_url=want_url, idempotency_key=idempotency_key, deadline=deadline
         )
-        return self._result(call, n, size, seed)
+        return self._result(call, params.n, params.size, params.seed)
 
     async def edit(self, image, mask, params, *, want_url=False, idempotency_key=None, deadline=None) -> Result:
         call = Call(
-            "edit", params=params, image=image, mask=mask, want_url=want_url, idempotency_key=idempotency_key,
+            "edit",
+            params=params,
+            image=image,
+            mask=mask,
+            want_url=want_url,
+            idempotency_key=idempotency_key,
             deadline=deadline,
         )
         return self._result(call, params.n, params.size, params.seed)
@@ -167,8 +169,15 @@ def error_body(error: openai.APIStatusError) -> dict:
 def test_generate_b64_json(client: openai.OpenAI, api: FakeImageAPI) -> None:
     before = time.time()
     response = client.images.generate(
-        prompt="a red circle", n=2, size="128x128", response_format="b64_json", model="dall-e-2", quality="standard",
-        style="vivid", user="someone", extra_body={"seed": 5},
+        prompt="a red circle",
+        n=2,
+        size="128x128",
+        response_format="b64_json",
+        model="dall-e-2",
+        quality="standard",
+        style="vivid",
+        user="someone",
+        extra_body={"seed": 5},
     )
     assert response.created == 1_700_000_000
     assert len(response.data) == 2
@@ -219,15 +228,20 @@ def test_variation(client: openai.OpenAI, api: FakeImageAPI, tmp_path) -> None:
         )
     assert decode_png(response.data[0].b64_json).size == (256, 256)
     (call,) = api.calls
-    assert (call.method, call.image, call.n, call.size, call.seed, call.want_url) == ("variations", source, 1, 256, 9, False)
+    assert (call.method, call.image, call.want_url) == ("variations", source, False)
+    assert call.params == GenerationParameters(n=1, size=256, seed=9)
 
 
 def test_edit_passes_both_files_through_unchanged(client: openai.OpenAI, api: FakeImageAPI) -> None:
     image = png_bytes(64, (0, 255, 0, 255), mode="RGBA")
     mask = png_bytes(64, (0, 0, 0, 0), mode="RGBA")
     response = client.images.edit(
-        image=("image.png", image, "image/png"), mask=("mask.png", mask, "image/png"), prompt="add a sun", n=3,
-        response_format="b64_json", extra_body={"seed": 11},
+        image=("image.png", image, "image/png"),
+        mask=("mask.png", mask, "image/png"),
+        prompt="add a sun",
+        n=3,
+        response_format="b64_json",
+        extra_body={"seed": 11},
     )
     assert len(response.data) == 3
     (call,) = api.calls
@@ -325,8 +339,9 @@ def test_form_validation(client: openai.OpenAI, api: FakeImageAPI) -> None:
 
 def test_missing_image_and_non_multipart_bodies(client: openai.OpenAI, api: FakeImageAPI) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
-        client.post("/images/variations", body={"n": 1}, cast_to=object,
-                    options={"headers": {"Content-Type": "multipart/form-data"}})
+        client.post(
+            "/images/variations", body={"n": 1}, cast_to=object, options={"headers": {"Content-Type": "multipart/form-data"}}
+        )
     assert error_body(caught.value)["param"] == "image"
     with pytest.raises(openai.BadRequestError) as caught:
         client.post("/images/edits", body={"prompt": "p"}, cast_to=object)  # JSON, not multipart

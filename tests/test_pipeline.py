@@ -12,7 +12,8 @@ from conftest import FAST_STEPS
 
 from unclip.errors import DeadlineExceeded, InvalidArgument
 from unclip.options import SamplingOptions
-from unclip.pipeline import DEFAULT_PRIOR_CANDIDATES, MAX_IMAGES_PER_REQUEST, GenerationParameters, generate
+from unclip.parameters import DEFAULT_PRIOR_CANDIDATES, MAX_IMAGES_PER_REQUEST, GenerationParameters
+from unclip.pipeline import generate
 from unclip.png import read_png_text
 
 PROMPT = "a red circle in the top left corner"
@@ -70,7 +71,7 @@ def test_sizes_and_png_metadata(local_stages):
         (dict(seed=-1), "seed"),
         (dict(decoder_steps=0), "steps"),
         (dict(sampler="euler"), "sampler"),
-        (dict(prior_candidates=0), "num_candidates"),
+        (dict(prior_candidates=0), "prior_candidates: must be between 1 and 16"),
         (dict(decoder_text_guidance_scale=-1.0), "text_guidance_scale"),
     ],
 )
@@ -109,9 +110,9 @@ def test_generation_keeps_the_closer_of_two_prior_samples_by_default(local_stage
     assert DEFAULT_PRIOR_CANDIDATES == 2
     choices = {"default": {}, 1: dict(prior_candidates=1), 2: dict(prior_candidates=2)}
     images = {k: [run(local_stages, seed=s, size=32, **extra)[0].pixels for s in range(4)] for k, extra in choices.items()}
-    for default, two in zip(images["default"], images[2]):
+    for default, two in zip(images["default"], images[2], strict=True):
         np.testing.assert_array_equal(default, two)
-    assert any(not np.array_equal(default, one) for default, one in zip(images["default"], images[1]))
+    assert any(not np.array_equal(default, one) for default, one in zip(images["default"], images[1], strict=True))
 
 
 def test_prior_keeps_the_candidate_closest_to_the_text(local_stages):

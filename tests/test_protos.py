@@ -90,7 +90,9 @@ def test_check_detects_a_stale_file(tmp_path):
 
 def test_check_detects_missing_and_orphaned_files(tmp_path):
     copy = copy_repo_parts(tmp_path / "repo")
-    (copy / "protos/unclip/v1/extra.proto").write_text('syntax = "proto3";\n\npackage unclip.v1;\n\nmessage Extra {\n  int32 x = 1;\n}\n')
+    (copy / "protos/unclip/v1/extra.proto").write_text(
+        'syntax = "proto3";\n\npackage unclip.v1;\n\nmessage Extra {\n  int32 x = 1;\n}\n'
+    )
     (copy / "unclip/v1/tensor_pb2_grpc.py").unlink()
     (copy / "unclip/v1/retired_pb2.py").write_text("# generated from a .proto that no longer exists\n")
     result = run([sys.executable, str(copy / "tools" / "gen_protos.py"), "--check"], cwd=copy)
@@ -110,9 +112,9 @@ def test_check_detects_missing_and_orphaned_files(tmp_path):
 # buf
 
 
-def buf_or_skip() -> Path:
-    if not (BUF.is_file() and os.access(BUF, os.X_OK)):
-        pytest.skip(f"buf not installed at {BUF.relative_to(ROOT)}; install it with `make tools`")
+def buf_or_fail() -> Path:
+    if not (BUF.is_file() and os.access(BUF, os.X_OK)):  # `make test` installs it
+        pytest.fail(f"buf not installed at {BUF.relative_to(ROOT)}; install it with `make tools`")
     return BUF
 
 
@@ -121,7 +123,7 @@ def buf_env(tmp_path: Path) -> dict[str, str]:
 
 
 def test_buf_lint(tmp_path):
-    buf = buf_or_skip()
+    buf = buf_or_fail()
     result = run([str(buf), "lint", "protos"], cwd=ROOT, env=buf_env(tmp_path))
     assert result.returncode == 0, f"buf lint protos failed:\n{result.stdout}{result.stderr}"
     assert result.stdout.strip() == ""
@@ -129,7 +131,7 @@ def test_buf_lint(tmp_path):
 
 def test_buf_lint_catches_violations(tmp_path):
     """Proves the lint test above can fail: a badly named field in a copy is reported."""
-    buf = buf_or_skip()
+    buf = buf_or_fail()
     copy = copy_repo_parts(tmp_path / "repo")
     path = copy / "protos/unclip/v1/tensor.proto"
     path.write_text(path.read_text().replace("  bytes data = 3;\n", "  bytes data = 3;\n  int32 BadName = 4;\n"))
@@ -140,7 +142,7 @@ def test_buf_lint_catches_violations(tmp_path):
 
 
 def test_buf_build_declares_expected_services(tmp_path):
-    buf = buf_or_skip()
+    buf = buf_or_fail()
     image = tmp_path / "image.binpb"
     result = run([str(buf), "build", "protos", "-o", str(image)], cwd=ROOT, env=buf_env(tmp_path))
     assert result.returncode == 0, result.stderr
@@ -168,7 +170,9 @@ def proto_source_descriptor_set(tmp_path: Path) -> descriptor_pb2.FileDescriptor
     out = tmp_path / "set.binpb"
     protos = sorted(str(p.relative_to(ROOT / "protos")) for p in PROTO_DIR.glob("*.proto"))
     include = Path(protoc.__file__).parent / "_proto"
-    status = protoc.main(["protoc", f"-I{ROOT / 'protos'}", f"-I{include}", "--include_imports", f"--descriptor_set_out={out}", *protos])
+    status = protoc.main(
+        ["protoc", f"-I{ROOT / 'protos'}", f"-I{include}", "--include_imports", f"--descriptor_set_out={out}", *protos]
+    )
     assert status == 0
     return descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
 

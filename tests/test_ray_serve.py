@@ -1,4 +1,4 @@
-"""unclip on Ray Serve: deploy/ray/serve.yaml on a real local Ray cluster, called through the
+"""unclip on Ray Serve: the shipped Serve config (unclip/serve.yaml) on a real local Ray cluster, called through the
 Serve gRPC proxy exactly as an external client would, compared with the in-process pipeline."""
 
 from __future__ import annotations
@@ -13,25 +13,28 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 import pytest
+import ray
+from parameter_cases import PARAMETER_NAMES, as_keyword_arguments, generate_in_process, varied
+from ray import serve
+from ray.exceptions import RayTaskError
+from ray.serve.exceptions import BackPressureError
+from ray.serve.schema import ServeDeploySchema
 
-ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'unclip[server]')")
-serve = pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'unclip[server]')")
+from gateway.remote import RayTransport, RemoteStages, error_from_ray
+from unclip import codec
+from unclip.calls import EncodeTextCall, SampleCall
+from unclip.client import Client, Preview
+from unclip.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+from unclip.launcher import free_port
+from unclip.options import SamplingOptions
+from unclip.parameters import GenerationParameters
+from unclip.pipeline import generate
+from unclip.ray_apps import APP_NAMES, batch_key, deploy, load_config, merge_calls
+from unclip.transport import GRPC_OPTIONS
+from unclip.v1 import decoder_pb2, decoder_pb2_grpc, images_pb2, images_pb2_grpc, prior_pb2, prior_pb2_grpc, sampling_pb2
 
-from ray.exceptions import RayTaskError  # noqa: E402
-from ray.serve.exceptions import BackPressureError  # noqa: E402
-from ray.serve.schema import ServeDeploySchema  # noqa: E402
-
-from gateway.remote import RayTransport, RemoteStages, error_from_ray  # noqa: E402
-from prior_svc.servicer import SampleCall  # noqa: E402
-from unclip import codec  # noqa: E402
-from unclip.client import Client
-from unclip.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable  # noqa: E402
-from unclip.launcher import free_port  # noqa: E402
-from unclip.options import SamplingOptions  # noqa: E402
-from unclip.pipeline import GenerationParameters, generate  # noqa: E402
-from unclip.ray_apps import APP_NAMES, batch_key, deploy, load_config, merge_calls  # noqa: E402
-from unclip.transport import GRPC_OPTIONS  # noqa: E402
-from unclip.v1 import decoder_pb2, decoder_pb2_grpc, images_pb2, images_pb2_grpc, prior_pb2, prior_pb2_grpc  # noqa: E402
+# Starts a local Ray cluster.
+pytestmark = pytest.mark.slow
 
 TINY_STEPS = dict(prior_steps=2, decoder_steps=2, upsampler_steps=1)
 PROMPTS = ("a red circle in the top left corner", "a blue square")
@@ -69,8 +72,13 @@ def test_ray_errors_map_to_status_codes():
 
 def _sample_call(rows: int, steps: int, seed: int = 0) -> SampleCall:
     return SampleCall(
-        np.full((rows, 4), seed, np.float32), np.zeros((rows, 3, 2), np.float32), np.ones((rows, 3), bool),
-        list(range(seed, seed + rows)), 1, None, SamplingOptions(steps),
+        np.full((rows, 4), seed, np.float32),
+        np.zeros((rows, 3, 2), np.float32),
+        np.ones((rows, 3), bool),
+        list(range(seed, seed + rows)),
+        1,
+        None,
+        SamplingOptions(steps),
     )
 
 
@@ -90,7 +98,7 @@ def test_requests_share_an_engine_call_only_with_equal_settings():
 
 @pytest.fixture(scope="module")
 def ray_serve():
-    """deploy/ray/serve.yaml on a 2-CPU local Ray cluster; yields the gRPC proxy's address."""
+    """The shipped Serve config on a 2-CPU local Ray cluster; yields the gRPC proxy's address."""
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
     config = load_config()
     grpc_port = free_port()
@@ -127,6 +135,18 @@ def test_generate_through_the_proxy_equals_in_process(ray_serve, local_stages):
     assert [image.png for image in images] == [image.png for image in expected]  # pixels and metadata
 
 
+@pytest.mark.parametrize("name", PARAMETER_NAMES)
+def test_each_parameter_gives_the_in_process_images_through_ray_serve(ray_serve, local_stages, name):
+    """Each parameter at a value other than its default (which changes the images in-process,
+    test_parameters) gives the same PNGs through the proxy, the gateway app and the stage apps."""
+    expected, previews = generate_in_process(local_stages, varied(name))
+    prompt, parameters = as_keyword_arguments(varied(name))
+    with Client(ray_serve, application="gateway", timeout=120) as client:
+        events = list(client.generate_stream(prompt, **parameters))
+    assert [image.png for image in events[-1]] == [image.png for image in expected]
+    assert sum(isinstance(event, Preview) for event in events) == previews
+
+
 def _stats(app: str) -> list[int]:
     return serve.get_app_handle(app).stats.remote().result(timeout_s=30)["engine_calls"]
 
@@ -139,8 +159,11 @@ def test_concurrent_requests_are_batched_without_changing_results(channel, local
     def prior_request(prompt: int, seeds: list[int], steps: int) -> prior_pb2.SampleRequest:
         rows = [prompt] * len(seeds)
         return prior_pb2.SampleRequest(
-            text_embeddings=codec.from_numpy(texts.embeddings[rows]), text_encodings=codec.from_numpy(texts.encodings[rows]),
-            text_mask=codec.from_numpy(texts.mask[rows]), seeds=seeds, sampling=SamplingOptions(steps).to_proto(),
+            text_embeddings=codec.from_numpy(texts.embeddings[rows]),
+            text_encodings=codec.from_numpy(texts.encodings[rows]),
+            text_mask=codec.from_numpy(texts.mask[rows]),
+            seeds=seeds,
+            sampling=sampling_pb2.SamplingOptions(steps=steps),
         )
 
     def concurrently(call, requests):
@@ -152,7 +175,7 @@ def test_concurrent_requests_are_batched_without_changing_results(channel, local
     replies = concurrently(lambda r: prior.Sample(r, metadata=metadata("prior"), timeout=60), [prior_request(*j) for j in jobs])
     prior_calls = _stats("prior")[calls_before:]
     embeddings = [codec.to_numpy(reply.image_embeddings) for reply in replies]
-    for (prompt, seeds, steps), result in zip(jobs, embeddings):
+    for (prompt, seeds, steps), result in zip(jobs, embeddings, strict=True):
         rows = [prompt] * len(seeds)
         alone = local_stages.prior.sample(
             texts.embeddings[rows], texts.encodings[rows], texts.mask[rows], seeds, sampling=SamplingOptions(steps)
@@ -162,30 +185,35 @@ def test_concurrent_requests_are_batched_without_changing_results(channel, local
 
     decoder = decoder_pb2_grpc.DecoderServiceStub(channel)
     decode_requests = [
-        decoder_pb2.DecodeRequest(image_embeddings=codec.from_numpy(e), seeds=seeds, sampling=SamplingOptions(steps).to_proto())
-        for e, (_, seeds, steps) in zip(embeddings, jobs)
+        decoder_pb2.DecodeRequest(
+            image_embeddings=codec.from_numpy(e), seeds=seeds, sampling=sampling_pb2.SamplingOptions(steps=steps)
+        )
+        for e, (_, seeds, steps) in zip(embeddings, jobs, strict=True)
     ]
     calls_before = len(_stats("decoder"))
     replies = concurrently(lambda r: decoder.Decode(r, metadata=metadata("decoder"), timeout=60), decode_requests)
     decoder_calls = _stats("decoder")[calls_before:]
     assert sum(decoder_calls) == len(jobs) and max(decoder_calls) > 1
-    for e, (_, seeds, steps), reply in zip(embeddings, jobs, replies):
+    for e, (_, seeds, steps), reply in zip(embeddings, jobs, replies, strict=True):
         alone = local_stages.decoder.decode(e, seeds, sampling=SamplingOptions(steps))
         np.testing.assert_array_equal(codec.to_numpy(reply.images), alone)
 
 
 def test_a_stage_error_keeps_its_status_code(channel):
     bad = prior_pb2.SampleRequest(
-        text_embeddings=codec.from_numpy(np.zeros((1, 3), np.float32)), text_encodings=codec.from_numpy(np.zeros((1, 1, 1), np.float32)),
-        text_mask=codec.from_numpy(np.ones((1, 1), bool)), seeds=[1],
+        text_embeddings=codec.from_numpy(np.zeros((1, 3), np.float32)),
+        text_encodings=codec.from_numpy(np.zeros((1, 1, 1), np.float32)),
+        text_mask=codec.from_numpy(np.ones((1, 1), bool)),
+        seeds=[1],
     )
     with pytest.raises(grpc.RpcError) as raised:
         prior_pb2_grpc.PriorServiceStub(channel).Sample(bad, metadata=metadata("prior"), timeout=30)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "text_embeddings" in raised.value.details()
 
-    # The prior rejects 0 steps; its INVALID_ARGUMENT travels through the gateway's handle to the caller.
-    request = images_pb2.GenerateRequest(parameters=images_pb2.GenerationParameters(prompt=PROMPTS[0], seed=1, prior_steps=0))
+    # The prior rejects more steps than its 1000 timesteps (the gateway cannot know the bound); its
+    # INVALID_ARGUMENT travels through the gateway's handle to the caller.
+    request = images_pb2.GenerateRequest(parameters=images_pb2.GenerationParameters(prompt=PROMPTS[0], seed=1, prior_steps=5000))
     with pytest.raises(grpc.RpcError) as raised:
         images_pb2_grpc.ImageServiceStub(channel).Generate(request, metadata=metadata("gateway"), timeout=60)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -195,12 +223,11 @@ def test_a_stage_error_keeps_its_status_code(channel):
 def test_handle_calls_respect_the_deadline(ray_serve, local_stages):
     async def run():
         stages = RemoteStages("encoder", "prior", "decoder", ["upsampler"], transport=RayTransport)
-        text = await stages.encode_text([PROMPTS[0]], deadline=time.monotonic() + 30)
+        text = await stages.run(EncodeTextCall([PROMPTS[0]]), deadline=time.monotonic() + 30)
         started = time.monotonic()
+        call = SampleCall(text.embeddings, text.encodings, text.mask, [1], sampling=SamplingOptions(2))
         with pytest.raises(DeadlineExceeded):  # the prior's batch window alone is longer than this
-            await stages.sample_prior(
-                text, [1], num_candidates=1, guidance_scale=None, sampling=SamplingOptions(2), deadline=started + 0.2
-            )
+            await stages.run(call, deadline=started + 0.2)
         assert time.monotonic() - started < 5
         await stages.close()
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from servers import BackgroundServer
 
 from decoder_svc.servicer import DECODER_SERVICES, UPSAMPLER_SERVICES, DecoderServicer, UpsamplerServicer
 from encoder_svc.servicer import SERVICES as ENCODER_SERVICES
@@ -19,7 +20,7 @@ from prior_svc.servicer import SERVICES as PRIOR_SERVICES
 from prior_svc.servicer import PriorServicer
 from unclip import codec
 from unclip.options import SamplingOptions
-from unclip.serving import BackgroundServer, Server
+from unclip.serving import Server
 from unclip.transport import GRPC_OPTIONS
 from unclip.v1 import (
     decoder_pb2,
@@ -75,8 +76,11 @@ def text_inputs(services, texts=("a red circle", "a blue square")):
 def prior_request(services, **overrides) -> prior_pb2.SampleRequest:
     text = text_inputs(services)
     fields = dict(
-        text_embeddings=text.text_embeddings, text_encodings=text.text_encodings, text_mask=text.text_mask,
-        seeds=[1, 2], sampling=sampling_pb2.SamplingOptions(steps=3),
+        text_embeddings=text.text_embeddings,
+        text_encodings=text.text_encodings,
+        text_mask=text.text_mask,
+        seeds=[1, 2],
+        sampling=sampling_pb2.SamplingOptions(steps=3),
     )
     fields.update(overrides)
     return prior_pb2.SampleRequest(**fields)
@@ -273,12 +277,25 @@ def _unit_rows(n: int) -> np.ndarray:
 def test_decoder_valid_call(services, local_stages):
     text = text_inputs(services)
     request = decoder_pb2.DecodeRequest(
-        image_embeddings=codec.from_numpy(_unit_rows(2)), text_encodings=text.text_encodings,
-        text_mask=text.text_mask, seeds=[3, 4], guidance_scale=2.0, sampling=sampling_pb2.SamplingOptions(steps=3),
+        image_embeddings=codec.from_numpy(_unit_rows(2)),
+        text_encodings=text.text_encodings,
+        text_mask=text.text_mask,
+        seeds=[3, 4],
+        guidance_scale=2.0,
+        sampling=sampling_pb2.SamplingOptions(steps=3),
     )
     images = codec.to_numpy(services["decoder"].stub.Decode(request, timeout=60).images)
     assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8
     assert not np.array_equal(images[0], images[1])
+    expected = local_stages.decoder.decode(
+        _unit_rows(2),
+        [3, 4],
+        text_encodings=codec.to_numpy(text.text_encodings),
+        text_mask=codec.to_numpy(text.text_mask),
+        guidance_scale=2.0,
+        sampling=SamplingOptions(steps=3),
+    )
+    np.testing.assert_array_equal(images, expected)
     info = services["decoder"].stub.GetDecoderInfo(decoder_pb2.GetDecoderInfoRequest(), timeout=5).info
     assert (info.kind, info.image_size, info.max_steps) == ("decoder", 32, 1000)
 
@@ -289,16 +306,26 @@ def test_decoder_text_guidance_scale_changes_the_image(services, local_stages):
 
     def decode(**scales) -> np.ndarray:
         request = decoder_pb2.DecodeRequest(
-            image_embeddings=codec.from_numpy(embeddings), text_encodings=text.text_encodings, text_mask=text.text_mask,
-            seeds=[3, 4], guidance_scale=2.0, sampling=sampling_pb2.SamplingOptions(steps=2), **scales,
+            image_embeddings=codec.from_numpy(embeddings),
+            text_encodings=text.text_encodings,
+            text_mask=text.text_mask,
+            seeds=[3, 4],
+            guidance_scale=2.0,
+            sampling=sampling_pb2.SamplingOptions(steps=2),
+            **scales,
         )
         return codec.to_numpy(services["decoder"].stub.Decode(request, timeout=60).images)
 
     unset, caption_1 = decode(), decode(text_guidance_scale=1.0)
     assert not np.array_equal(unset, caption_1)
     expected = local_stages.decoder.decode(
-        embeddings, [3, 4], text_encodings=codec.to_numpy(text.text_encodings), text_mask=codec.to_numpy(text.text_mask),
-        guidance_scale=2.0, text_guidance_scale=1.0, sampling=SamplingOptions(steps=2),
+        embeddings,
+        [3, 4],
+        text_encodings=codec.to_numpy(text.text_encodings),
+        text_mask=codec.to_numpy(text.text_mask),
+        guidance_scale=2.0,
+        text_guidance_scale=1.0,
+        sampling=SamplingOptions(steps=2),
     )
     np.testing.assert_array_equal(caption_1, expected)
 
@@ -307,7 +334,9 @@ def test_decoder_rejects_bad_input(services):
     stub = services["decoder"].stub
     steps = sampling_pb2.SamplingOptions(steps=2)
     wrong_dim = codec.from_numpy(np.zeros((1, 65), np.float32))
-    assert_invalid(stub.Decode, decoder_pb2.DecodeRequest(image_embeddings=wrong_dim, seeds=[1], sampling=steps), "image_embeddings")
+    assert_invalid(
+        stub.Decode, decoder_pb2.DecodeRequest(image_embeddings=wrong_dim, seeds=[1], sampling=steps), "image_embeddings"
+    )
     inf = _unit_rows(1)
     inf[0, 0] = np.inf
     assert_invalid(stub.Decode, decoder_pb2.DecodeRequest(image_embeddings=codec.from_numpy(inf), seeds=[1]), "NaN or Inf")
@@ -317,22 +346,32 @@ def test_decoder_rejects_bad_input(services):
     too_many = codec.from_numpy(np.tile(_unit_rows(1), (65, 1)))
     assert_invalid(stub.Decode, decoder_pb2.DecodeRequest(image_embeddings=too_many, seeds=list(range(65))), "batch size")
     ddxm = sampling_pb2.SamplingOptions(steps=2, sampler=7)
-    assert_invalid(stub.Decode, decoder_pb2.DecodeRequest(image_embeddings=codec.from_numpy(_unit_rows(1)), seeds=[1], sampling=ddxm), "sampler")
+    assert_invalid(
+        stub.Decode,
+        decoder_pb2.DecodeRequest(image_embeddings=codec.from_numpy(_unit_rows(1)), seeds=[1], sampling=ddxm),
+        "sampler",
+    )
     text = text_inputs(services, texts=("a red circle",))
     for bad in (float("nan"), -1.0):
         request = decoder_pb2.DecodeRequest(
-            image_embeddings=codec.from_numpy(_unit_rows(1)), text_encodings=text.text_encodings, text_mask=text.text_mask,
-            seeds=[1], text_guidance_scale=bad, sampling=steps,
+            image_embeddings=codec.from_numpy(_unit_rows(1)),
+            text_encodings=text.text_encodings,
+            text_mask=text.text_mask,
+            seeds=[1],
+            text_guidance_scale=bad,
+            sampling=steps,
         )
         assert_invalid(stub.Decode, request, "text_guidance_scale")
 
 
-def test_upsampler_valid_call_and_bad_input(services):
+def test_upsampler_valid_call_and_bad_input(services, local_stages):
     stub = services["upsampler"].stub
     low = np.random.default_rng(1).integers(0, 256, (1, 8, 12, 3), dtype=np.uint8)
     steps = sampling_pb2.SamplingOptions(steps=2)
     reply = stub.Upsample(upsampler_pb2.UpsampleRequest(images=codec.from_numpy(low), seeds=[9], sampling=steps), timeout=60)
-    assert codec.to_numpy(reply.images).shape == (1, 32, 48, 3)
+    upsampled = codec.to_numpy(reply.images)
+    assert upsampled.shape == (1, 32, 48, 3)
+    np.testing.assert_array_equal(upsampled, local_stages.upsamplers[0].upsample(low, [9], sampling=SamplingOptions(steps=2)))
     info = stub.GetUpsamplerInfo(upsampler_pb2.GetUpsamplerInfoRequest(), timeout=5).info
     assert info.scale_factor == 4
 
@@ -343,19 +382,24 @@ def test_upsampler_valid_call_and_bad_input(services):
     assert_invalid(stub.Upsample, upsampler_pb2.UpsampleRequest(images=codec.from_numpy(low), seeds=[], sampling=steps), "seed")
 
 
-def test_engines_compute_with_a_fixed_thread_count(monkeypatch, tmp_path):
+def test_engines_compute_with_a_fixed_thread_count(monkeypatch):
     """Images must not depend on the thread count a deployment happens to give a process."""
     import torch
 
-    from unclip.stages import COMPUTE_THREADS_ENV, compute_threads, load_engine
+    from unclip.settings import TORCH_THREADS
+    from unclip.stages import load_engine
 
     before = torch.get_num_threads()
     try:
+        monkeypatch.delenv(TORCH_THREADS.name, raising=False)  # whatever the suite runs with
         torch.set_num_threads(1)
         load_engine("upsampler")
-        assert torch.get_num_threads() == compute_threads() == 2
-        monkeypatch.setenv(COMPUTE_THREADS_ENV, "zero")
-        with pytest.raises(ValueError, match=COMPUTE_THREADS_ENV):
+        assert torch.get_num_threads() == int(TORCH_THREADS.default) == 2
+        monkeypatch.setenv(TORCH_THREADS.name, "3")
+        load_engine("upsampler")
+        assert torch.get_num_threads() == 3
+        monkeypatch.setenv(TORCH_THREADS.name, "zero")
+        with pytest.raises(ValueError, match=TORCH_THREADS.name):
             load_engine("upsampler")
     finally:
         torch.set_num_threads(before)

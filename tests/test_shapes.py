@@ -66,8 +66,7 @@ def test_background_exact_at_free_corners(mixed):
         for y, x in [(0, 0), (0, 127), (127, 0), (127, 127)]:
             # the pixel's square, as fractions, touches no object's box
             free = all(
-                abs((x + 0.5) / 128 - o.cx) > o.half_width + 1 / 128
-                or abs((y + 0.5) / 128 - o.cy) > o.half_width + 1 / 128
+                abs((x + 0.5) / 128 - o.cx) > o.half_width + 1 / 128 or abs((y + 0.5) / 128 - o.cy) > o.half_width + 1 / 128
                 for o in scene.objects
             )
             if free:
@@ -168,13 +167,13 @@ def test_render_size_and_antialiasing():
 
 
 def take(dataset, n):
-    return [item for _, item in zip(range(n), dataset)]
+    return [item for _, item in zip(range(n), dataset, strict=True)]
 
 
 def test_dataset_is_reproducible_and_seeds_differ():
     a, b = take(ShapesDataset(seed=7, size=64), 5), take(ShapesDataset(seed=7, size=64), 5)
     assert [x["caption"] for x in a] == [x["caption"] for x in b]
-    assert all(np.array_equal(x["image"], y["image"]) for x, y in zip(a, b))
+    assert all(np.array_equal(x["image"], y["image"]) for x, y in zip(a, b, strict=True))
     assert a[0]["image"].shape == (64, 64, 3) and a[0]["image"].dtype == np.uint8
     c = take(ShapesDataset(seed=8, size=64), 5)
     assert [x["caption"] for x in a] != [x["caption"] for x in c]
@@ -255,7 +254,11 @@ def _differences(a: Spec, b: Spec) -> list[str]:
     swapped = (p.colour, q.colour) == (s.colour, r.colour) and (p.shape, q.shape) == (r.shape, s.shape)
     if swapped:
         return ["colours swapped"]
-    return [f"colour of object {i}" for i, (x, y) in enumerate(zip(a.objects, b.objects)) if x != y and x.shape == y.shape]
+    return [
+        f"colour of object {i}"
+        for i, (x, y) in enumerate(zip(a.objects, b.objects, strict=True))
+        if x != y and x.shape == y.shape
+    ]
 
 
 def test_contrast_groups_differ_from_their_scene_in_one_stated_fact_and_are_drawn_as_captioned():
@@ -314,7 +317,9 @@ def test_extra_vocabulary_sets_the_share_of_scenes_that_draw_on_it_and_leaves_ot
 
 def test_extra_vocabulary_keeps_held_out_pairs_out_of_scenes_and_contrast_groups():
     group = 4
-    items = take(ShapesDataset(seed=6, size=16, extra_vocabulary=1.0, contrast_group=group, two_object_fraction=0.5, mention_p=0.8), 400)
+    items = take(
+        ShapesDataset(seed=6, size=16, extra_vocabulary=1.0, contrast_group=group, two_object_fraction=0.5, mention_p=0.8), 400
+    )
     changes = []
     for start in range(0, len(items), group):
         scene, *variants = (parse_caption(x["caption"]) for x in items[start : start + group])

@@ -18,7 +18,11 @@ import pytest
 
 from unclip.data.shapes import canonical_prompts, parse_caption
 from unclip.eval.judge import judge
-from unclip.pipeline import GenerationParameters, generate
+from unclip.parameters import GenerationParameters
+from unclip.pipeline import generate
+
+# Full-quality sampling with the shipped weights: minutes.
+pytestmark = pytest.mark.slow
 
 # (split, objects in the prompt): how many canonical prompts to judge and how many must come out
 # right (colour, shape, position or relation, and no extra object). Bars sit a little under what
@@ -48,7 +52,9 @@ def test_images_show_what_their_prompt_says(local_stages, split, objects):
     prompts = [p for p in drawn if len(parse_caption(p).objects) == objects][:count]
     assert len(prompts) == count
     verdicts = [judge(prompt, generate_one(local_stages, prompt, seed)) for seed, prompt in enumerate(prompts)]
-    assert sum(v.correct for v in verdicts) >= minimum, [(p, v.details) for p, v in zip(prompts, verdicts) if not v.correct]
+    assert sum(v.correct for v in verdicts) >= minimum, [
+        (p, v.details) for p, v in zip(prompts, verdicts, strict=True) if not v.correct
+    ]
 
 
 def test_the_object_goes_where_the_prompt_says(local_stages):

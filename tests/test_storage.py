@@ -18,6 +18,9 @@ from s3server import S3Server, free_ports, running_s3_server, s3_server_fixture
 from unclip.errors import Unavailable
 from unclip.storage import ResultStore, StorageConfig
 
+# Starts a SeaweedFS server.
+pytestmark = pytest.mark.slow
+
 s3_server = s3_server_fixture(scope="module")
 
 
@@ -255,8 +258,10 @@ def test_config_from_env():
         StorageConfig.from_env({**base, "UNCLIP_S3_SECURE": "maybe"})
     with pytest.raises(ValueError, match="UNCLIP_S3_URL_EXPIRY"):
         StorageConfig.from_env({**base, "UNCLIP_S3_URL_EXPIRY": "1h"})
-    with pytest.raises(ValueError, match="url_expiry_seconds"):
+    with pytest.raises(ValueError, match="UNCLIP_S3_URL_EXPIRY='0' must be a positive integer"):
         StorageConfig.from_env({**base, "UNCLIP_S3_URL_EXPIRY": "0"})
+    with pytest.raises(ValueError, match="url_expiry_seconds"):  # the store's own bound: 7 days
+        StorageConfig.from_env({**base, "UNCLIP_S3_URL_EXPIRY": str(8 * 24 * 3600)})
     with pytest.raises(ValueError, match="invalid bucket name"):
         StorageConfig.from_env({**base, "UNCLIP_S3_BUCKET": "Not_A_Bucket"})
     with pytest.raises(ValueError, match="without scheme"):

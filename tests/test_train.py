@@ -17,13 +17,14 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, IterableDataset
 
+from unclip.cli.train import add_parser as add_train_parser
+from unclip.cli.train import run as run_train
 from unclip.config import ClipStageConfig, DecoderStageConfig, PriorStageConfig, UpsamplerStageConfig
 from unclip.data.shapes import parse_caption, render, sample_scene_for
 from unclip.models.prior import PriorConfig
 from unclip.options import SamplingOptions
 from unclip.stages import default_checkpoint, load_engine
 from unclip.stages.clip import ClipEncoder
-from unclip.train.cli import add_train_parser, run_train
 from unclip.train.data import BatchStream, DataError, IterableSource, open_source
 from unclip.train.loop import TRAIN_WEIGHTS, TrainOptions, read_train_state, train
 from unclip.train.stages import FrozenClip, gaussian_blur, make_objective
@@ -154,7 +155,7 @@ def test_checkpoints_are_written_periodically_and_never_silently_overwritten(tmp
     assert read_train_state(tmp_path / "run")["step"] == 4
     with pytest.raises(FileExistsError, match="--resume"):
         run("upsampler", tmp_path / "run", steps=6)
-    with pytest.raises(Exception, match="no config.json"):
+    with pytest.raises(Exception, match=r"no config.json"):
         run("upsampler", tmp_path / "missing", steps=6, resume=True)
 
 
@@ -218,11 +219,11 @@ def test_bad_data_paths_give_clear_errors(tmp_path: Path):
     with pytest.raises(DataError, match="no images"):
         open_source(str(tmp_path), 32, 0)
     (tmp_path / "a.png").write_bytes(png_bytes((1, 2, 3)))
-    with pytest.raises(DataError, match="none with a same-named .txt caption"):
+    with pytest.raises(DataError, match=r"none with a same-named .txt caption"):
         open_source(str(tmp_path), 32, 0)
-    with pytest.raises(DataError, match="matches no .tar files"):
+    with pytest.raises(DataError, match=r"matches no .tar files"):
         open_source(str(tmp_path / "*.tar"), 32, 0)
-    with pytest.raises(DataError, match="must be a .tar shard"):
+    with pytest.raises(DataError, match=r"must be a .tar shard"):
         open_source(str(tmp_path / "a.png"), 32, 0)
     write_shard(tmp_path / "empty.tar", {})
     with pytest.raises(DataError, match="no examples"):
@@ -235,7 +236,7 @@ def test_batches_are_the_same_with_any_number_of_workers():
         stream = iter(loader)
         return [next(stream) for _ in range(4)]
 
-    for alone, shared in zip(batches(0), batches(2)):
+    for alone, shared in zip(batches(0), batches(2), strict=True):
         assert alone["captions"] == shared["captions"] and torch.equal(alone["images"], shared["images"])
 
 
@@ -281,13 +282,35 @@ def test_cli_contrast_groups_train_on_shapes_and_refuse_what_would_split_them(tm
     capsys.readouterr()
     assert unclip_train(*common, "--batch-size", "4", "--out", str(tmp_path / "split")) == 1
     assert "not a multiple of --contrast-group 3" in capsys.readouterr().err
-    folder = ["clip", "--data", str(write_folder(tmp_path / "data")), "--contrast-group", "2", "--batch-size", "2", "--device", "cpu"]
+    folder = [
+        "clip",
+        "--data",
+        str(write_folder(tmp_path / "data")),
+        "--contrast-group",
+        "2",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+    ]
     assert unclip_train(*folder, "--out", str(tmp_path / "folder")) == 1
     assert "use them with --data shapes" in capsys.readouterr().err
 
 
 def test_cli_lock_trains_one_clip_tower_and_resumes_with_its_lock(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
-    common = ["clip", "--data", "shapes", "--device", "cpu", "--batch-size", "4", "--image-size", "64", "--out", str(tmp_path / "lit")]
+    common = [
+        "clip",
+        "--data",
+        "shapes",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "4",
+        "--image-size",
+        "64",
+        "--out",
+        str(tmp_path / "lit"),
+    ]
     assert unclip_train(*common, "--steps", "1", "--lock", "text") == 0
     first = load_file(str(tmp_path / "lit" / "model.safetensors"))
     assert unclip_train(*common, "--steps", "2", "--resume") == 0
@@ -307,7 +330,17 @@ def test_cli_lock_trains_one_clip_tower_and_resumes_with_its_lock(tmp_path: Path
 def test_cli_resumes_the_prior_with_the_clip_it_started_with(tmp_path: Path):
     clip = tmp_path / "my-clip"
     shutil.copytree(default_checkpoint("clip"), clip)
-    common = ["prior", "--data", str(write_folder(tmp_path / "data")), "--out", str(tmp_path / "prior"), "--batch-size", "2", "--device", "cpu"]
+    common = [
+        "prior",
+        "--data",
+        str(write_folder(tmp_path / "data")),
+        "--out",
+        str(tmp_path / "prior"),
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+    ]
     assert unclip_train(*common, "--steps", "1", "--clip", str(clip)) == 0
     assert unclip_train(*common, "--steps", "2", "--resume") == 0
     state = read_train_state(tmp_path / "prior")
@@ -490,7 +523,7 @@ def test_interpolated_clip_weights_average_two_checkpoints_of_one_run(tmp_path: 
 
 
 def test_init_keeps_new_parameters_at_their_initialisation(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
-    from unclip.train.cli import initialise_from
+    from unclip.cli.train import initialise_from
 
     without = tiny_config("decoder")
     without.model = dataclasses.replace(without.model, position_embedding_size=0)
@@ -505,7 +538,9 @@ def test_init_keeps_new_parameters_at_their_initialisation(tmp_path: Path, capsy
         assert torch.equal(tensor, expected), name
 
 
-def test_two_object_fraction_sets_the_share_of_two_object_scenes_and_is_recorded(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+def test_two_object_fraction_sets_the_share_of_two_object_scenes_and_is_recorded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
     def share(fraction: float) -> float:
         examples = take(open_source("shapes", 16, seed=0, two_object_fraction=fraction), 200)
         return sum(len(parse_caption(e["caption"]).objects) == 2 for e in examples) / len(examples)
@@ -537,8 +572,22 @@ def test_drop_text_sets_the_share_of_rows_trained_without_the_caption(kind: str)
         make_objective(tiny_config(kind), drop_text=1.5)
 
 
-def test_cli_drop_text_is_recorded_kept_on_resume_and_refused_where_there_is_no_caption(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
-    common = ["decoder", "--data", "shapes", "--device", "cpu", "--batch-size", "2", "--image-size", "64", "--out", str(tmp_path / "d")]
+def test_cli_drop_text_is_recorded_kept_on_resume_and_refused_where_there_is_no_caption(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    common = [
+        "decoder",
+        "--data",
+        "shapes",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "2",
+        "--image-size",
+        "64",
+        "--out",
+        str(tmp_path / "d"),
+    ]
     assert unclip_train(*common, "--steps", "1", "--drop-text", "0.2") == 0
     assert unclip_train(*common, "--steps", "2", "--resume") == 0
     assert read_train_state(tmp_path / "d")["drop_text"] == 0.2
@@ -558,9 +607,30 @@ def test_cli_resume_alone_continues_the_same_run(tmp_path: Path):
     base = ["decoder", "--data", "shapes", "--device", "cpu", "--image-size", "64", "--checkpoint-every", "1"]
     assert unclip_train(*base, *started, "--steps", "2", "--out", str(tmp_path / "straight")) == 0
     assert unclip_train(*base, *started, "--steps", "1", "--out", str(tmp_path / "resumed")) == 0
-    assert unclip_train("decoder", "--data", "shapes", "--device", "cpu", "--image-size", "64", "--steps", "2", "--resume", "--out", str(tmp_path / "resumed")) == 0
+    assert (
+        unclip_train(
+            "decoder",
+            "--data",
+            "shapes",
+            "--device",
+            "cpu",
+            "--image-size",
+            "64",
+            "--steps",
+            "2",
+            "--resume",
+            "--out",
+            str(tmp_path / "resumed"),
+        )
+        == 0
+    )
     state = read_train_state(tmp_path / "resumed")
-    assert (state["mention_p"], state["two_object_fraction"], state["options"]["seed"], state["options"]["batch_size"]) == (0.9, 0.8, 5, 2)
+    assert (state["mention_p"], state["two_object_fraction"], state["options"]["seed"], state["options"]["batch_size"]) == (
+        0.9,
+        0.8,
+        5,
+        2,
+    )
     assert state["examples"] == 4 and state["options"]["lr"] == 1e-3
     for name in ("model.safetensors", "train_weights.safetensors"):
         expected, actual = load_file(str(tmp_path / "straight" / name)), load_file(str(tmp_path / "resumed" / name))
@@ -571,8 +641,22 @@ def test_cli_resume_alone_continues_the_same_run(tmp_path: Path):
     assert state["options"]["lr"] == 5e-4 and all(group["lr"] == 5e-4 for group in state["param_groups"])
 
 
-def test_cli_extra_vocabulary_is_recorded_kept_on_resume_and_refused_off_shapes(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
-    common = ["prior", "--data", "shapes", "--device", "cpu", "--batch-size", "2", "--image-size", "64", "--out", str(tmp_path / "p")]
+def test_cli_extra_vocabulary_is_recorded_kept_on_resume_and_refused_off_shapes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    common = [
+        "prior",
+        "--data",
+        "shapes",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "2",
+        "--image-size",
+        "64",
+        "--out",
+        str(tmp_path / "p"),
+    ]
     assert unclip_train(*common, "--steps", "1", "--extra-vocabulary", "0.4") == 0
     assert unclip_train(*common, "--steps", "2", "--resume") == 0
     assert read_train_state(tmp_path / "p")["extra_vocabulary"] == 0.4
@@ -596,7 +680,9 @@ def test_upsampler_trains_on_crops_of_the_configured_side(crop: int, expected: i
     objective.model.register_forward_pre_hook(
         lambda module, args, kwargs: seen.append((tuple(args[0].shape), tuple(kwargs["low_res"].shape))), with_kwargs=True
     )
-    images = torch.from_numpy(np.stack([render(sample_scene_for(parse_caption("a red circle"), np.random.default_rng(i)), 128) for i in range(2)]))
+    images = torch.from_numpy(
+        np.stack([render(sample_scene_for(parse_caption("a red circle"), np.random.default_rng(i)), 128) for i in range(2)])
+    )
     loss = objective({"images": images}, torch.Generator().manual_seed(0))
     assert torch.isfinite(loss)
     assert seen == [((2, 3, expected, expected), (2, 3, expected // 4, expected // 4))]

@@ -43,7 +43,9 @@ def add_attention(source: Path, out: Path, rates: tuple[int, ...], seed: int = 0
         raise ValueError(f"--rates must keep the attention the checkpoint has, at {sorted(missing)}")
     old = UNet(config.model)
     old.load_state_dict(load_weights(source, config))
-    widened = dataclasses.replace(config, model=dataclasses.replace(config.model, attention_downsample_rates=tuple(sorted(rates))))
+    widened = dataclasses.replace(
+        config, model=dataclasses.replace(config.model, attention_downsample_rates=tuple(sorted(rates)))
+    )
     torch.manual_seed(seed)
     new = UNet(widened.model)
 
@@ -63,7 +65,13 @@ def add_attention(source: Path, out: Path, rates: tuple[int, ...], seed: int = 0
         state[key if owner is None else renames[owner] + key[len(owner) :]] = value
     new.load_state_dict(state)
     target = save_checkpoint(out, widened, new.state_dict())
-    record = {"kind": config.kind, "widened": {"attention_downsample_rates": list(widened.model.attention_downsample_rates), "from": {"path": str(source), **training_record(source)}}}
+    record = {
+        "kind": config.kind,
+        "widened": {
+            "attention_downsample_rates": list(widened.model.attention_downsample_rates),
+            "from": {"path": str(source), **training_record(source)},
+        },
+    }
     (target / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     return target
 

@@ -1,7 +1,7 @@
 """Generate the Python gRPC code under unclip/v1/ from protos/, or check that it is current.
 
-    python tools/gen_protos.py          # regenerate
-    python tools/gen_protos.py --check  # exit 1 if the committed code is stale
+python tools/gen_protos.py          # regenerate
+python tools/gen_protos.py --check  # exit 1 if the committed code is stale
 """
 
 from __future__ import annotations
@@ -44,11 +44,7 @@ def stale_files() -> list[str]:
         committed = {p.relative_to(ROOT) for p in (ROOT / PACKAGE_DIR).glob("*_pb2*.py*")}
         problems = [f"missing: {p}" for p in sorted(fresh - committed)]
         problems += [f"not generated from any .proto: {p}" for p in sorted(committed - fresh)]
-        problems += [
-            f"stale: {p}"
-            for p in sorted(fresh & committed)
-            if not filecmp.cmp(Path(tmp) / p, ROOT / p, shallow=False)
-        ]
+        problems += [f"stale: {p}" for p in sorted(fresh & committed) if not filecmp.cmp(Path(tmp) / p, ROOT / p, shallow=False)]
         return problems
 
 

@@ -18,7 +18,7 @@ from unclip.config import ClipStageConfig, DecoderStageConfig, PriorStageConfig,
 from unclip.models.clip import create_clip
 from unclip.models.prior import DiffusionPrior
 from unclip.models.unet import UNet
-from unclip.stages import STAGE_KINDS
+from unclip.stage import KINDS as STAGE_KINDS
 
 
 def init_stage(kind: str, out: Path, seed: int = 0, storage_dtype: torch.dtype = torch.float16) -> Path:

@@ -28,7 +28,9 @@ def interpolate(start: Path, end: Path, out: Path, alpha: float, dtype: str = "f
     check_fraction(alpha, "alpha")
     first, second = read_config(start), read_config(end)
     if first.kind != second.kind or _network(first) != _network(second):
-        raise ValueError(f"{start} and {end} are not the same network ({first.kind} vs {second.kind}); only a model and its fine-tune mix")
+        raise ValueError(
+            f"{start} and {end} are not the same network ({first.kind} vs {second.kind}); only a model and its fine-tune mix"
+        )
     a, b = load_weights(start, first), load_weights(end, second)
     if a.keys() != b.keys() or any(a[k].shape != b[k].shape for k in a):
         raise ValueError(f"{start} and {end} hold different tensors")

@@ -65,16 +65,18 @@ def check_clip(args: argparse.Namespace) -> None:
     scenes = [sample(rng, 0.0, DEFAULT_HELDOUT, split) for _ in range(args.n)]
     images = np.stack([render(scene) for scene in scenes])
     combos = ONE_OBJECT_COMBOS
-    captions = [f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} {shape} {POSITION_PHRASES[place]}" for colour, shape, place in combos]
+    captions = [
+        f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} {shape} {POSITION_PHRASES[place]}" for colour, shape, place in combos
+    ]
     image_embeddings = _encode_images(clip, images)
     text_embeddings = np.concatenate([clip.encode_text(captions[i : i + 16]).embeddings for i in range(0, len(captions), 16)])
     best = (image_embeddings @ text_embeddings.T).argmax(axis=1)
     right = {"colour": 0, "shape": 0, "position": 0, "all": 0}
-    for scene, index in zip(scenes, best):
+    for scene, index in zip(scenes, best, strict=True):
         colour, shape, place = combos[index]
         obj = scene.objects[0]
         hits = (colour == obj.colour, shape == obj.shape, place == obj.position)
-        for name, hit in zip(("colour", "shape", "position"), hits):
+        for name, hit in zip(("colour", "shape", "position"), hits, strict=True):
             right[name] += hit
         right["all"] += all(hits)
     print(", ".join(f"{name} {count}/{args.n}" for name, count in right.items()))
@@ -94,7 +96,7 @@ def _check_clip_pairs(clip, rng: np.random.Generator, n: int, split: str) -> Non
     image_embeddings = _encode_images(clip, np.stack([render(scene) for scene in scenes]))
     relation_hits = binding_hits = binding_total = shape_hits = 0
     relations = list(RELATIONS)
-    for scene, image_embedding in zip(scenes, image_embeddings):
+    for scene, image_embedding in zip(scenes, image_embeddings, strict=True):
         a, b = (ObjectSpec(o.colour, o.shape) for o in scene.objects)
         spec = Spec((a, b), scene.relation)
         captions = [format_caption(dataclasses.replace(spec, relation=relation)) for relation in relations]
@@ -116,7 +118,9 @@ def _check_clip_pairs(clip, rng: np.random.Generator, n: int, split: str) -> Non
 def _reshaped(spec: Spec) -> list[Spec]:
     """The two-object spec with one object given another shape, every way (four variants)."""
     return [
-        dataclasses.replace(spec, objects=tuple(ObjectSpec(o.colour, shape) if i == index else o for i, o in enumerate(spec.objects)))
+        dataclasses.replace(
+            spec, objects=tuple(ObjectSpec(o.colour, shape) if i == index else o for i, o in enumerate(spec.objects))
+        )
         for index, obj in enumerate(spec.objects)
         for shape in SHAPES
         if shape != obj.shape
@@ -133,7 +137,9 @@ def check_prior(args: argparse.Namespace) -> None:
     clip, prior = load_engine("clip", args.clip), load_engine("prior", args.checkpoint)
     rng = np.random.default_rng(args.seed)
     combos = ONE_OBJECT_COMBOS
-    one_object_references = np.stack([_mean_image_embedding(clip, Spec((ObjectSpec(c, s, position=p),)), rng) for c, s, p in combos])
+    one_object_references = np.stack(
+        [_mean_image_embedding(clip, Spec((ObjectSpec(c, s, position=p),)), rng) for c, s, p in combos]
+    )
     right = {"colour": 0, "shape": 0, "position": 0, "relation": 0, "binding": 0, "shapes": 0}
     shape_rng = np.random.default_rng([args.seed, 1])  # its own stream, so the other figures stay as they were
     counts = {1: 0, 2: 0, "binding": 0}
@@ -141,7 +147,12 @@ def check_prior(args: argparse.Namespace) -> None:
         spec = parse_caption(prompt)
         text = clip.encode_text([prompt])
         embedding = prior.sample(
-            text.embeddings, text.encodings, text.mask, [index], guidance_scale=args.guidance, sampling=SamplingOptions(steps=args.steps)
+            text.embeddings,
+            text.encodings,
+            text.mask,
+            [index],
+            guidance_scale=args.guidance,
+            sampling=SamplingOptions(steps=args.steps),
         )[0]
         counts[len(spec.objects)] += 1
         if len(spec.objects) == 1:
@@ -156,7 +167,9 @@ def check_prior(args: argparse.Namespace) -> None:
         references = np.stack([_mean_image_embedding(clip, v, rng) for v in variants])
         right["relation"] += list(RELATIONS)[int((references @ embedding).argmax())] == spec.relation
         truth = references[list(RELATIONS).index(spec.relation)]
-        reshaped = np.stack([_mean_image_embedding(clip, dataclasses.replace(v, background=None), shape_rng) for v in _reshaped(spec)])
+        reshaped = np.stack(
+            [_mean_image_embedding(clip, dataclasses.replace(v, background=None), shape_rng) for v in _reshaped(spec)]
+        )
         right["shapes"] += float(truth @ embedding) > float((reshaped @ embedding).max())
         swapped = dataclasses.replace(colours_swapped(spec), background=None)
         if a.shape != b.shape:  # with one shape twice, swapping the colours changes nothing
@@ -173,7 +186,7 @@ def check_upsampler(args: argparse.Namespace) -> None:
     upsampler = load_engine("upsampler", args.checkpoint)
     prompts, scenes = _scenes(args)
     tiles, correct = [], 0
-    for index, (prompt, scene) in enumerate(zip(prompts, scenes)):
+    for index, (prompt, scene) in enumerate(zip(prompts, scenes, strict=True)):
         high = upsampler.upsample(render(scene, 32)[None], [index], sampling=SamplingOptions(steps=args.steps))[0]
         correct += judge(prompt, high).correct
         tiles.append(np.concatenate([render(scene), high], axis=1))
@@ -191,8 +204,12 @@ def check_decoder(args: argparse.Namespace) -> None:
     for i, prompt in enumerate(prompts):
         text = clip.encode_text([prompt])
         small = decoder.decode(
-            embeddings[i : i + 1], [i], text_encodings=text.encodings, text_mask=text.mask,
-            guidance_scale=args.guidance, sampling=SamplingOptions(steps=args.steps),
+            embeddings[i : i + 1],
+            [i],
+            text_encodings=text.encodings,
+            text_mask=text.mask,
+            guidance_scale=args.guidance,
+            sampling=SamplingOptions(steps=args.steps),
         )[0]
         big = np.asarray(Image.fromarray(small).resize((128, 128), Image.Resampling.BICUBIC))
         verdict = judge(prompt, big)

@@ -10,12 +10,11 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from unclip.models.prior import PriorConfig
 from unclip.models.unet import UNetConfig, decoder_config_tiny, upsampler_config_tiny
-
-StageKind = Literal["clip", "prior", "decoder", "upsampler"]
+from unclip.stage import Stage
 
 
 @dataclass
@@ -48,7 +47,7 @@ class ClipStageConfig:
     model_name: str = "unclip-tiny"
     # Weights file, relative to the checkpoint directory (or absolute): safetensors or an open_clip checkpoint.
     weights: str = "model.safetensors"
-    kind: str = "clip"
+    kind: str = Stage.ENCODER.kind
 
 
 @dataclass
@@ -58,7 +57,7 @@ class PriorStageConfig:
     diffusion: DiffusionConfig = field(default_factory=lambda: DiffusionConfig(parameterization="x0"))
     sampling: SamplingDefaults = field(default_factory=lambda: SamplingDefaults(steps=32, guidance_scale=2.0))
     weights: str = "model.safetensors"
-    kind: str = "prior"
+    kind: str = Stage.PRIOR.kind
 
 
 @dataclass
@@ -68,12 +67,10 @@ class DecoderStageConfig:
     # background, layout and colour are decided; an eps model's x0 estimate there is its error
     # times up to 1/sqrt(acp), 2e4 at the last step of the cosine schedule.
     diffusion: DiffusionConfig = field(default_factory=lambda: DiffusionConfig(parameterization="v"))
-    sampling: DecoderSamplingDefaults = field(
-        default_factory=lambda: DecoderSamplingDefaults(steps=25, guidance_scale=3.0)
-    )
+    sampling: DecoderSamplingDefaults = field(default_factory=lambda: DecoderSamplingDefaults(steps=25, guidance_scale=3.0))
     image_size: int = 32
     weights: str = "model.safetensors"
-    kind: str = "decoder"
+    kind: str = Stage.DECODER.kind
 
     def __post_init__(self) -> None:
         side = self.model.position_embedding_size
@@ -94,15 +91,15 @@ class UpsamplerStageConfig:
     # crops cost more per row but put training pixels as far from a border as whole images have them.
     train_crop_size: int = 0
     weights: str = "model.safetensors"
-    kind: str = "upsampler"
+    kind: str = Stage.UPSAMPLER.kind
 
 
 StageConfig = ClipStageConfig | PriorStageConfig | DecoderStageConfig | UpsamplerStageConfig
 STAGE_CONFIGS: dict[str, type] = {
-    "clip": ClipStageConfig,
-    "prior": PriorStageConfig,
-    "decoder": DecoderStageConfig,
-    "upsampler": UpsamplerStageConfig,
+    Stage.ENCODER.kind: ClipStageConfig,
+    Stage.PRIOR.kind: PriorStageConfig,
+    Stage.DECODER.kind: DecoderStageConfig,
+    Stage.UPSAMPLER.kind: UpsamplerStageConfig,
 }
 
 
@@ -121,14 +118,14 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
 
 
 def _convert(hint: Any, value: Any) -> Any:
-    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint) and isinstance(value, dict):
         return from_dict(hint, value)
     origin = typing.get_origin(hint)
     if origin is tuple and isinstance(value, list):
         return tuple(value)
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(hint):
-            if dataclasses.is_dataclass(arg) and isinstance(value, dict):
+            if isinstance(arg, type) and dataclasses.is_dataclass(arg) and isinstance(value, dict):
                 return from_dict(arg, value)
     return value
 

@@ -1,12 +1,50 @@
-"""Errors raised by the core library, each tied to the gRPC status code a service answers with.
+"""Errors, each tied to the gRPC status code it stands for: one set for the server and the SDK.
 
-The core never imports grpc; `status_name` is the grpc.StatusCode member's name, looked up by
-the serving layer, so one mapping serves every service.
+A service raises them and answers with their status; the gateway turns a stage's status back
+into the same error; the client SDK raises them for a failed call, with where and how often it
+called. `status_name` is the grpc.StatusCode member's name, so this module imports no grpc.
 """
+
+from __future__ import annotations
+
+from typing import Any
 
 
 class UnclipError(Exception):
+    """A request failed. `status_name` names its gRPC status code ("INVALID_ARGUMENT", ...).
+
+    Raised by the client SDK, an error also says where it went wrong:
+
+    Attributes:
+        details: the server's (or gRPC's) own description of the failure.
+        target: the address the client called; None for an error raised in this process.
+        attempts: how many times the call was tried.
+    """
+
     status_name = "INTERNAL"
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        status_name: str | None = None,
+        details: str | None = None,
+        target: str | None = None,
+        attempts: int = 1,
+    ):
+        super().__init__(message)
+        if status_name is not None:
+            self.status_name = status_name  # a status without a class of its own (NOT_FOUND, UNKNOWN, ...)
+        self.details = message if details is None else details
+        self.target = target
+        self.attempts = attempts
+
+    @property
+    def code(self) -> Any:
+        """The `grpc.StatusCode` (grpc is imported only when this is read)."""
+        import grpc
+
+        return grpc.StatusCode[self.status_name]
 
 
 class InvalidArgument(UnclipError, ValueError):
@@ -39,9 +77,17 @@ class Unavailable(UnclipError):
     status_name = "UNAVAILABLE"
 
 
-_BY_STATUS = {cls.status_name: cls for cls in (InvalidArgument, ResourceExhausted, DeadlineExceeded, Cancelled, Unavailable)}
+_BY_STATUS: dict[str, type[UnclipError]] = {
+    cls.status_name: cls for cls in (InvalidArgument, ResourceExhausted, DeadlineExceeded, Cancelled, Unavailable)
+}
 
 
-def error_for_status(status_name: str, message: str) -> UnclipError:
-    """The error for a gRPC status received from another service, so it propagates unchanged."""
-    return _BY_STATUS.get(status_name, UnclipError)(message)
+def error_for_status(status_name: str, message: str, **call: Any) -> UnclipError:
+    """The error for a status received from another service, so it propagates unchanged.
+
+    `call`: the keyword attributes of `UnclipError` (details, target, attempts).
+    """
+    cls = _BY_STATUS.get(status_name)
+    if cls is None:
+        return UnclipError(message, status_name=status_name, **call)
+    return cls(message, **call)

@@ -42,7 +42,7 @@ def open_upload(data: bytes, name: str = "image") -> Image.Image:
     except Exception as error:  # noqa: BLE001
         raise InvalidArgument(f"{name}: could not be decoded ({error})") from None
     if image.mode not in ("RGB", "RGBA"):
-        image = image.convert("RGBA" if "A" in image.getbands() or "transparency" in image.info else "RGB")
+        return image.convert("RGBA" if "A" in image.getbands() or "transparency" in image.info else "RGB")
     return image
 
 
@@ -70,7 +70,9 @@ def edit_inputs(image_data: bytes, mask_data: bytes | None, side: int) -> tuple[
     if mask_data:
         mask_image = open_upload(mask_data, "mask")
         if mask_image.size != image.size:
-            raise InvalidArgument(f"mask: size {mask_image.size[0]}x{mask_image.size[1]} must match the image's {image.size[0]}x{image.size[1]}")
+            raise InvalidArgument(
+                f"mask: size {mask_image.size[0]}x{mask_image.size[1]} must match the image's {image.size[0]}x{image.size[1]}"
+            )
         if mask_image.mode != "RGBA":
             raise InvalidArgument("mask: needs an alpha channel; its fully transparent pixels mark the region to edit")
     elif image.mode == "RGBA":

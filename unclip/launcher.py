@@ -18,8 +18,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-STAGES = ("encoder", "prior", "decoder", "upsampler")
-DEFAULT_GATEWAY_PORT = 50051
+from unclip.stage import DEFAULT_GATEWAY_PORT, GATEWAY, Stage
+
 STOP_TIMEOUT_SECONDS = 15.0
 
 
@@ -46,6 +46,14 @@ class ServiceProcess:
     args: list[str]
     process: subprocess.Popen | None = field(default=None, repr=False)
 
+    def exited(self) -> bool:
+        """Started, and no longer running."""
+        return self.process is not None and self.process.poll() is not None
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.process is None else self.process.returncode
+
 
 @dataclass
 class LocalCluster:
@@ -53,23 +61,32 @@ class LocalCluster:
 
     host: str = "127.0.0.1"
     gateway_port: int = DEFAULT_GATEWAY_PORT
-    stage_ports: dict[str, int] | None = None  # default: gateway_port + 1 .. + 4
+    stage_ports: dict[Stage, int] | None = None  # default: gateway_port + 1 .. + 4, as Stage.port
     http_port: int = 0  # the gateway's OpenAI-compatible HTTP API; 0: off
     weights: Path | None = None
     quiet: bool = False
     services: list[ServiceProcess] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        ports = self.stage_ports or {stage: self.gateway_port + 1 + i for i, stage in enumerate(STAGES)}
-        addresses = {stage: f"{self.host}:{ports[stage]}" for stage in STAGES}
-        for stage in STAGES:
-            args = ["serve", stage, "--host", self.host, "--port", str(ports[stage])]
+        ports = self.stage_ports or {stage: stage.port_next_to(self.gateway_port) for stage in Stage}
+        addresses = {stage: f"{self.host}:{ports[stage]}" for stage in Stage}
+        for stage in Stage:
+            args = ["serve", stage.value, "--host", self.host, "--port", str(ports[stage])]
             if self.weights is not None:
-                args += ["--checkpoint", str(Path(self.weights) / ("clip" if stage == "encoder" else stage))]
-            self.services.append(ServiceProcess(stage, addresses[stage], args))
-        gateway_args = ["serve", "gateway", "--host", self.host, "--port", str(self.gateway_port), "--http-port", str(self.http_port)]
-        gateway_args += [arg for stage in STAGES for arg in (f"--{stage}", addresses[stage])]
-        self.services.append(ServiceProcess("gateway", f"{self.host}:{self.gateway_port}", gateway_args))
+                args += ["--checkpoint", str(Path(self.weights) / stage.kind)]
+            self.services.append(ServiceProcess(stage.value, addresses[stage], args))
+        gateway_args = [
+            "serve",
+            GATEWAY,
+            "--host",
+            self.host,
+            "--port",
+            str(self.gateway_port),
+            "--http-port",
+            str(self.http_port),
+        ]
+        gateway_args += [arg for stage in Stage for arg in (f"--{stage.value}", addresses[stage])]
+        self.services.append(ServiceProcess(GATEWAY, f"{self.host}:{self.gateway_port}", gateway_args))
 
     @property
     def gateway_address(self) -> str:
@@ -79,7 +96,9 @@ class LocalCluster:
         output = subprocess.DEVNULL if self.quiet else None
         for service in self.services:
             service.process = subprocess.Popen(
-                [sys.executable, "-m", "unclip", *service.args], stdout=output, stderr=output,
+                [sys.executable, "-m", "unclip", *service.args],
+                stdout=output,
+                stderr=output,
                 # Own process group: a terminal's Ctrl-C reaches the launcher, which stops them in order.
                 start_new_session=True,
             )
@@ -89,8 +108,8 @@ class LocalCluster:
         pending = list(self.services)
         while pending:
             for service in list(pending):
-                if service.process.poll() is not None:
-                    raise RuntimeError(f"{service.name} exited with code {service.process.returncode} while starting")
+                if service.exited():
+                    raise RuntimeError(f"{service.name} exited with code {service.returncode} while starting")
                 if check_health(service.address):
                     pending.remove(service)
             if pending and time.monotonic() > deadline:
@@ -99,19 +118,19 @@ class LocalCluster:
 
     def failed(self) -> ServiceProcess | None:
         """A service that has exited although nobody stopped it."""
-        return next((s for s in self.services if s.process is not None and s.process.poll() is not None), None)
+        return next((s for s in self.services if s.exited()), None)
 
     def stop(self) -> None:
-        running = [s for s in self.services if s.process is not None and s.process.poll() is None]
-        for service in reversed(running):  # the gateway first, so it stops taking requests
-            service.process.send_signal(signal.SIGTERM)
+        running = [s.process for s in self.services if s.process is not None and s.process.poll() is None]
+        for process in reversed(running):  # the gateway first, so it stops taking requests
+            process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
-        for service in running:
+        for process in running:
             try:
-                service.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+                process.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                service.process.kill()
-                service.process.wait()
+                process.kill()
+                process.wait()
 
     def __enter__(self) -> LocalCluster:
         self.start()
@@ -124,4 +143,3 @@ class LocalCluster:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
-

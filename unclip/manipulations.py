@@ -4,10 +4,15 @@ written once against a `StageBackend` and run in-process or through the services
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
+from unclip.calls import EncodeTextCall
 from unclip.errors import InvalidArgument
-from unclip.pipeline import GeneratedImage, GenerationParameters, Run, StageBackend
+from unclip.parameters import GenerationParameters
+from unclip.pipeline import GeneratedImage, Run, StageBackend, StageCallback
+from unclip.stage import Stage
 
 MAX_FRAMES = 16
 
@@ -17,10 +22,8 @@ def slerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
     a, b = a / np.linalg.norm(a), b / np.linalg.norm(b)
     omega = np.arccos(np.clip(np.dot(a, b), -1.0, 1.0))
     t = t[:, None]
-    if omega < 1e-6:  # (anti)parallel within float precision: fall back to the straight line
-        mixed = (1 - t) * a + t * b
-    else:
-        mixed = (np.sin((1 - t) * omega) * a + np.sin(t * omega) * b) / np.sin(omega)
+    # (Anti)parallel within float precision: the straight line.
+    mixed = (1 - t) * a + t * b if omega < 1e-6 else (np.sin((1 - t) * omega) * a + np.sin(t * omega) * b) / np.sin(omega)
     return (mixed / np.linalg.norm(mixed, axis=1, keepdims=True)).astype(np.float32)
 
 
@@ -30,12 +33,17 @@ def _check_frames(frames: int) -> None:
 
 
 async def variations(
-    backend: StageBackend, image: np.ndarray, params: GenerationParameters, *, deadline: float | None = None, on_stage=None
+    backend: StageBackend,
+    image: np.ndarray,
+    params: GenerationParameters,
+    *,
+    deadline: float | None = None,
+    on_stage: StageCallback | None = None,
 ) -> list[GeneratedImage]:
     """n new images sharing the uploaded image's CLIP embedding (the decoder sees no text)."""
-    run = await Run.start(backend, params, operation="variation", deadline=deadline, on_stage=on_stage, stages_before_decode=1)
-    embedding = await backend.encode_image(image[None], deadline=deadline)
-    await run.finished("encode")
+    run = await Run.start(backend, params, operation="variations", deadline=deadline, on_stage=on_stage, stages_before_decode=1)
+    embedding = await run.encode_images(image[None])
+    await run.finished(Stage.ENCODER)
     images = await run.decode_and_upsample(np.repeat(embedding, params.n, axis=0), None)
     return run.results(images, {})
 
@@ -48,7 +56,7 @@ async def interpolate(
     images: tuple[np.ndarray, np.ndarray] | None = None,
     prompts: tuple[str, str] | None = None,
     deadline: float | None = None,
-    on_stage=None,
+    on_stage: StageCallback | None = None,
 ) -> list[GeneratedImage]:
     """`frames` images whose embeddings slerp from the first input's to the second's. Every
     frame uses the same seed, so only the embedding changes from frame to frame."""
@@ -58,14 +66,21 @@ async def interpolate(
     if prompts is not None and not all(p.strip() for p in prompts):
         raise InvalidArgument("prompts: must not be empty")
     run = await Run.start(
-        backend, params, operation="interpolation", batch=frames, same_seed=True, deadline=deadline, on_stage=on_stage,
+        backend,
+        params,
+        operation="interpolate",
+        batch=frames,
+        same_seed=True,
+        deadline=deadline,
+        on_stage=on_stage,
         stages_before_decode=1 if images is not None else 2,
     )
     if images is not None:
-        ends = await backend.encode_image(np.stack(images), deadline=deadline)
-        await run.finished("encode")
-        description = {}
+        ends = await run.encode_images(np.stack(images))
+        await run.finished(Stage.ENCODER)
+        description: dict[str, Any] = {}
     else:
+        assert prompts is not None
         text = await run.encode_prompts(list(prompts))
         ends = await run.sample_prior(text, seeds=run.seeds[:2])
         description = {"prompts": list(prompts)}
@@ -84,7 +99,7 @@ async def text_diff(
     *,
     max_rotation: float = 0.5,
     deadline: float | None = None,
-    on_stage=None,
+    on_stage: StageCallback | None = None,
 ) -> list[GeneratedImage]:
     """DALL-E 2 text diffs: rotate the image embedding toward the normalised difference of the
     target and current caption embeddings, from 0 to max_rotation of the arc between them."""
@@ -94,12 +109,18 @@ async def text_diff(
     if not 0.0 < max_rotation <= 1.0:
         raise InvalidArgument(f"max_rotation: must be in (0, 1], got {max_rotation}")
     run = await Run.start(
-        backend, params, operation="text_diff", batch=frames, same_seed=True, deadline=deadline, on_stage=on_stage,
+        backend,
+        params,
+        operation="text_diff",
+        batch=frames,
+        same_seed=True,
+        deadline=deadline,
+        on_stage=on_stage,
         stages_before_decode=1,
     )
-    image_embedding = (await backend.encode_image(image[None], deadline=deadline))[0]
-    text = await backend.encode_text([caption, target_caption], deadline=deadline)
-    await run.finished("encode")
+    image_embedding = (await run.encode_images(image[None]))[0]
+    text = await run.call(EncodeTextCall([caption, target_caption]))
+    await run.finished(Stage.ENCODER)
     diff = text.embeddings[1] - text.embeddings[0]
     norm = np.linalg.norm(diff)
     if norm < 1e-6:

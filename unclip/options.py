@@ -1,8 +1,8 @@
-"""Sampling options as every layer sees them, and their protobuf form (no torch here)."""
+"""A diffusion stage's sampling options as every layer sees them (no torch here)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from unclip.errors import InvalidArgument
@@ -10,7 +10,8 @@ from unclip.v1 import sampling_pb2
 from unclip.validation import check_range
 
 SAMPLERS = ("ddim", "ddpm")
-_SAMPLER_ENUM = {"ddim": sampling_pb2.SAMPLER_DDIM, "ddpm": sampling_pb2.SAMPLER_DDPM}
+SAMPLER_ENUM = {"ddim": sampling_pb2.SAMPLER_DDIM, "ddpm": sampling_pb2.SAMPLER_DDPM}
+"""Sampler name -> its `unclip.v1.Sampler` number; unset (None) travels as SAMPLER_UNSPECIFIED."""
 
 
 class DefaultsLike(Protocol):
@@ -26,10 +27,10 @@ class SamplingOptions:
     """A request's sampling choices; None means the checkpoint's default."""
 
     steps: int | None = None
-    sampler: str | None = None
+    sampler: str | None = field(default=None, metadata={"proto_enum": SAMPLER_ENUM})
     eta: float | None = None
 
-    def resolve(self, defaults: DefaultsLike, max_steps: int) -> SamplingOptions:
+    def resolve(self, defaults: DefaultsLike, max_steps: int) -> ResolvedSampling:
         steps = defaults.steps if self.steps is None else self.steps
         if not 1 <= steps <= max_steps:
             raise InvalidArgument(f"steps: must be between 1 and {max_steps}, got {steps}")
@@ -37,37 +38,13 @@ class SamplingOptions:
         if sampler not in SAMPLERS:
             raise InvalidArgument(f"sampler: must be one of {SAMPLERS}, got {sampler!r}")
         eta = check_range(defaults.eta if self.eta is None else self.eta, "eta", 0.0, 1.0)
-        return SamplingOptions(steps=steps, sampler=sampler, eta=eta)
-
-    def to_proto(self) -> sampling_pb2.SamplingOptions:
-        message = sampling_pb2.SamplingOptions(sampler=sampler_to_proto(self.sampler))
-        if self.steps is not None:
-            message.steps = self.steps
-        if self.eta is not None:
-            message.eta = self.eta
-        return message
-
-    @classmethod
-    def from_proto(cls, message: sampling_pb2.SamplingOptions) -> SamplingOptions:
-        return cls(
-            steps=message.steps if message.HasField("steps") else None,
-            sampler=sampler_from_proto(message.sampler),
-            eta=message.eta if message.HasField("eta") else None,
-        )
+        return ResolvedSampling(steps=steps, sampler=sampler, eta=eta)
 
 
-def sampler_to_proto(sampler: str | None) -> int:
-    if sampler is None:
-        return sampling_pb2.SAMPLER_UNSPECIFIED
-    if sampler not in _SAMPLER_ENUM:
-        raise InvalidArgument(f"sampler: must be one of {SAMPLERS}, got {sampler!r}")
-    return _SAMPLER_ENUM[sampler]
+@dataclass(frozen=True)
+class ResolvedSampling:
+    """Sampling options with every choice made: what a sampler runs with."""
 
-
-def sampler_from_proto(value: int) -> str | None:
-    if value == sampling_pb2.SAMPLER_UNSPECIFIED:
-        return None
-    for name, enum in _SAMPLER_ENUM.items():
-        if enum == value:
-            return name
-    raise InvalidArgument(f"sampler: unknown enum value {value}")
+    steps: int
+    sampler: str
+    eta: float

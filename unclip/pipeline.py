@@ -1,9 +1,10 @@
 """The unCLIP chain: prompt -> CLIP text encoding -> prior -> decoder -> upsampler(s) -> PNGs.
 
-`generate` is written once against the `StageBackend` protocol. In-process the backend calls
-the engines directly (`unclip.local.LocalStages`); in the gateway it calls the stage services
-over gRPC (`gateway.remote.RemoteStages`). Both hand the same numpy arrays to the same engines,
-so a prompt and seed give the same pixels either way. This module imports neither torch nor grpc.
+`generate` is written once against the `StageBackend` protocol: it builds each stage's call
+(`unclip.calls`) and the backend runs it. In-process the backend runs the engines directly
+(`unclip.local.LocalStages`); in the gateway it sends the calls to the stage services
+(`gateway.remote.RemoteStages`). Both hand the same arrays to the same engines, so a prompt
+and seed give the same pixels either way. This module imports neither torch nor grpc.
 """
 
 from __future__ import annotations
@@ -12,31 +13,21 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
 import unclip
+from unclip.calls import DecodeCall, EncodeImageCall, EncodeTextCall, ModelInfo, SampleCall, StageCall, TextEncoding, UpsampleCall
 from unclip.errors import InvalidArgument
-from unclip.options import SamplingOptions
+from unclip.parameters import GenerationParameters
 from unclip.png import encode_png
+from unclip.stage import Stage
 from unclip.validation import MAX_SEED
 
-MAX_IMAGES_PER_REQUEST = 8
-MAX_PROMPT_CHARS = 1000
-STAGE_NAMES = ("encode", "prior", "decode", "upsample")
-# As DALL-E 2: two prior samples per image, the one closer to the text kept (BENCHMARKS.md measures it).
-DEFAULT_PRIOR_CANDIDATES = 2
-
-
-@dataclass
-class TextEncoding:
-    embeddings: np.ndarray  # [B, D] float32, unit norm
-    encodings: np.ndarray  # [B, L, W] float32
-    mask: np.ndarray  # [B, L] bool
-
-    def repeat(self, n: int) -> TextEncoding:
-        return TextEncoding(*(np.repeat(a, n, axis=0) for a in (self.embeddings, self.encodings, self.mask)))
+R = TypeVar("R")
+# How each operation is named in what it produces (PNG metadata, stored records).
+RECORDED_AS = {"variations": "variation", "interpolate": "interpolation"}
 
 
 @dataclass
@@ -45,6 +36,15 @@ class PipelineInfo:
     upsampler_factors: list[int]
     model_versions: dict[str, str]
 
+    @classmethod
+    def from_models(cls, encoder: ModelInfo, prior: ModelInfo, decoder: ModelInfo, upsamplers: list[ModelInfo]) -> PipelineInfo:
+        versions = {
+            stage.version_key(): info.version
+            for stage, info in ((Stage.ENCODER, encoder), (Stage.PRIOR, prior), (Stage.DECODER, decoder))
+        }
+        versions |= {Stage.UPSAMPLER.version_key(i): info.version for i, info in enumerate(upsamplers)}
+        return cls(decoder.image_size, [info.scale_factor for info in upsamplers], versions)
+
     def output_sizes(self) -> list[int]:
         sizes = [self.base_size]
         for factor in self.upsampler_factors:
@@ -52,67 +52,43 @@ class PipelineInfo:
         return sizes
 
 
+PreviewFn = Callable[[int, int, np.ndarray], None]
+"""(steps done, total steps, uint8 [B, S, S, 3] current clean-image estimates); called on the
+event loop, so it must not block."""
+
+
 class StageBackend(Protocol):
-    """The four stages, wherever they run. `deadline` is a time.monotonic() value or None."""
+    """The stages, wherever they run. `deadline` is a time.monotonic() value or None.
+
+    `run` runs a call on the stage it names (`index`: which upsampler); a decoder call with
+    `on_preview` and `preview_every` > 0 also reports the decoder's estimates as it goes.
+    """
 
     async def describe(self) -> PipelineInfo: ...
 
-    async def encode_text(self, texts: list[str], *, deadline: float | None) -> TextEncoding: ...
-
-    async def sample_prior(
-        self, text: TextEncoding, seeds: list[int], *, num_candidates: int, guidance_scale: float | None,
-        sampling: SamplingOptions, deadline: float | None,
-    ) -> np.ndarray: ...
-
-    async def encode_image(self, images: np.ndarray, *, deadline: float | None) -> np.ndarray: ...
-
-    async def decode(
-        self, image_embeddings: np.ndarray, text: TextEncoding | None, seeds: list[int], *,
-        guidance_scale: float | None, text_guidance_scale: float | None = None, sampling: SamplingOptions,
-        deadline: float | None, inpaint: tuple[np.ndarray, np.ndarray] | None = None, preview_every: int = 0,
+    async def run(
+        self,
+        call: StageCall[R],
+        *,
+        index: int = 0,
+        deadline: float | None,
         on_preview: PreviewFn | None = None,
-    ) -> np.ndarray: ...
-
-    async def upsample(
-        self, index: int, images: np.ndarray, seeds: list[int], *, sampling: SamplingOptions, deadline: float | None,
-        inpaint: tuple[np.ndarray, np.ndarray] | None = None,
-    ) -> np.ndarray: ...
-
-
-@dataclass
-class GenerationParameters:
-    prompt: str
-    n: int = 1
-    size: int | None = None  # None: the largest the pipeline serves
-    seed: int | None = None  # None: random
-    prior_guidance_scale: float | None = None
-    decoder_guidance_scale: float | None = None  # the image embedding's
-    decoder_text_guidance_scale: float | None = None  # the caption's, on top (None: the model's default)
-    prior_steps: int | None = None
-    decoder_steps: int | None = None
-    upsampler_steps: int | None = None
-    sampler: str | None = None
-    prior_candidates: int = DEFAULT_PRIOR_CANDIDATES
-    preview_every: int = 0  # streaming only: a decoder preview every this many steps
-
-    def validate(self, require_prompt: bool = True) -> None:
-        if require_prompt and not self.prompt.strip():
-            raise InvalidArgument("prompt: must not be empty")
-        if len(self.prompt) > MAX_PROMPT_CHARS:
-            raise InvalidArgument(f"prompt: {len(self.prompt)} characters exceed the limit of {MAX_PROMPT_CHARS}")
-        if not 1 <= self.n <= MAX_IMAGES_PER_REQUEST:
-            raise InvalidArgument(f"n: must be between 1 and {MAX_IMAGES_PER_REQUEST}, got {self.n}")
-        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
-            raise InvalidArgument(f"seed: {self.seed} is outside 0..2**64-1")
+        preview_every: int = 0,
+    ) -> R: ...
 
 
 @dataclass
 class StageEvent:
-    stage: str  # one of STAGE_NAMES
-    index: int  # which upsampler, for "upsample"
+    stage: Stage
+    index: int  # which upsampler, for Stage.UPSAMPLER
     completed: int
     total: int
     seconds: float
+
+    @property
+    def name(self) -> str:
+        """How timings name the stage: its event name, numbered for upsamplers ("upsample0")."""
+        return f"{self.stage.event}{self.index}" if self.stage is Stage.UPSAMPLER else self.stage.event
 
 
 @dataclass
@@ -129,11 +105,6 @@ def image_seeds(seed: int, n: int) -> list[int]:
     return [(seed + i) % (MAX_SEED + 1) for i in range(n)]
 
 
-PreviewFn = Callable[[int, int, np.ndarray], None]
-"""(steps done, total steps, uint8 [B, S, S, 3] current clean-image estimates); called on the
-event loop, so it must not block."""
-
-
 def preview_due(done: int, total: int, every: int) -> bool:
     """Whether a preview goes out after `done` of `total` steps: every `every` steps and at the end."""
     return every > 0 and (done % every == 0 or done == total)
@@ -146,28 +117,27 @@ class Inpaint:
     image: np.ndarray
     regenerate: np.ndarray
 
-    def at_size(self, side: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(images, mask) resized for a stage producing side x side, one copy per batch row."""
+    def at_size(self, side: int, batch: int) -> dict[str, Any]:
+        """The inpaint_images and inpaint_mask of a call producing side x side, one copy per row."""
         from PIL import Image
 
         image = np.asarray(Image.fromarray(self.image).resize((side, side), Image.Resampling.LANCZOS))
         # A low-res pixel is regenerated if any pixel it covers is: the edit never leaks into kept content.
         factor = self.regenerate.shape[0] // side
         if factor >= 1 and self.regenerate.shape[0] == side * factor:
-            mask = self.regenerate.reshape(side, factor, side, factor).any(axis=(1, 3))
+            mask = np.asarray(self.regenerate.reshape(side, factor, side, factor).any(axis=(1, 3)))
         else:
             mask = np.asarray(Image.fromarray(self.regenerate).resize((side, side), Image.Resampling.NEAREST))
-        return np.repeat(image[None], batch, axis=0), np.repeat(mask[None], batch, axis=0)
+        return {"inpaint_images": np.repeat(image[None], batch, axis=0), "inpaint_mask": np.repeat(mask[None], batch, axis=0)}
 
 
-async def _maybe_await(result: Awaitable[None] | None) -> None:
-    if result is not None:
-        await result
+StageCallback = Callable[[StageEvent], Awaitable[None] | None]
 
 
 class Run:
-    """One request through the stages: plans sizes and seeds, reports stage events, and runs
-    the shared tail (decoder, upsamplers, PNG encoding) for every operation."""
+    """One request through the stages: plans sizes and seeds, builds each stage's call from the
+    parameters, reports stage events, and runs the shared tail (decoder, upsamplers, PNG
+    encoding) for every operation."""
 
     def __init__(
         self,
@@ -176,10 +146,9 @@ class Run:
         info: PipelineInfo,
         *,
         operation: str,
-        batch: int,
         seeds: list[int],
         deadline: float | None,
-        on_stage: Callable[[StageEvent], Awaitable[None] | None] | None,
+        on_stage: StageCallback | None,
         stages_before_decode: int,
     ):
         sizes = info.output_sizes()
@@ -187,7 +156,8 @@ class Run:
         if self.size not in sizes:
             raise InvalidArgument(f"size: must be one of {sizes}, got {self.size}")
         self.backend, self.params, self.info, self.operation = backend, params, info, operation
-        self.batch, self.seeds, self.deadline, self.on_stage = batch, seeds, deadline, on_stage
+        self.seeds, self.deadline, self.on_stage = seeds, deadline, on_stage
+        self.batch = len(seeds)
         self.upsamplers = sizes.index(self.size)
         self.sizes = sizes
         self.total = stages_before_decode + 1 + self.upsamplers
@@ -196,40 +166,61 @@ class Run:
 
     @classmethod
     async def start(
-        cls, backend: StageBackend, params: GenerationParameters, *, operation: str, batch: int | None = None,
-        same_seed: bool = False, deadline: float | None = None, on_stage=None, stages_before_decode: int = 2,
+        cls,
+        backend: StageBackend,
+        params: GenerationParameters,
+        *,
+        operation: str,
+        batch: int | None = None,
+        same_seed: bool = False,
+        deadline: float | None = None,
+        on_stage: StageCallback | None = None,
+        stages_before_decode: int = 2,
     ) -> Run:
-        """`same_seed`: every row shares the request's seed (frames of an interpolation)."""
-        params.validate(require_prompt=operation in ("generate", "edit"))
+        """`operation`: one of unclip.parameters.OPERATIONS. `same_seed`: every row shares the
+        request's seed (frames of an interpolation)."""
+        params.validate(operation)
         info = await backend.describe()
         batch = params.n if batch is None else batch
         seed = secrets.randbelow(2**63) if params.seed is None else params.seed
         seeds = [seed] * batch if same_seed else image_seeds(seed, batch)
         return cls(
-            backend, params, info, operation=operation, batch=batch, seeds=seeds, deadline=deadline,
-            on_stage=on_stage, stages_before_decode=stages_before_decode,
+            backend,
+            params,
+            info,
+            operation=operation,
+            seeds=seeds,
+            deadline=deadline,
+            on_stage=on_stage,
+            stages_before_decode=stages_before_decode,
         )
 
-    async def finished(self, stage: str, index: int = 0) -> None:
+    async def call(self, call: StageCall[R], *, index: int = 0, **preview: Any) -> R:
+        return await self.backend.run(call, index=index, deadline=self.deadline, **preview)
+
+    async def finished(self, stage: Stage, index: int = 0) -> None:
         self.completed += 1
         now = time.perf_counter()
         if self.on_stage is not None:
-            await _maybe_await(self.on_stage(StageEvent(stage, index, self.completed, self.total, now - self._started)))
+            result = self.on_stage(StageEvent(stage, index, self.completed, self.total, now - self._started))
+            if result is not None:
+                await result
         self._started = now
 
     async def encode_prompts(self, prompts: list[str]) -> TextEncoding:
-        text = await self.backend.encode_text(prompts, deadline=self.deadline)
-        await self.finished("encode")
+        text = await self.call(EncodeTextCall(prompts))
+        await self.finished(Stage.ENCODER)
         return text
 
+    async def encode_images(self, images: np.ndarray) -> np.ndarray:
+        """CLIP image embeddings of uint8 [B, H, W, 3] images (reports no event: the caller does)."""
+        return await self.call(EncodeImageCall(images))
+
     async def sample_prior(self, text: TextEncoding, seeds: list[int] | None = None) -> np.ndarray:
-        p = self.params
-        embeddings = await self.backend.sample_prior(
-            text, self.seeds if seeds is None else seeds, num_candidates=p.prior_candidates,
-            guidance_scale=p.prior_guidance_scale, sampling=SamplingOptions(p.prior_steps, p.sampler),
-            deadline=self.deadline,
-        )
-        await self.finished("prior")
+        seeds = self.seeds if seeds is None else seeds
+        call = SampleCall(text.embeddings, text.encodings, text.mask, seeds, **self.params.stage_settings(Stage.PRIOR))
+        embeddings = await self.call(call)
+        await self.finished(Stage.PRIOR)
         return embeddings
 
     async def decode_and_upsample(
@@ -238,25 +229,27 @@ class Run:
         text: TextEncoding | None,
         *,
         inpaint: Inpaint | None = None,
-        preview_every: int = 0,
         on_preview: PreviewFn | None = None,
     ) -> np.ndarray:
-        p = self.params
-        images = await self.backend.decode(
-            embeddings, text, self.seeds, guidance_scale=p.decoder_guidance_scale,
-            text_guidance_scale=p.decoder_text_guidance_scale,
-            sampling=SamplingOptions(p.decoder_steps, p.sampler), deadline=self.deadline,
-            inpaint=None if inpaint is None else inpaint.at_size(self.sizes[0], self.batch),
-            preview_every=preview_every, on_preview=on_preview,
+        decode = DecodeCall(
+            embeddings,
+            self.seeds,
+            text_encodings=None if text is None else text.encodings,
+            text_mask=None if text is None else text.mask,
+            **self.params.stage_settings(Stage.DECODER),
+            **({} if inpaint is None else inpaint.at_size(self.sizes[0], self.batch)),
         )
-        await self.finished("decode")
+        images = await self.call(decode, on_preview=on_preview, preview_every=self.params.preview_every)
+        await self.finished(Stage.DECODER)
         for index in range(self.upsamplers):
-            images = await self.backend.upsample(
-                index, images, self.seeds, sampling=SamplingOptions(p.upsampler_steps, p.sampler),
-                deadline=self.deadline,
-                inpaint=None if inpaint is None else inpaint.at_size(self.sizes[index + 1], self.batch),
+            upsample = UpsampleCall(
+                images,
+                self.seeds,
+                **self.params.stage_settings(Stage.UPSAMPLER),
+                **({} if inpaint is None else inpaint.at_size(self.sizes[index + 1], self.batch)),
             )
-            await self.finished("upsample", index)
+            images = await self.call(upsample, index=index)
+            await self.finished(Stage.UPSAMPLER, index)
         return images
 
     def results(self, images: np.ndarray, description: dict[str, Any]) -> list[GeneratedImage]:
@@ -264,9 +257,9 @@ class Run:
         settings = {key: value for key, value in asdict(self.params).items() if key not in ("prompt", "seed", "n")}
         settings["size"] = self.size
         results = []
-        for index, (image_seed, pixels) in enumerate(zip(self.seeds, images)):
+        for index, (image_seed, pixels) in enumerate(zip(self.seeds, images, strict=True)):
             chunks = {
-                "operation": self.operation,
+                "operation": RECORDED_AS.get(self.operation, self.operation),
                 **description,
                 "seed": str(image_seed),
                 "parameters": settings,
@@ -284,7 +277,7 @@ async def generate(
     params: GenerationParameters,
     *,
     deadline: float | None = None,
-    on_stage: Callable[[StageEvent], Awaitable[None] | None] | None = None,
+    on_stage: StageCallback | None = None,
     on_preview: PreviewFn | None = None,
     inpaint: Inpaint | None = None,
 ) -> list[GeneratedImage]:
@@ -294,7 +287,5 @@ async def generate(
     )
     text = (await run.encode_prompts([params.prompt])).repeat(params.n)
     embeddings = await run.sample_prior(text)
-    images = await run.decode_and_upsample(
-        embeddings, text, inpaint=inpaint, preview_every=params.preview_every, on_preview=on_preview
-    )
+    images = await run.decode_and_upsample(embeddings, text, inpaint=inpaint, on_preview=on_preview)
     return run.results(images, {"prompt": params.prompt})

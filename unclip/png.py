@@ -24,4 +24,4 @@ def encode_png(pixels: np.ndarray, text: dict[str, Any]) -> bytes:
 def read_png_text(data: bytes) -> dict[str, str]:
     with Image.open(io.BytesIO(data)) as image:
         image.load()
-        return dict(image.text)
+        return dict(getattr(image, "text", {}))  # PNG images have text chunks; other formats none

@@ -4,16 +4,18 @@ The stages answer the same gRPC services as in local mode (through Ray Serve's g
 `application` metadata key picks the app) and the gateway reaches them through Serve handles
 with the same protobuf messages (`gateway.remote.RayTransport`). Everything model-related is
 the local-mode servicers' and engines': this module adapts them to Serve and adds dynamic
-batching to the prior, decoder and upsampler. `deploy/ray/serve.yaml` deploys all five.
+batching to the prior, decoder and upsampler. `unclip/serve.yaml` (also at deploy/ray/serve.yaml) deploys all five.
 
 No `from __future__ import annotations` here: Serve reads the builders' pydantic annotations
 at runtime to validate a config's `args`.
 """
 
 import dataclasses
+import importlib
 import sys
 import time
-from collections.abc import Hashable, Iterable
+import typing
+from collections.abc import Callable, Hashable, Iterable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -25,20 +27,20 @@ from pydantic import BaseModel
 from ray import serve
 from ray.serve import Application
 
-from decoder_svc.servicer import DecodeCall, DecoderServicer, UpsampleCall, UpsamplerServicer
+from decoder_svc.servicer import DecoderServicer, UpsamplerServicer
 from encoder_svc.servicer import ClipEncoderServicer
 from gateway.api import ImageAPI
 from gateway.remote import RayTransport, RemoteStages
 from gateway.servicer import ImageServicer
-from prior_svc.servicer import PriorServicer, SampleCall
-from unclip import codec
+from prior_svc.servicer import PriorServicer
+from unclip.calls import DecodeCall, SampleCall, StageCall, UpsampleCall
 from unclip.errors import Cancelled, DeadlineExceeded, error_for_status
-from unclip.serving import ModelServicer, rpc
+from unclip.serving import StageServicer, rpc
+from unclip.stage import GATEWAY, SERVICE_NAMES
 from unclip.storage import ResultStore, StorageConfig
-from unclip.v1 import decoder_pb2, prior_pb2, upsampler_pb2
 
-APP_NAMES = ("encoder", "prior", "decoder", "upsampler", "gateway")
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "ray" / "serve.yaml"
+APP_NAMES = (*SERVICE_NAMES, GATEWAY)
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "serve.yaml"
 # Ray bounds each replica's queue (max_ongoing_requests, max_queued_requests); the servicers'
 # own limit must never be the one that answers RESOURCE_EXHAUSTED.
 UNBOUNDED_PENDING = sys.maxsize
@@ -57,7 +59,8 @@ class HopContext:
     def latest(cls, contexts: Iterable["HopContext"]) -> "HopContext":
         """A context for work shared by several calls: it lasts as long as the longest of them."""
         deadlines = [context.deadline for context in contexts]
-        return cls(deadline=None if None in deadlines else max(deadlines))
+        known = [deadline for deadline in deadlines if deadline is not None]
+        return cls(deadline=None if len(known) < len(deadlines) else max(known))
 
     def time_remaining(self) -> float | None:
         return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
@@ -99,7 +102,7 @@ def _streaming_rpc_method(name: str):
 class Job:
     """One request waiting in a replica's batch queue: its parsed engine call and its context."""
 
-    call: Any  # prior_svc SampleCall, decoder_svc DecodeCall or UpsampleCall
+    call: Any  # a SampleCall, DecodeCall or UpsampleCall
     context: HopContext
 
 
@@ -117,11 +120,10 @@ def batch_key(call: Any) -> Hashable:
         value = getattr(call, field.name)
         if field.name == "seeds":
             continue
-        arrays = value if isinstance(value, tuple) else (value,)  # inpaint is an (images, mask) pair
-        if isinstance(arrays[0], np.ndarray):
-            if rows == 0 or any(array.ndim == 0 or array.shape[0] != rows for array in arrays):
+        if isinstance(value, np.ndarray):
+            if rows == 0 or value.ndim == 0 or value.shape[0] != rows:
                 return object()
-            parts.append(tuple((array.shape[1:], array.dtype.str) for array in arrays))
+            parts.append((value.shape[1:], value.dtype.str))
         else:
             parts.append(value)
     return tuple(parts)
@@ -134,15 +136,15 @@ def merge_calls(calls: list[Any]) -> Any:
         first = values[0]
         if isinstance(first, np.ndarray):
             return np.concatenate(values)
-        if isinstance(first, tuple):
-            return tuple(np.concatenate(parts) for parts in zip(*values))
         if isinstance(first, list):  # seeds
             return [item for value in values for item in value]
-        return first  # a setting, equal across the group
+        return first  # a setting, equal across the group (None for an absent array)
 
     if len(calls) == 1:
         return calls[0]
-    return dataclasses.replace(calls[0], **{f.name: merge([getattr(c, f.name) for c in calls]) for f in dataclasses.fields(calls[0])})
+    return dataclasses.replace(
+        calls[0], **{f.name: merge([getattr(c, f.name) for c in calls]) for f in dataclasses.fields(calls[0])}
+    )
 
 
 # -- stage deployments -----------------------------------------------------------------------
@@ -152,7 +154,7 @@ class _Stage:
     """A local-mode stage servicer inside a replica; the engine loads in the constructor, so a
     replica only counts as running (and gets traffic) once its model is there."""
 
-    SERVICER: type[ModelServicer]
+    SERVICER: type[StageServicer]
 
     def __init__(self, checkpoint: str | None):
         self.servicer = self.SERVICER(checkpoint, max_pending=UNBOUNDED_PENDING)
@@ -166,17 +168,15 @@ class _BatchingStage(_Stage):
     """A stage whose main RPC is batched: concurrent requests are grouped by `batch_key`, and
     each group runs as one engine call; the results are split back per request."""
 
-    CALL: Any  # the parsed-call class: from_proto(request), run(engine, cancel), seeds
+    CALL: type[StageCall[np.ndarray]]
 
     def __init__(self, checkpoint: str | None, max_batch_size: int, batch_wait_timeout_s: float):
         super().__init__(checkpoint)
-        self._run_batch.set_max_batch_size(max_batch_size)
-        self._run_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        batching: Any = self._run_batch  # serve.batch's wrapper, which the annotations do not describe
+        batching.set_max_batch_size(max_batch_size)
+        batching.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self._batches = 0
         self._engine_calls: list[int] = []  # requests per engine call
-
-    def respond(self, result: np.ndarray) -> Message:
-        raise NotImplementedError
 
     async def stats(self) -> dict[str, Any]:
         """How this replica batched: batches formed, and the requests each engine call served."""
@@ -184,10 +184,11 @@ class _BatchingStage(_Stage):
 
     @rpc
     async def _batched(self, request: Message, context: HopContext) -> Message:
-        result = await self._run_batch(Job(self.CALL.from_proto(request), context))
+        call = self.CALL.from_proto(request)
+        result = await self._run_batch(Job(call, context))
         if isinstance(result, Exception):
             raise result
-        return self.respond(result)
+        return call.reply(result)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)  # overridden from the app's args
     async def _run_batch(self, jobs: list[Job]) -> list[np.ndarray | Exception]:
@@ -197,14 +198,13 @@ class _BatchingStage(_Stage):
             groups.setdefault(batch_key(job.call), []).append(index)
         results: dict[int, np.ndarray | Exception] = {}
         for indices in groups.values():
-            results |= zip(indices, await self._run_group([jobs[i] for i in indices]))
+            results |= zip(indices, await self._run_group([jobs[i] for i in indices]), strict=True)
         return [results[index] for index in range(len(jobs))]
 
     async def _run_group(self, jobs: list[Job]) -> list[np.ndarray | Exception]:
         try:
             call = merge_calls([job.call for job in jobs])
-            engine = self.servicer.engine
-            merged = await self.servicer.run(HopContext.latest(j.context for j in jobs), lambda cancel: call.run(engine, cancel))
+            merged = await self.servicer.answer(call, HopContext.latest(j.context for j in jobs))
         except (DeadlineExceeded, Cancelled) as error:
             return [error] * len(jobs)
         except Exception as error:  # noqa: BLE001 - handed to the requests, which answer with its status
@@ -213,7 +213,10 @@ class _BatchingStage(_Stage):
             # One bad request must not fail those it was grouped with: run them one by one.
             return [result for job in jobs for result in await self._run_group([job])]
         self._engine_calls.append(len(jobs))
-        return np.split(merged, np.cumsum([len(job.call.seeds) for job in jobs])[:-1])
+        return list(np.split(merged, np.cumsum([len(job.call.seeds) for job in jobs])[:-1]))
+
+    async def _main(self, request: Message, grpc_context: Any = None, timeout_s: float | None = None) -> Message:
+        return await self._batched(request, self.context(grpc_context, timeout_s))
 
 
 @serve.deployment(name="Encoder", max_ongoing_requests=8, ray_actor_options={"num_cpus": 0.25})
@@ -231,12 +234,7 @@ class PriorDeployment(_BatchingStage):
     CALL = SampleCall
 
     GetPriorInfo = _rpc_method("GetPriorInfo")
-
-    async def Sample(self, request: Message, grpc_context: Any = None, timeout_s: float | None = None) -> Message:
-        return await self._batched(request, self.context(grpc_context, timeout_s))
-
-    def respond(self, result: np.ndarray) -> Message:
-        return prior_pb2.SampleResponse(image_embeddings=codec.from_numpy(result))
+    Sample = _BatchingStage._main
 
 
 @serve.deployment(name="Decoder", max_ongoing_requests=16, ray_actor_options={"num_cpus": 0.25})
@@ -246,12 +244,7 @@ class DecoderDeployment(_BatchingStage):
 
     GetDecoderInfo = _rpc_method("GetDecoderInfo")
     DecodeStream = _streaming_rpc_method("DecodeStream")  # previews are per request: not batched
-
-    async def Decode(self, request: Message, grpc_context: Any = None, timeout_s: float | None = None) -> Message:
-        return await self._batched(request, self.context(grpc_context, timeout_s))
-
-    def respond(self, result: np.ndarray) -> Message:
-        return decoder_pb2.DecodeResponse(images=codec.from_numpy(result))
+    Decode = _BatchingStage._main
 
 
 @serve.deployment(name="Upsampler", max_ongoing_requests=16, ray_actor_options={"num_cpus": 0.25})
@@ -260,12 +253,7 @@ class UpsamplerDeployment(_BatchingStage):
     CALL = UpsampleCall
 
     GetUpsamplerInfo = _rpc_method("GetUpsamplerInfo")
-
-    async def Upsample(self, request: Message, grpc_context: Any = None, timeout_s: float | None = None) -> Message:
-        return await self._batched(request, self.context(grpc_context, timeout_s))
-
-    def respond(self, result: np.ndarray) -> Message:
-        return upsampler_pb2.UpsampleResponse(images=codec.from_numpy(result))
+    Upsample = _BatchingStage._main
 
 
 @serve.deployment(name="Gateway", max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.25})
@@ -291,7 +279,7 @@ class GatewayDeployment:
     Edit = _rpc_method("Edit")
 
 
-# -- application builders (import paths of deploy/ray/serve.yaml) ----------------------------
+# -- application builders (import paths of unclip/serve.yaml) --------------------------------
 
 
 class StageArgs(BaseModel):
@@ -308,27 +296,37 @@ class GatewayArgs(BaseModel):
     request_timeout_s: float = 600.0
 
 
+def _bind(deployment: Any, *init: Any) -> Application:
+    """The deployment bound to its constructor arguments, with the options `deploy` is applying."""
+    options = _DEPLOYMENT_OPTIONS.get(deployment.name)
+    return (deployment.options(**options) if options else deployment).bind(*init)
+
+
 def encoder_app(args: StageArgs) -> Application:
-    return EncoderDeployment.bind(args.checkpoint)
+    return _bind(EncoderDeployment, args.checkpoint)
 
 
 def prior_app(args: StageArgs) -> Application:
-    return PriorDeployment.bind(args.checkpoint, args.max_batch_size, args.batch_wait_timeout_s)
+    return _bind(PriorDeployment, args.checkpoint, args.max_batch_size, args.batch_wait_timeout_s)
 
 
 def decoder_app(args: StageArgs) -> Application:
-    return DecoderDeployment.bind(args.checkpoint, args.max_batch_size, args.batch_wait_timeout_s)
+    return _bind(DecoderDeployment, args.checkpoint, args.max_batch_size, args.batch_wait_timeout_s)
 
 
 def upsampler_app(args: StageArgs) -> Application:
-    return UpsamplerDeployment.bind(args.checkpoint, args.max_batch_size, args.batch_wait_timeout_s)
+    return _bind(UpsamplerDeployment, args.checkpoint, args.max_batch_size, args.batch_wait_timeout_s)
 
 
 def gateway_app(args: GatewayArgs) -> Application:
-    return GatewayDeployment.bind(args.encoder, args.prior, args.decoder, args.upsamplers, args.request_timeout_s)
+    return _bind(GatewayDeployment, args.encoder, args.prior, args.decoder, args.upsamplers, args.request_timeout_s)
 
 
 # -- deploying a config ----------------------------------------------------------------------
+
+# Per-deployment options of the application `deploy` is building (a Serve config's
+# `deployments` list); empty when Serve itself calls a builder, since it applies them itself.
+_DEPLOYMENT_OPTIONS: dict[str, dict[str, Any]] = {}
 
 
 def load_config(path: str | Path = DEFAULT_CONFIG) -> dict[str, Any]:
@@ -341,26 +339,46 @@ def grpc_proxy_address(schema: Any) -> str:
     return f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{schema.grpc_options.port}"
 
 
+def build_application(app: Any) -> Application:
+    """The Serve application of one validated config entry (ServeApplicationSchema): its builder
+    called with its args, every deployment with the entry's options (and runtime_env)."""
+    module, name = app.import_path.split(":")
+    builder: Callable[[Any], Application] = getattr(importlib.import_module(module), name)
+    args_type = next(iter(typing.get_type_hints(builder).values()))  # the builder's one parameter
+    _DEPLOYMENT_OPTIONS.clear()
+    for deployment in app.deployments:
+        options = deployment.model_dump(exclude_unset=True, exclude={"name"})
+        if app.runtime_env:
+            actor = options.setdefault("ray_actor_options", {})
+            actor["runtime_env"] = {**app.runtime_env, **actor.get("runtime_env", {})}
+        _DEPLOYMENT_OPTIONS[deployment.name] = options
+    try:
+        return builder(args_type.model_validate(app.args or {}))
+    finally:
+        _DEPLOYMENT_OPTIONS.clear()
+
+
 def deploy(config: dict[str, Any], *, timeout_s: float = 600.0) -> Any:
     """Deploy a Serve config on the connected Ray cluster, as `serve run config.yaml` does, and
     wait until every application runs and the gRPC proxy routes to it. Returns the validated
     ServeDeploySchema."""
-    from ray.serve._private.api import serve_start
-    from ray.serve.config import gRPCOptions
     from ray.serve.schema import ApplicationStatus, ServeDeploySchema
 
     schema = ServeDeploySchema.model_validate(config)
-    client = serve_start(
-        http_options=schema.http_options.model_dump(),
-        grpc_options=gRPCOptions(**schema.grpc_options.model_dump()),
+    serve.start(
         proxy_location=schema.proxy_location,
+        http_options=schema.http_options.model_dump(),
+        grpc_options=schema.grpc_options.model_dump(),
     )
-    client.deploy_apps(schema)
+    for app in schema.applications:
+        serve.run(build_application(app), name=app.name, route_prefix=app.route_prefix, blocking=False)
     names = {app.name for app in schema.applications}
     deadline = time.monotonic() + timeout_s
     while True:
         statuses = serve.status().applications
-        failed = {n: statuses[n].message for n in names & statuses.keys() if statuses[n].status == ApplicationStatus.DEPLOY_FAILED}
+        failed = {
+            n: statuses[n].message for n in names & statuses.keys() if statuses[n].status == ApplicationStatus.DEPLOY_FAILED
+        }
         if failed:
             raise RuntimeError(f"deploying failed: {failed}")
         running = {n for n in names & statuses.keys() if statuses[n].status == ApplicationStatus.RUNNING}
@@ -377,7 +395,8 @@ def _proxy_applications(address: str) -> set[str]:
 
     with grpc.insecure_channel(address) as channel:
         try:
-            reply = serve_pb2_grpc.RayServeAPIServiceStub(channel).ListApplications(serve_pb2.ListApplicationsRequest(), timeout=2)
+            request: Any = serve_pb2.ListApplicationsRequest()  # type: ignore[attr-defined]  # generated without stubs
+            reply = serve_pb2_grpc.RayServeAPIServiceStub(channel).ListApplications(request, timeout=2)
         except grpc.RpcError:
             return set()
     return set(reply.application_names)

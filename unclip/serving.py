@@ -5,24 +5,26 @@ reflection, model loading in the background, bounded work queue, cancellation, s
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import functools
+import importlib
 import inspect
 import logging
 import signal
-import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from unclip.calls import StageCall, grpc_module, service_full_name
 from unclip.cancel import CancelToken, run_cancellable
 from unclip.errors import ResourceExhausted, Unavailable, UnclipError
+from unclip.stage import Stage
 from unclip.stages import load_engine
 from unclip.transport import GRPC_OPTIONS
 
@@ -88,14 +90,15 @@ async def events_until_done(events: asyncio.Queue, task: asyncio.Future) -> Asyn
         yield events.get_nowait()
 
 
-class ModelServicer:
-    """Base of every stage servicer: holds the engine once loaded and runs its calls.
+class StageServicer:
+    """Base of every stage servicer: holds the engine once loaded and answers the stage's calls.
 
     Model calls run one at a time on a dedicated thread (the model uses every core already);
-    up to `max_pending` more wait, beyond that callers get RESOURCE_EXHAUSTED.
+    up to `max_pending` more wait, beyond that callers get RESOURCE_EXHAUSTED. A subclass names
+    its stage and binds each RPC to its call class with `call_rpc`.
     """
 
-    STAGE_KIND: str  # which engine: clip | prior | decoder | upsampler
+    STAGE: ClassVar[Stage]
 
     def __init__(self, checkpoint: str | Path | None = None, *, max_pending: int = DEFAULT_MAX_PENDING):
         self.checkpoint = checkpoint  # None: the weights shipped in the package
@@ -105,14 +108,14 @@ class ModelServicer:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=type(self).__name__)
 
     def load(self) -> None:
-        self.engine = load_engine(self.STAGE_KIND, self.checkpoint)
+        self.engine = load_engine(self.STAGE, self.checkpoint)
 
     def require_engine(self) -> Any:
         if self.engine is None:
             raise Unavailable("the model is still loading; retry shortly")
         return self.engine
 
-    async def run(self, context: grpc.aio.ServicerContext, call: Callable[..., T]) -> T:
+    async def run(self, context: Any, call: Callable[[CancelToken], T]) -> T:
         """Run `call(cancel)` on the model thread, honouring the RPC's deadline and cancellation."""
         self.require_engine()
         if self._pending >= self.max_pending:
@@ -123,8 +126,54 @@ class ModelServicer:
         finally:
             self._pending -= 1
 
+    async def answer(self, call: StageCall[Any], context: Any, progress: Any = None) -> Any:
+        """The engine's result for `call`: on the model thread, or at once for a call that is
+        not QUEUED (what the model is)."""
+        engine = self.require_engine()
+        if not call.QUEUED:
+            return call.run(engine)
+        return await self.run(context, lambda cancel: call.run(engine, cancel, progress))
+
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+# Each stage's servicer, in the service package the project publishes (imported on first use).
+SERVICERS = {
+    Stage.ENCODER: "encoder_svc.servicer:ClipEncoderServicer",
+    Stage.PRIOR: "prior_svc.servicer:PriorServicer",
+    Stage.DECODER: "decoder_svc.servicer:DecoderServicer",
+    Stage.UPSAMPLER: "decoder_svc.servicer:UpsamplerServicer",
+}
+
+
+def servicer_class(stage: Stage) -> type[StageServicer]:
+    module, name = SERVICERS[stage].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def stage_server(
+    stage: Stage,
+    checkpoint: str | Path | None = None,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    max_pending: int = DEFAULT_MAX_PENDING,
+) -> Server:
+    """A Server for one stage's service (build it inside the running loop)."""
+    return Server(servicer_class(stage)(checkpoint, max_pending=max_pending), [ServiceSpec.of_stage(stage)], host=host, port=port)
+
+
+def call_rpc(call_class: type[StageCall[Any]]) -> Callable[..., Awaitable[Message]]:
+    """A servicer method answering `call_class`'s RPC: parse the request, run it, reply."""
+
+    @rpc
+    async def method(self: StageServicer, request: Message, context: Any) -> Message:
+        call = call_class.from_proto(request)
+        return call.reply(await self.answer(call, context))
+
+    method.__name__ = method.__qualname__ = call_class.METHOD
+    return method
 
 
 @dataclass
@@ -133,6 +182,11 @@ class ServiceSpec:
 
     add_to_server: Callable[[Any, grpc.aio.Server], None]
     full_name: str
+
+    @classmethod
+    def of_stage(cls, stage: Stage) -> ServiceSpec:
+        name = service_full_name(stage)
+        return cls(getattr(grpc_module(stage), f"add_{name.rsplit('.', 1)[1]}Servicer_to_server"), name)
 
 
 class Server:
@@ -196,47 +250,11 @@ async def serve_forever(make_server: Callable[[], Server]) -> None:
     startup = asyncio.create_task(server.start())
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait([startup, stopping], return_when=asyncio.FIRST_COMPLETED)
-    if startup.done() and startup.exception() is not None:
+    failure = startup.exception() if startup.done() else None
+    if failure is not None:
         await server.stop(0)
-        raise startup.exception()
+        raise failure
     await stopping
     startup.cancel()
     log.info("shutting down %s", server.address)
     await server.stop()
-
-
-class BackgroundServer:
-    """Runs a Server on its own event loop in a thread: for tests and benchmarks in one process.
-
-    Entering binds and starts the server and (unless `wait_ready=False`) waits for its model.
-    """
-
-    def __init__(self, make_server: Callable[[], Server], *, wait_ready: bool = True):
-        self._make_server = make_server
-        self._wait_ready = wait_ready
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._startup: concurrent.futures.Future | None = None
-        self.server: Server | None = None
-
-    def __enter__(self) -> Server:
-        self._thread.start()
-
-        async def create() -> Server:
-            return self._make_server()
-
-        self.server = asyncio.run_coroutine_threadsafe(create(), self._loop).result(timeout=60)
-        self._startup = asyncio.run_coroutine_threadsafe(self.server.start(), self._loop)
-        if self._wait_ready:
-            self.wait_ready()
-        return self.server
-
-    def wait_ready(self, timeout: float = 300.0) -> None:
-        self._startup.result(timeout=timeout)
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self.server is not None:
-            self._startup.cancel()
-            asyncio.run_coroutine_threadsafe(self.server.stop(0.5), self._loop).result(timeout=30)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=30)

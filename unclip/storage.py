@@ -28,6 +28,7 @@ from minio.deleteobjects import DeleteObject
 from minio.error import MinioException, S3Error
 from minio.helpers import check_bucket_name
 
+from unclip import settings
 from unclip.errors import Unavailable
 
 log = logging.getLogger("unclip.storage")
@@ -45,20 +46,6 @@ _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
 _MISSING = {"NoSuchKey", "NoSuchBucket"}
 _BUCKET_EXISTS = {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}
 _MAX_PRESIGN_SECONDS = 7 * 24 * 3600  # the S3 limit for a presigned URL
-
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
-
-
-def _flag(environ: Mapping[str, str], name: str) -> bool | None:
-    value = environ.get(name)
-    if value is None:
-        return None
-    if value.strip().lower() in _TRUE:
-        return True
-    if value.strip().lower() in _FALSE:
-        return False
-    raise ValueError(f"{name}={value!r} is not a boolean (use true/false, 1/0, yes/no, on/off)")
 
 
 def _check_endpoint(name: str, endpoint: str) -> None:
@@ -102,36 +89,10 @@ class StorageConfig:
         return f"object store at {self.endpoint} (bucket {self.bucket})"
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] = os.environ) -> StorageConfig | None:
-        """The config from UNCLIP_S3_* variables; None when UNCLIP_S3_ENDPOINT is unset (storage disabled).
-
-        UNCLIP_S3_ENDPOINT, UNCLIP_S3_ACCESS_KEY, UNCLIP_S3_SECRET_KEY (required together),
-        UNCLIP_S3_BUCKET, UNCLIP_S3_SECURE, UNCLIP_S3_PUBLIC_ENDPOINT, UNCLIP_S3_PUBLIC_SECURE,
-        UNCLIP_S3_URL_EXPIRY (seconds).
-        """
-        endpoint = environ.get("UNCLIP_S3_ENDPOINT")
-        if not endpoint:
-            return None
-        missing = [name for name in ("UNCLIP_S3_ACCESS_KEY", "UNCLIP_S3_SECRET_KEY") if not environ.get(name)]
-        if missing:
-            raise ValueError(f"UNCLIP_S3_ENDPOINT is set but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not")
-        kwargs: dict = {}
-        if environ.get("UNCLIP_S3_BUCKET"):
-            kwargs["bucket"] = environ["UNCLIP_S3_BUCKET"]
-        if (secure := _flag(environ, "UNCLIP_S3_SECURE")) is not None:
-            kwargs["secure"] = secure
-        if environ.get("UNCLIP_S3_PUBLIC_ENDPOINT"):
-            kwargs["public_endpoint"] = environ["UNCLIP_S3_PUBLIC_ENDPOINT"]
-        if (public_secure := _flag(environ, "UNCLIP_S3_PUBLIC_SECURE")) is not None:
-            kwargs["public_secure"] = public_secure
-        if expiry := environ.get("UNCLIP_S3_URL_EXPIRY"):
-            try:
-                kwargs["url_expiry_seconds"] = int(expiry)
-            except ValueError:
-                raise ValueError(f"UNCLIP_S3_URL_EXPIRY={expiry!r} is not a whole number of seconds") from None
-        return cls(
-            endpoint=endpoint, access_key=environ["UNCLIP_S3_ACCESS_KEY"], secret_key=environ["UNCLIP_S3_SECRET_KEY"], **kwargs
-        )
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> StorageConfig | None:
+        """The config from the UNCLIP_S3_* variables (unclip.settings); None when storage is off."""
+        kwargs = settings.s3_settings(environ)
+        return None if kwargs is None else cls(**kwargs)
 
 
 @dataclass
@@ -267,7 +228,7 @@ class ResultStore:
         try:
             for failure in self._client.remove_objects(self.config.bucket, [DeleteObject(key) for key in keys]):
                 log.warning("could not remove %s from %s: %s", failure.name, self.config.where, failure.message)
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 - best effort: the save's own error is what the caller gets
             log.warning("could not remove %d objects of a failed save from %s: %s", len(keys), self.config.where, error)
 
     async def load(self, request_id: str) -> StoredResult | None:
@@ -304,7 +265,9 @@ class ResultStore:
             extras = {str(name): self._get(str(key)) for name, key in record.get(EXTRA_KEYS, {}).items()}
         except S3Error as error:
             if error.code in _MISSING:
-                raise Unavailable(f"{self.config.where} holds an incomplete result {request_id!r}: an extra is missing") from error
+                raise Unavailable(
+                    f"{self.config.where} holds an incomplete result {request_id!r}: an extra is missing"
+                ) from error
             raise
         return StoredResult(request_id=request_id, record=record, images=images, keys=keys, extras=extras)
 

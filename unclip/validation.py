@@ -9,6 +9,10 @@ import numpy as np
 from unclip.errors import InvalidArgument
 
 MAX_SEED = 2**64 - 1
+# Bounds on one stage call's cost.
+MAX_BATCH = 64
+MAX_CANDIDATES = 16
+MAX_GUIDANCE_SCALE = 50.0
 
 
 def check_array(
@@ -22,7 +26,7 @@ def check_array(
     """Check rank, the dimensions given (None = any), dtype and finiteness."""
     if array.ndim != len(shape):
         raise InvalidArgument(f"{name}: expected {len(shape)} dimensions {_pretty(shape)}, got shape {list(array.shape)}")
-    for axis, (want, got) in enumerate(zip(shape, array.shape)):
+    for axis, (want, got) in enumerate(zip(shape, array.shape, strict=True)):
         if want is not None and want != got:
             raise InvalidArgument(f"{name}: dimension {axis} must be {want} {_pretty(shape)}, got shape {list(array.shape)}")
     if not any(array.dtype == np.dtype(d) for d in dtypes):
@@ -50,6 +54,11 @@ def check_range(value: float, name: str, low: float, high: float) -> float:
     if not (low <= value <= high):  # also rejects NaN
         raise InvalidArgument(f"{name}: must be between {low} and {high}, got {value}")
     return value
+
+
+def check_guidance(scale: float | None, default: float, name: str = "guidance_scale") -> float:
+    """A classifier-free guidance scale, or the default when None: 0 .. MAX_GUIDANCE_SCALE."""
+    return check_range(default if scale is None else scale, name, 0.0, MAX_GUIDANCE_SCALE)
 
 
 def check_fraction(value: float, name: str) -> float:

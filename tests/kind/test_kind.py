@@ -26,21 +26,23 @@ from pathlib import Path
 
 import pytest
 
+from unclip import settings
+
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "unclip"
 HELM = ROOT / ".tools" / "bin" / "helm"
 SMOKE = CHART / "files" / "smoke.py"
-CLUSTER = os.environ.get("UNCLIP_KIND_CLUSTER", "unclip-e2e")
+CLUSTER = settings.KIND_CLUSTER.get()
 NAMESPACE = "unclip"
 RELEASE = "unclip"
 KUBERAY_REPO = "https://ray-project.github.io/kuberay-helm/"
-KUBERAY_VERSION = os.environ.get("UNCLIP_KUBERAY_VERSION", "1.7.0")
-IMAGE = os.environ.get("UNCLIP_IMAGE", "unclip:0.1.0")
+KUBERAY_VERSION = settings.KUBERAY_VERSION.get()
+IMAGE = settings.IMAGE.get()
 READY_TIMEOUT_S = 1500
 
 
 def _missing() -> str | None:
-    if os.environ.get("UNCLIP_KIND_TEST") != "1":
+    if settings.KIND_TEST.get() != "1":
         return "the kind end-to-end test runs with `make test-kind` (UNCLIP_KIND_TEST=1)"
     if shutil.which("docker") is None:
         return "docker is not installed: the kind test needs a Docker engine"
@@ -70,17 +72,17 @@ def cluster():
     existing = run("kind", "get", "clusters", capture_output=True).stdout.split()
     if CLUSTER not in existing:
         run("kind", "create", "cluster", "--name", CLUSTER, "--wait", "120s")
-    if "UNCLIP_IMAGE" not in os.environ:
+    if not os.environ.get(settings.IMAGE.name):  # no image given: build the default one
         run("docker", "build", "-f", "deploy/docker/Dockerfile.cpu", "-t", IMAGE, ".", cwd=ROOT, timeout=3600)
     run("kind", "load", "docker-image", IMAGE, "--name", CLUSTER, timeout=1800)
-    chart = os.environ.get("UNCLIP_KUBERAY_CHART")
+    chart = settings.KUBERAY_CHART.get()
     if chart is None:
         helm("repo", "add", "kuberay", KUBERAY_REPO, "--force-update")
         chart = "kuberay/kuberay-operator"
     helm("upgrade", "--install", "kuberay-operator", chart, "--version", KUBERAY_VERSION,
          "--namespace", "kuberay-system", "--create-namespace", "--wait", "--timeout", "10m")  # fmt: skip
     yield f"kind-{CLUSTER}"
-    if os.environ.get("UNCLIP_KIND_KEEP") != "1":
+    if settings.KIND_KEEP.get() != "1":
         run("kind", "delete", "cluster", "--name", CLUSTER, check=False)
 
 

@@ -12,17 +12,21 @@
 
 Besides `generate` and `generate_stream` (stage progress and decoder `Preview`s, then the images),
 clients offer `variations`, `edit` (inpainting), `interpolate` and `text_diff` (both return an
-`Animation`). With `response_format="url"` images come as presigned URLs that the SDK leaves to
-you to download. `AsyncClient` offers the same API for asyncio. Failed calls raise `UnclipError`;
-calls that fail with UNAVAILABLE are retried with jittered exponential backoff within the call's
-timeout.
+`Animation`). Generation parameters (`n`, `seed`, `size`, guidance scales, steps, ...) are keyword
+arguments, defined once in `unclip.parameters`. With `response_format="url"` images come as
+presigned URLs that the SDK leaves to you to download. `AsyncClient` offers the same API for
+asyncio. Failed calls raise `UnclipError` (the `unclip.errors` class of the status code: an
+`InvalidArgument`, `Unavailable`, ...); calls that fail with UNAVAILABLE are retried with
+jittered exponential backoff within the call's timeout.
 
 Needs only grpcio, protobuf, numpy and pillow: importing it never loads torch or the server side.
 """
 
-from unclip.client._common import DEFAULT, Animation, GeneratedImage, Preview, StageProgress, UnclipError
 from unclip.client.aio import AsyncClient
+from unclip.client.retry import DEFAULT
 from unclip.client.sync import Client
+from unclip.client.types import Animation, GeneratedImage, Preview, StageProgress
+from unclip.errors import UnclipError
 
 __all__ = [
     "DEFAULT",

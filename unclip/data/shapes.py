@@ -176,8 +176,9 @@ def position_of(cx: float, cy: float) -> str:
 # Captions
 
 
-def _with_article(words: list[str]) -> str:
-    text = " ".join(words)
+def _with_article(words: list[str | None]) -> str:
+    """The stated words (None: not stated) after "a" or "an"."""
+    text = " ".join(word for word in words if word is not None)
     return ("an " if text[0] in "aeiou" else "a ") + text
 
 
@@ -187,7 +188,7 @@ def format_caption(spec: Spec) -> str:
         raise ValueError("a caption states every object's colour and shape")
     if len(spec.objects) == 1:
         o = spec.objects[0]
-        text = _with_article([w for w in (o.size, o.colour, o.shape) if w is not None])
+        text = _with_article([o.size, o.colour, o.shape])
         if o.position is not None:
             text += " " + POSITION_PHRASES[o.position]
     else:
@@ -250,8 +251,8 @@ def _choice(rng: np.random.Generator, options):
 def _make_object(rng: np.random.Generator, colour: str, shape: str, size: str, cx=0.5, cy=0.5) -> ShapeObject:
     half_width = SIZES[size] * rng.uniform(1 - SIZE_JITTER, 1 + SIZE_JITTER)
     jitter = rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, size=3)
-    rgb = tuple(int(v) for v in np.clip(np.array(ALL_COLOURS[colour]) + jitter, 0, 255))
-    return ShapeObject(shape, colour, size, cx, cy, half_width, rgb)
+    red, green, blue = (int(v) for v in np.clip(np.array(ALL_COLOURS[colour]) + jitter, 0, 255))
+    return ShapeObject(shape, colour, size, cx, cy, half_width, (red, green, blue))
 
 
 def _point_in_cell(rng: np.random.Generator, position: str, half_width: float) -> tuple[float, float]:
@@ -302,9 +303,9 @@ def sample_scene_for(spec: Spec, rng: np.random.Generator) -> Scene:
     else:
         relation = spec.relation or _choice(rng, RELATIONS)
         centres = _place_pair(rng, objects[0].half_width, objects[1].half_width, relation)
-        objects = [_moved(obj, *centre) for obj, centre in zip(objects, centres)]
+        objects = [_moved(obj, *centre) for obj, centre in zip(objects, centres, strict=True)]
     stated = Spec(
-        tuple(ObjectSpec(obj.colour, obj.shape, o.size, o.position) for obj, o in zip(objects, spec.objects)),
+        tuple(ObjectSpec(obj.colour, obj.shape, o.size, o.position) for obj, o in zip(objects, spec.objects, strict=True)),
         relation,
         spec.background,
     )
@@ -336,7 +337,7 @@ def _draw_combos(
     """(colour, shape) for `count` objects of different colours, honouring the held-out split."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
-    heldout = [tuple(c) for c in heldout]
+    heldout = [(colour, shape) for colour, shape in heldout]
     if split == "heldout" and not heldout:
         raise ValueError("the heldout split needs at least one held-out (colour, shape)")
     combos = split_combos(heldout, split, extended)
@@ -406,7 +407,9 @@ def contrast_specs(spec: Spec, rng: np.random.Generator, combos: list[tuple[str,
             kinds["swap"] = [swapped]
         taken = {a.colour, b.colour}
         kinds["colour"] = [
-            dataclasses.replace(spec, objects=(a, ObjectSpec(c, b.shape))) for c in colours if c not in taken and (c, b.shape) in combos
+            dataclasses.replace(spec, objects=(a, ObjectSpec(c, b.shape)))
+            for c in colours
+            if c not in taken and (c, b.shape) in combos
         ]
     else:
         (obj,) = objects
@@ -458,7 +461,7 @@ def render(scene: Scene, size: int = 128) -> np.ndarray:
         elif obj.shape == "star":  # five points, the first straight up
             angles = np.pi / 2 + np.arange(10) * np.pi / 5
             radii = np.where(np.arange(10) % 2 == 0, half, 0.45 * half)
-            draw.polygon([(cx + r * np.cos(a), cy - r * np.sin(a)) for r, a in zip(radii, angles)], fill=obj.rgb)
+            draw.polygon([(cx + r * np.cos(a), cy - r * np.sin(a)) for r, a in zip(radii, angles, strict=True)], fill=obj.rgb)
         else:
             raise ValueError(f"cannot draw shape {obj.shape!r}")
     return np.asarray(image.resize((size, size), Image.Resampling.BOX))
@@ -527,9 +530,7 @@ class ShapesDataset(IterableDataset):
                     yield {"image": render(variant, self.size), "caption": variant.caption}
 
 
-def canonical_prompts(
-    n: int, seed: int = 0, split: str = "all", heldout: list[tuple[str, str]] = DEFAULT_HELDOUT
-) -> list[str]:
+def canonical_prompts(n: int, seed: int = 0, split: str = "all", heldout: list[tuple[str, str]] = DEFAULT_HELDOUT) -> list[str]:
     """n evaluation prompts, the same for the same arguments: 60% one object (colour, shape and
     position always stated), 40% two objects in a relation, shuffled; held-out split as in ShapesDataset."""
     rng = np.random.default_rng(seed)

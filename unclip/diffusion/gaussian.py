@@ -123,9 +123,7 @@ class GaussianDiffusion:
             return x0
         return self.v_target(x0, noise, t)
 
-    def training_losses(
-        self, model_output: Tensor, x0: Tensor, noise: Tensor, t: Tensor, min_snr_gamma: float = 0.0
-    ) -> Tensor:
+    def training_losses(self, model_output: Tensor, x0: Tensor, noise: Tensor, t: Tensor, min_snr_gamma: float = 0.0) -> Tensor:
         """Per-example mean squared error against the training target, shape [B].
 
         min_snr_gamma > 0 applies Min-SNR-gamma weighting (Hang et al. 2023): each timestep's

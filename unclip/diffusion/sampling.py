@@ -25,9 +25,7 @@ def classifier_free_guidance(cond: Tensor, uncond: Tensor, scale: float) -> Tens
     return uncond + scale * (cond - uncond)
 
 
-def two_condition_guidance(
-    uncond: Tensor, first_only: Tensor, both: Tensor, first_scale: float, second_scale: float
-) -> Tensor:
+def two_condition_guidance(uncond: Tensor, first_only: Tensor, both: Tensor, first_scale: float, second_scale: float) -> Tensor:
     """Classifier-free guidance with a scale per condition, the second added on top of the first
     (as InstructPix2Pix guides by image and instruction): a step of `first_scale` from nothing to
     the first condition, then `second_scale` from the first to both. Equal scales give

@@ -14,9 +14,7 @@ def linear_betas(num_timesteps: int) -> Tensor:
     about as completely as the 1000-step one does.
     """
     if num_timesteps <= 20:
-        raise ValueError(
-            f"the linear schedule needs more than 20 steps (its last beta would reach 1), got {num_timesteps}"
-        )
+        raise ValueError(f"the linear schedule needs more than 20 steps (its last beta would reach 1), got {num_timesteps}")
     scale = 1000.0 / num_timesteps
     return torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFilter
@@ -253,9 +254,11 @@ def judge_spec(spec: Spec, analysis: Analysis) -> Verdict:
     """
     for o in spec.objects:
         if o.colour not in COLOURS or o.shape not in SHAPES:
-            raise ValueError(f"the judge knows the colours {list(COLOURS)} and the shapes {list(SHAPES)}, not {o.colour} {o.shape}")
+            raise ValueError(
+                f"the judge knows the colours {list(COLOURS)} and the shapes {list(SHAPES)}, not {o.colour} {o.shape}"
+            )
     candidates = [[d for d in analysis.objects if d.colour == o.colour] for o in spec.objects]
-    details = {
+    details: dict[str, Any] = {
         "colour_ok": all(candidates),
         # An extra object (a second blob, a duplicate) makes the picture say something else.
         "count_ok": len(analysis.objects) == len(spec.objects),
@@ -266,10 +269,10 @@ def judge_spec(spec: Spec, analysis: Analysis) -> Verdict:
     if len(spec.objects) == 1:
         o = spec.objects[0]
 
-        def score(d: DetectedObject):  # prefer the right shape, then the right place, then the largest
+        def score_one(d: DetectedObject) -> tuple[bool, bool, float]:  # the right shape, then place, then the largest
             return (d.shape == o.shape, o.position is None or d.position == o.position, d.area)
 
-        best = max(candidates[0], key=score, default=None)
+        best = max(candidates[0], key=score_one, default=None)
         details |= {
             "shape_ok": best is not None and best.shape == o.shape,
             "position_ok": None if o.position is None else best is not None and best.position == o.position,
@@ -284,17 +287,17 @@ def judge_spec(spec: Spec, analysis: Analysis) -> Verdict:
         def related(pair: tuple[DetectedObject, DetectedObject]) -> bool:
             return spec.relation is not None and relation_holds(spec.relation, *pair)
 
-        def score(pair):  # prefer the most correct attributes, then the largest
+        def score_pair(pair: tuple[DetectedObject, DetectedObject]) -> tuple[int, float]:  # most right, then largest
             da, db = pair
             return ((da.shape == a.shape) + (db.shape == b.shape) + related(pair), da.area + db.area)
 
-        best = max(pairs, key=score, default=None)
+        best_pair = max(pairs, key=score_pair, default=None)
         details |= {
-            "shape_ok": best is not None and best[0].shape == a.shape and best[1].shape == b.shape,
+            "shape_ok": best_pair is not None and best_pair[0].shape == a.shape and best_pair[1].shape == b.shape,
             "position_ok": None,
-            "relation_ok": None if spec.relation is None else best is not None and related(best),
+            "relation_ok": None if spec.relation is None else best_pair is not None and related(best_pair),
             "size_ok": None,
-            "objects": list(best) if best is not None else [None, None],
+            "objects": list(best_pair) if best_pair is not None else [None, None],
         }
     required = (details[k] for k in ("colour_ok", "shape_ok", "position_ok", "relation_ok", "count_ok"))
     return Verdict(all(v for v in required if v is not None), details)

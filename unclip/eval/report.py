@@ -18,8 +18,9 @@ import numpy as np
 
 from unclip.data.shapes import DEFAULT_HELDOUT, canonical_prompts, parse_caption, render, sample_scene_for
 from unclip.eval.judge import judge
-from unclip.pipeline import GenerationParameters, StageEvent, generate
-from unclip.stages.base import MAX_BATCH
+from unclip.parameters import GenerationParameters
+from unclip.pipeline import StageEvent, generate
+from unclip.validation import MAX_BATCH
 
 ATTRIBUTES = ("colour_ok", "shape_ok", "position_ok", "relation_ok", "count_ok", "size_ok", "background_ok")
 
@@ -84,8 +85,7 @@ def run_eval(
     started = time.perf_counter()
 
     def on_stage(event: StageEvent) -> None:
-        name = event.stage if event.stage != "upsample" else f"upsample{event.index}"
-        seconds_by_stage[name] += event.seconds
+        seconds_by_stage[event.name] += event.seconds
 
     for split_name, count in per_split.items():
         groups = tallies.setdefault(split_name, {"one_object": Tally(), "two_objects": Tally()})
@@ -124,13 +124,15 @@ def save_judged_image(directory: Path, split: str, index: int, prompt: str, corr
 
 
 def format_table(report: dict[str, Any]) -> str:
-    lines = [f"{'split':<8} {'group':<12} {'n':>4} {'all correct':>11} {'colour':>7} {'shape':>6} {'position':>8} {'relation':>8} {'count':>6}"]
+    lines = [
+        f"{'split':<8} {'group':<12} {'n':>4} {'all correct':>11} {'colour':>7} {'shape':>6} {'position':>8} {'relation':>8} {'count':>6}"
+    ]
     for split_name, groups in report["splits"].items():
         for group, summary in groups.items():
             if not summary["n"]:
                 continue
 
-            def pct(key: str) -> str:
+            def pct(key: str, summary: dict[str, Any] = summary) -> str:
                 value = summary.get(key)
                 return "-" if value is None else f"{100 * value:.1f}%"
 

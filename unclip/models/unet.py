@@ -25,7 +25,10 @@ class UNetConfig:
     model_channels: int = 64
     channel_mult: tuple[int, ...] = (1, 2, 2)
     num_res_blocks: int = 2
-    attention_downsample_rates: tuple[int, ...] = (2, 4)  # attention at these downsample factors (1 = full res); empty = fully convolutional
+    attention_downsample_rates: tuple[int, ...] = (
+        2,
+        4,
+    )  # attention at these downsample factors (1 = full res); empty = fully convolutional
     num_head_channels: int = 32
     dropout: float = 0.0
     image_embed_dim: int = 0  # >0: condition on a CLIP image embedding (the decoder)
@@ -114,11 +117,15 @@ class AttentionBlock(nn.Module):
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # [B, H*W, C]
         if self.position is not None:
             if (height, width) != (self.side, self.side):
-                raise ValueError(f"this network has position embeddings for {self.side}x{self.side} features, got {height}x{width}")
+                raise ValueError(
+                    f"this network has position embeddings for {self.side}x{self.side} features, got {height}x{width}"
+                )
             tokens = tokens + self.position
         q, k, v = self.qkv(tokens).chunk(3, dim=-1)
         mask = None
         if context is not None:
+            if self.context_kv is None or context_mask is None:
+                raise ValueError("context tokens need a context_mask and a block built with context_dim > 0")
             context_k, context_v = self.context_kv(context).chunk(2, dim=-1)
             k = torch.cat([context_k, k], dim=1)
             v = torch.cat([context_v, v], dim=1)
@@ -370,7 +377,9 @@ class UNet(nn.Module):
             if text_encodings.ndim != 3 or text_encodings.shape[2] != config.text_width:
                 raise ValueError(f"text_encodings must be [B, L, {config.text_width}], got {tuple(text_encodings.shape)}")
             if text_mask is not None and text_mask.shape != text_encodings.shape[:2]:
-                raise ValueError(f"text_mask {tuple(text_mask.shape)} does not match text_encodings {tuple(text_encodings.shape)}")
+                raise ValueError(
+                    f"text_mask {tuple(text_mask.shape)} does not match text_encodings {tuple(text_encodings.shape)}"
+                )
 
         if config.low_res_channels > 0:
             if low_res is None:

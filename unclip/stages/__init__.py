@@ -2,47 +2,46 @@
 
 from __future__ import annotations
 
-import os
+import importlib
 from pathlib import Path
+from typing import Any
 
-STAGE_KINDS = ("clip", "prior", "decoder", "upsampler")
+from unclip import settings
+from unclip.stage import Stage
+
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
-# CPU kernels split some matrix products differently for different intra-op thread counts, which
-# changes the last bits of a result and, after many diffusion steps, a pixel by a level. Every
-# process that runs an engine (in-process, a stage service, a Ray replica, whatever its CPU
-# allotment) therefore computes with the same thread count, so a seed gives the same image.
-COMPUTE_THREADS_ENV = "UNCLIP_TORCH_THREADS"
-DEFAULT_COMPUTE_THREADS = 2
+# Where each stage's engine class lives (imported on first use: they need torch).
+ENGINES = {
+    Stage.ENCODER: "unclip.stages.clip:ClipEncoder",
+    Stage.PRIOR: "unclip.stages.prior:PriorSampler",
+    Stage.DECODER: "unclip.stages.decoder:ImageDecoder",
+    Stage.UPSAMPLER: "unclip.stages.upsampler:ImageUpsampler",
+}
 
 
-def compute_threads() -> int:
-    value = os.environ.get(COMPUTE_THREADS_ENV, str(DEFAULT_COMPUTE_THREADS))
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"{COMPUTE_THREADS_ENV} must be a positive integer, got {value!r}")
-    return int(value)
+def _stage(stage: Stage | str) -> Stage:
+    return stage if isinstance(stage, Stage) else Stage.from_kind(stage)
 
 
-def default_checkpoint(kind: str) -> Path:
-    """The checkpoint shipped inside the package for `kind`."""
-    if kind not in STAGE_KINDS:
-        raise ValueError(f"unknown stage {kind!r}; expected one of {STAGE_KINDS}")
-    return WEIGHTS_DIR / kind
+def default_checkpoint(stage: Stage | str) -> Path:
+    """The checkpoint shipped inside the package for a stage (or a checkpoint kind)."""
+    return WEIGHTS_DIR / _stage(stage).kind
 
 
-def load_engine(kind: str, directory: str | Path | None = None):
-    """Build the engine for `kind` from a checkpoint directory (default: the shipped one)."""
-    directory = Path(directory) if directory is not None else default_checkpoint(kind)
+def engine_class(stage: Stage | str) -> Any:
+    module, name = ENGINES[_stage(stage)].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def load_engine(stage: Stage | str, directory: str | Path | None = None) -> Any:
+    """Build the engine of a stage (or a checkpoint kind) from a checkpoint directory
+    (default: the shipped one)."""
     import torch
 
-    torch.set_num_threads(compute_threads())
-    if kind == "clip":
-        from unclip.stages.clip import ClipEncoder as engine
-    elif kind == "prior":
-        from unclip.stages.prior import PriorSampler as engine
-    elif kind == "decoder":
-        from unclip.stages.decoder import ImageDecoder as engine
-    elif kind == "upsampler":
-        from unclip.stages.upsampler import ImageUpsampler as engine
-    else:
-        raise ValueError(f"unknown stage {kind!r}; expected one of {STAGE_KINDS}")
-    return engine.from_checkpoint(directory)
+    # CPU kernels split some matrix products differently for different intra-op thread counts,
+    # which changes the last bits of a result and, after many diffusion steps, a pixel by a level.
+    # Every process that runs an engine (in-process, a stage service, a Ray replica, whatever its
+    # CPU allotment) therefore computes with the same thread count, so a seed gives the same image.
+    torch.set_num_threads(settings.TORCH_THREADS.get())
+    stage = _stage(stage)
+    return engine_class(stage).from_checkpoint(Path(directory) if directory is not None else default_checkpoint(stage))

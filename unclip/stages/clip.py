@@ -9,41 +9,43 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from unclip.checkpoint import CheckpointError, read_config, weights_path, weights_version
+from unclip.calls import TextEncoding
+from unclip.checkpoint import CheckpointError, weights_path
 from unclip.config import ClipStageConfig
 from unclip.errors import InvalidArgument
 from unclip.models.clip import create_clip, encode_text_tokens, preprocess_images
-from unclip.pipeline import TextEncoding
-from unclip.stages.base import MAX_BATCH, compute_device
-from unclip.validation import check_array, check_batch
+from unclip.stage import Stage
+from unclip.stages.engine import Engine
+from unclip.validation import MAX_BATCH, check_array, check_batch
 
 MAX_IMAGE_SIDE = 4096
 
 
-class ClipEncoder:
-    def __init__(self, config: ClipStageConfig, model: open_clip.CLIP, version: str = "unversioned"):
-        self.config = config
-        self.version = version
-        self.model = model.eval().requires_grad_(False).to(compute_device())
-        self.device = next(self.model.parameters()).device
+class ClipEncoder(Engine):
+    STAGE = Stage.ENCODER
+    config: ClipStageConfig
+    model: open_clip.CLIP
+
+    def __init__(self, config: ClipStageConfig, model: torch.nn.Module, version: str = "unversioned"):
+        super().__init__(config, model, version)
         self.tokenizer = open_clip.get_tokenizer(config.model_name)
         self.context_length = int(self.model.context_length)
 
     @classmethod
-    def from_checkpoint(cls, directory: str | Path) -> ClipEncoder:
-        config = read_config(directory)
-        if not isinstance(config, ClipStageConfig):
-            raise CheckpointError(f"{directory}: holds a {config.kind!r} checkpoint, expected 'clip'")
+    def network(cls, config: ClipStageConfig, directory: Path) -> torch.nn.Module:
         model = create_clip(config.model_name)
         path = weights_path(directory, config)
         if not path.is_file():
             raise CheckpointError(f"{directory}: weights file {path} not found")
         open_clip.load_checkpoint(model, str(path))
-        return cls(config, model, weights_version(directory, config))
+        return model
 
     @property
     def embed_dim(self) -> int:
         return int(self.model.text_projection.shape[-1])
+
+    def describe(self) -> dict[str, int]:
+        return {"embed_dim": self.embed_dim}
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         check_batch(len(texts), "texts", MAX_BATCH)
@@ -62,7 +64,9 @@ class ClipEncoder:
     def encode_text(self, texts: list[str]) -> TextEncoding:
         tokens = self.tokenize(texts).to(self.device)
         # Row by row so that a text's encoding never depends on what it was batched with.
-        pooled, states = (torch.cat(parts) for parts in zip(*(encode_text_tokens(self.model, row[None]) for row in tokens)))
+        pooled, states = (
+            torch.cat(parts) for parts in zip(*(encode_text_tokens(self.model, row[None]) for row in tokens), strict=True)
+        )
         return TextEncoding(
             embeddings=F.normalize(pooled, dim=-1).cpu().numpy(),
             encodings=states.float().cpu().numpy(),

@@ -2,50 +2,35 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 
+from unclip.cancel import CancelToken
 from unclip.config import DecoderStageConfig
 from unclip.errors import InvalidArgument
 from unclip.models.unet import UNet
 from unclip.options import SamplingOptions
-from unclip.stages.base import (
-    MAX_BATCH,
-    CancelToken,
-    ProgressFn,
-    StageStats,
-    build_diffusion,
-    embedding_to_model_space,
-    guided,
-    guided_two_conditions,
-    inpaint_condition,
-    load_module,
-    resolve_guidance,
-    row_generators,
-    sample_rows,
-    unit_to_images,
-)
-from unclip.validation import check_array, check_batch, check_seeds
+from unclip.stage import Stage
+from unclip.stages.engine import DiffusionEngine, ProgressFn, row_generators
+from unclip.stages.guidance import guided, guided_two_conditions
+from unclip.stages.tensors import embedding_to_model_space, unit_to_images
+from unclip.validation import check_array, check_guidance
 
 
-class ImageDecoder:
-    def __init__(self, config: DecoderStageConfig, model: UNet, version: str = "unversioned"):
-        self.config = config
-        self.version = version
-        self.device = next(model.parameters()).device
-        self.model = model
-        self.diffusion = build_diffusion(config.diffusion)
-        self.stats = StageStats()
+class ImageDecoder(DiffusionEngine):
+    STAGE = Stage.DECODER
+    config: DecoderStageConfig
 
     @classmethod
-    def from_checkpoint(cls, directory: str | Path) -> ImageDecoder:
-        return cls(*load_module(directory, "decoder", lambda c: UNet(c.model)))
+    def build(cls, config: DecoderStageConfig) -> torch.nn.Module:
+        return UNet(config.model)
 
     @property
     def image_size(self) -> int:
         return self.config.image_size
+
+    def describe(self) -> dict[str, int]:
+        return {**super().describe(), "embed_dim": self.config.model.image_embed_dim, "image_size": self.image_size}
 
     @torch.no_grad()
     def decode(
@@ -70,22 +55,21 @@ class ImageDecoder:
         `inpaint = (images, mask)` keeps the images' pixels where mask is False."""
         cfg = self.config.model
         batch = image_embeddings.shape[0] if image_embeddings.ndim else 0
-        check_batch(batch, "image_embeddings", MAX_BATCH)
+        seeds = self.check_rows(batch, "image_embeddings", seeds)
         check_array(image_embeddings, "image_embeddings", shape=(None, cfg.image_embed_dim), dtypes=[np.float32])
-        seeds = check_seeds(seeds, batch)
         if (text_encodings is None) != (text_mask is None):
             raise InvalidArgument("text_encodings and text_mask must be given together")
-        scale = resolve_guidance(guidance_scale, self.config.sampling.guidance_scale)
+        scale = check_guidance(guidance_scale, self.config.sampling.guidance_scale)
         text_default = self.config.sampling.text_guidance_scale
-        text_scale = resolve_guidance(text_guidance_scale, scale if text_default is None else text_default, "text_guidance_scale")
-        options = sampling.resolve(self.config.sampling, self.config.diffusion.timesteps)
+        text_scale = check_guidance(text_guidance_scale, scale if text_default is None else text_default, "text_guidance_scale")
+        options = self.sampling_options(sampling)
 
         with_text = text_encodings is not None and cfg.text_width > 0
         device = self.device
         keep = torch.zeros(batch, dtype=torch.bool, device=device)
         cond = dict(image_embed=embedding_to_model_space(torch.from_numpy(image_embeddings)).to(device), drop_image=keep)
         if cfg.text_width > 0:
-            if text_encodings is None:
+            if text_encodings is None or text_mask is None:
                 text_encodings = np.zeros((batch, 1, cfg.text_width), np.float32)
                 text_mask = np.zeros((batch, 1), np.bool_)
                 text_dropped = ~keep
@@ -94,7 +78,8 @@ class ImageDecoder:
                 check_array(text_mask, "text_mask", shape=text_encodings.shape[:2], dtypes=[np.bool_])
                 text_dropped = keep
             cond |= dict(
-                text_encodings=torch.from_numpy(text_encodings).to(device), text_mask=torch.from_numpy(text_mask).to(device),
+                text_encodings=torch.from_numpy(text_encodings).to(device),
+                text_mask=torch.from_numpy(text_mask).to(device),
                 drop_text=text_dropped,
             )
         # Unconditional for guidance: both the image embedding and the text dropped.
@@ -111,18 +96,14 @@ class ImageDecoder:
         else:
             model_fn = guided(self.model, cond, uncond, scale)
         size = self.config.image_size
-        known = inpaint_condition(inpaint, batch, size, size, device)
-        samples = sample_rows(
-            self.diffusion,
+        samples = self.run_sampler(
             model_fn,
             (batch, cfg.out_channels, size, size),
             row_generators(seeds, "decoder"),
             options,
-            self.stats,
             cancel=cancel,
             denoised_fn=lambda x0: x0.clamp(-1, 1),
             progress=progress,
-            known=known,
-            device=device,
+            known=self.inpaint_condition(inpaint, batch, size, size),
         )
         return unit_to_images(samples)

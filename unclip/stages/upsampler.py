@@ -2,52 +2,42 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 
+from unclip.cancel import CancelToken
 from unclip.config import UpsamplerStageConfig
 from unclip.errors import InvalidArgument
 from unclip.models.unet import UNet
 from unclip.options import SamplingOptions
-from unclip.stages.base import (
-    MAX_BATCH,
-    CancelToken,
-    ProgressFn,
-    StageStats,
-    build_diffusion,
-    images_to_unit,
-    inpaint_condition,
-    load_module,
-    one_row_at_a_time,
-    row_generators,
-    sample_rows,
-    unit_to_images,
-)
-from unclip.validation import check_array, check_batch, check_seeds
+from unclip.stage import Stage
+from unclip.stages.engine import DiffusionEngine, ProgressFn, row_generators
+from unclip.stages.guidance import one_row_at_a_time
+from unclip.stages.tensors import images_to_unit, unit_to_images
+from unclip.validation import check_array
 
 MAX_OUTPUT_SIDE = 1024
 
 
-class ImageUpsampler:
-    def __init__(self, config: UpsamplerStageConfig, model: UNet, version: str = "unversioned"):
-        self.config = config
-        self.version = version
-        self.device = next(model.parameters()).device
-        self.model = model
-        self.diffusion = build_diffusion(config.diffusion)
-        self.stats = StageStats()
+class ImageUpsampler(DiffusionEngine):
+    STAGE = Stage.UPSAMPLER
+    config: UpsamplerStageConfig
+
+    def __init__(self, config: UpsamplerStageConfig, model: torch.nn.Module, version: str = "unversioned"):
+        super().__init__(config, model, version)
         # The network halves the resolution this many times, so output sides must divide by it.
         self.size_multiple = 2 ** (len(config.model.channel_mult) - 1)
 
     @classmethod
-    def from_checkpoint(cls, directory: str | Path) -> ImageUpsampler:
-        return cls(*load_module(directory, "upsampler", lambda c: UNet(c.model)))
+    def build(cls, config: UpsamplerStageConfig) -> torch.nn.Module:
+        return UNet(config.model)
 
     @property
     def scale_factor(self) -> int:
         return self.config.scale_factor
+
+    def describe(self) -> dict[str, int]:
+        return {**super().describe(), "scale_factor": self.scale_factor}
 
     @torch.no_grad()
     def upsample(
@@ -64,7 +54,7 @@ class ImageUpsampler:
         `inpaint = (images, mask)` at the output size keeps the images' pixels where mask is False."""
         check_array(images, "images", shape=(None, None, None, 3), dtypes=[np.uint8])
         batch, height, width, _ = images.shape
-        check_batch(batch, "images", MAX_BATCH)
+        seeds = self.check_rows(batch, "images", seeds)
         out_h, out_w = height * self.scale_factor, width * self.scale_factor
         if not (0 < out_h <= MAX_OUTPUT_SIDE and 0 < out_w <= MAX_OUTPUT_SIDE):
             raise InvalidArgument(
@@ -74,22 +64,18 @@ class ImageUpsampler:
             raise InvalidArgument(
                 f"images: output sides {out_h}x{out_w} must be multiples of {self.size_multiple} for this upsampler"
             )
-        seeds = check_seeds(seeds, batch)
-        options = sampling.resolve(self.config.sampling, self.config.diffusion.timesteps)
-        known = inpaint_condition(inpaint, batch, out_h, out_w, self.device)
+        options = self.sampling_options(sampling)
+        known = self.inpaint_condition(inpaint, batch, out_h, out_w)
         low_res = images_to_unit(images).to(self.device)
         row_model = one_row_at_a_time(self.model)
-        samples = sample_rows(
-            self.diffusion,
+        samples = self.run_sampler(
             lambda x_t, t: row_model(x_t, t, low_res=low_res),
             (batch, self.config.model.out_channels, out_h, out_w),
             row_generators(seeds, f"upsampler/x{self.scale_factor}"),
             options,
-            self.stats,
             cancel=cancel,
             denoised_fn=lambda x0: x0.clamp(-1, 1),
             progress=progress,
             known=known,
-            device=self.device,
         )
         return unit_to_images(samples)

@@ -43,8 +43,8 @@ class DataError(ValueError):
 def load_image(file: str | os.PathLike | io.BytesIO, size: int) -> np.ndarray:
     """Any image Pillow reads -> RGB, resized (antialiased) and centre-cropped to uint8 [size, size, 3]."""
     with Image.open(file) as image:
-        image = ImageOps.fit(image.convert("RGB"), (size, size), Image.Resampling.LANCZOS)
-    return np.asarray(image, dtype=np.uint8)
+        fitted = ImageOps.fit(image.convert("RGB"), (size, size), Image.Resampling.LANCZOS)
+    return np.asarray(fitted, dtype=np.uint8)
 
 
 class Source(IterableDataset):
@@ -139,7 +139,8 @@ class TarSource(Source):
         """(image bytes, caption) for each complete sample of one shard, in file order."""
         try:
             with tarfile.open(shard, "r|*") as archive:
-                key, members = None, {}
+                key: str | None = None
+                members: dict[str, bytes] = {}
                 for member in archive:
                     if not member.isfile():
                         continue
@@ -150,7 +151,9 @@ class TarSource(Source):
                     if member_key != key:
                         yield from _complete_sample(members)
                         key, members = member_key, {}
-                    members[extension.lower()] = archive.extractfile(member).read()
+                    content = archive.extractfile(member)
+                    if content is not None:  # a regular file always has content
+                        members[extension.lower()] = content.read()
                 yield from _complete_sample(members)
         except tarfile.TarError as error:
             raise DataError(f"{shard}: not a readable tar file: {error}") from error
@@ -184,7 +187,7 @@ def _complete_sample(members: dict[str, bytes]) -> Iterator[tuple[bytes, str]]:
 
 
 def open_source(spec: str, size: int, seed: int, **shapes_options) -> Source:
-    """"shapes", a directory of captioned images, a .tar shard, a directory of shards, or a glob of shards.
+    """ "shapes", a directory of captioned images, a .tar shard, a directory of shards, or a glob of shards.
     shapes_options apply to shapes only (ShapesDataset's mention_p, contrast_group,
     two_object_fraction and extra_vocabulary): how often a caption states each optional attribute,
     how many scenes in a row differ from the first in one fact, how many scenes show two objects,

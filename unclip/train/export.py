@@ -28,8 +28,19 @@ def training_record(directory: str | Path) -> dict:
     if (directory / TRAIN_STATE_JSON).is_file():
         state = read_train_state(directory)
         recorded = (
-            "kind", "step", "examples", "options", "data", "mention_p", "contrast_group", "two_object_fraction",
-            "extra_vocabulary", "drop_text", "lock", "clip", "init",
+            "kind",
+            "step",
+            "examples",
+            "options",
+            "data",
+            "mention_p",
+            "contrast_group",
+            "two_object_fraction",
+            "extra_vocabulary",
+            "drop_text",
+            "lock",
+            "clip",
+            "init",
         )
         return {key: state[key] for key in recorded if key in state}
     if (directory / TRAINING_RECORD).is_file():
@@ -39,7 +50,9 @@ def training_record(directory: str | Path) -> dict:
     return {}
 
 
-def write_servable(out: str | Path, config: StageConfig, weights: dict[str, torch.Tensor], record: dict, dtype: str, source: str | Path) -> Path:
+def write_servable(
+    out: str | Path, config: StageConfig, weights: dict[str, torch.Tensor], record: dict, dtype: str, source: str | Path
+) -> Path:
     """Save `weights` cast to `dtype` with `record` as the training record, atomically."""
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")

@@ -113,9 +113,7 @@ def make_optimizer(model: nn.Module, options: TrainOptions) -> torch.optim.AdamW
 def flatten_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     """An optimizer state dict as (named tensors for safetensors, JSON-able param groups)."""
     tensors = {
-        f"{OPTIMIZER_PREFIX}{index}.{key}": value
-        for index, state in state_dict["state"].items()
-        for key, value in state.items()
+        f"{OPTIMIZER_PREFIX}{index}.{key}": value for index, state in state_dict["state"].items() for key, value in state.items()
     }
     return tensors, state_dict["param_groups"]
 

@@ -9,6 +9,7 @@ generator passed in, so a run is reproducible and resumable from the generator's
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import open_clip
@@ -19,11 +20,13 @@ from open_clip.loss import ClipLoss
 from torch import Tensor
 
 from unclip.config import ClipStageConfig, DecoderStageConfig, PriorStageConfig, StageConfig, UpsamplerStageConfig
+from unclip.diffusion import GaussianDiffusion
 from unclip.models.clip import create_clip, encode_text_tokens, preprocess_images
 from unclip.models.prior import DiffusionPrior
 from unclip.models.unet import UNet
 from unclip.stages import default_checkpoint
-from unclip.stages.base import build_diffusion, embedding_to_model_space, images_to_unit
+from unclip.stages.engine import build_diffusion
+from unclip.stages.tensors import embedding_to_model_space, images_to_unit
 from unclip.train.data import Batch
 from unclip.validation import check_fraction
 
@@ -109,6 +112,9 @@ class FrozenClip(nn.Module):
 class Objective(nn.Module):
     kind: str
     use_ema: bool = True  # the diffusion models serve EMA weights
+    config: Any
+    model: nn.Module
+    diffusion: GaussianDiffusion  # the diffusion stages'
 
     def __init__(self, config: StageConfig, model: nn.Module):
         super().__init__()
@@ -132,6 +138,8 @@ class ClipObjective(Objective):
 
     kind = "clip"
     use_ema = False
+    config: ClipStageConfig
+    model: Any  # an open_clip CLIP
 
     def __init__(self, config: ClipStageConfig):
         super().__init__(config, create_clip(config.model_name))
@@ -153,6 +161,7 @@ class PriorObjective(Objective):
     """Text embedding + token states -> clean CLIP image embedding (x0 parameterisation per config)."""
 
     kind = "prior"
+    config: PriorStageConfig
 
     def __init__(self, config: PriorStageConfig, clip: FrozenClip, drop_text: float):
         super().__init__(config, DiffusionPrior(config.model))
@@ -190,6 +199,7 @@ class DecoderObjective(Objective):
     """CLIP image embedding (+ text tokens) -> image at config.image_size."""
 
     kind = "decoder"
+    config: DecoderStageConfig
 
     def __init__(self, config: DecoderStageConfig, clip: FrozenClip, drop_text: float):
         super().__init__(config, UNet(config.model))
@@ -231,6 +241,7 @@ class UpsamplerObjective(Objective):
     """
 
     kind = "upsampler"
+    config: UpsamplerStageConfig
 
     def __init__(self, config: UpsamplerStageConfig):
         super().__init__(config, UNet(config.model))
@@ -253,7 +264,7 @@ class UpsamplerObjective(Objective):
             raise ValueError(f"upsampler: images of {height}x{width} are smaller than its {crop}x{crop} crops")
         tops = torch.randint(0, height - crop + 1, (rows,), generator=generator).tolist()
         lefts = torch.randint(0, width - crop + 1, (rows,), generator=generator).tolist()
-        crops = torch.stack([image[y : y + crop, x : x + crop] for image, y, x in zip(images, tops, lefts)])
+        crops = torch.stack([image[y : y + crop, x : x + crop] for image, y, x in zip(images, tops, lefts, strict=True)])
 
         # The low-res input as inference sees it: a smaller (blurred) image, stored as uint8.
         low = downscale(crops.permute(0, 3, 1, 2).float(), crop // self.config.scale_factor)

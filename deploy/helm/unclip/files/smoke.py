@@ -39,8 +39,13 @@ def main() -> int:
         while True:
             try:
                 (image,) = client.generate(
-                    args.prompt, n=1, size=args.size, seed=args.seed, prior_steps=args.steps,
-                    decoder_steps=args.steps, upsampler_steps=args.steps,
+                    args.prompt,
+                    n=1,
+                    size=args.size,
+                    seed=args.seed,
+                    prior_steps=args.steps,
+                    decoder_steps=args.steps,
+                    upsampler_steps=args.steps,
                     timeout=max(deadline - time.monotonic(), 1.0),
                 )
                 break

@@ -5,15 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
-from unclip.stages import STAGE_KINDS
+from unclip.stage import KINDS
 
 DATA_SIZE = 128  # the side training images are loaded at: the upsampler's output size
 
 
-def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("train", help="train one stage and write a checkpoint directory")
-    parser.add_argument("stage", choices=STAGE_KINDS)
+def add_parser(commands: Any) -> argparse.ArgumentParser:
+    parser = commands.add_parser("train", help="train one stage and write a checkpoint directory")
+    parser.add_argument("stage", choices=KINDS)
     parser.add_argument(
         "--data",
         required=True,
@@ -38,7 +39,9 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "default, e.g. another geometry; a resumed run keeps its own",
     )
     parser.add_argument(
-        "--checkpoint-every", type=int, help="steps between checkpoints, and one at the end (default: 1000; a resumed run keeps its own)"
+        "--checkpoint-every",
+        type=int,
+        help="steps between checkpoints, and one at the end (default: 1000; a resumed run keeps its own)",
     )
     parser.add_argument("--seed", type=int, help="initialisation, data and noise (default: 0; a resumed run keeps its own)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -83,27 +86,6 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     return parser
 
 
-def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("export", help="write a training run's servable checkpoint (config + served weights)")
-    parser.add_argument("run", type=Path, help="a directory written by `unclip train`")
-    parser.add_argument("out", type=Path, help="checkpoint directory to write, e.g. unclip/weights/decoder")
-    parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16", help="storage dtype")
-    return parser
-
-
-def run_export(args: argparse.Namespace) -> int:
-    from unclip.checkpoint import CheckpointError
-    from unclip.train.export import export_checkpoint
-
-    try:
-        target = export_checkpoint(args.run, args.out, args.dtype)
-    except (CheckpointError, ValueError, OSError) as error:
-        print(f"unclip export: {error}", file=sys.stderr)
-        return 1
-    print(f"exported {args.run} -> {target}")
-    return 0
-
-
 def initialise_from(objective, directory: Path) -> None:
     """Load `directory`'s served weights into the network being trained; geometry must match."""
     from unclip.checkpoint import CheckpointError, load_weights, read_config
@@ -113,11 +95,13 @@ def initialise_from(objective, directory: Path) -> None:
         raise CheckpointError(f"--init {directory}: a {source.kind!r} checkpoint cannot start a {objective.kind!r} run")
     try:
         # Parameters new to this configuration (e.g. position embeddings) keep their initialisation.
-        result = objective.model.load_state_dict(load_weights(directory, source), strict=False)
+        result = objective.model.load_state_dict(load_weights(directory, source), strict=True)
     except RuntimeError as error:  # differently shaped tensors
         raise CheckpointError(f"--init {directory}: its weights do not fit this configuration: {error}") from None
     if result.unexpected_keys:
-        raise CheckpointError(f"--init {directory}: its weights do not fit this configuration: unexpected {result.unexpected_keys}")
+        raise CheckpointError(
+            f"--init {directory}: its weights do not fit this configuration: unexpected {result.unexpected_keys}"
+        )
     if result.missing_keys:
         print(f"--init {directory}: new parameters start from their initialisation: {result.missing_keys}", file=sys.stderr)
 
@@ -154,7 +138,7 @@ def resolve_resumable(args: argparse.Namespace, previous: dict) -> None:
                 setattr(args, name, recorded.get(name, default))
 
 
-def run_train(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Exit code 0 on success; 1, with a message and no traceback, for bad data or checkpoints."""
     import torch
 

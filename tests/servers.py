@@ -1,0 +1,47 @@
+"""Servers for tests: a grpc.aio Server on an event loop of its own in this process."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Callable
+
+from unclip.serving import Server
+
+
+class BackgroundServer:
+    """Runs a Server on its own event loop in a thread: for tests and benchmarks in one process.
+
+    Entering binds and starts the server and (unless `wait_ready=False`) waits for its model.
+    """
+
+    def __init__(self, make_server: Callable[[], Server], *, wait_ready: bool = True):
+        self._make_server = make_server
+        self._wait_ready = wait_ready
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._startup: concurrent.futures.Future | None = None
+        self.server: Server | None = None
+
+    def __enter__(self) -> Server:
+        self._thread.start()
+
+        async def create() -> Server:
+            return self._make_server()
+
+        self.server = asyncio.run_coroutine_threadsafe(create(), self._loop).result(timeout=60)
+        self._startup = asyncio.run_coroutine_threadsafe(self.server.start(), self._loop)
+        if self._wait_ready:
+            self.wait_ready()
+        return self.server
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        self._startup.result(timeout=timeout)
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.server is not None:
+            self._startup.cancel()
+            asyncio.run_coroutine_threadsafe(self.server.stop(0.5), self._loop).result(timeout=30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=30)

@@ -1,0 +1,150 @@
+"""`unclip serve encoder|prior|decoder|upsampler|gateway|all|ray`: run services until Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from unclip.stage import DEFAULT_GATEWAY_PORT, GATEWAY, SERVICE_NAMES, Stage
+
+TARGETS = (*SERVICE_NAMES, GATEWAY, "all", "ray")
+
+
+def add_parser(commands: Any) -> argparse.ArgumentParser:
+    parser = commands.add_parser("serve", help="run a stage service, the gateway, or all of them")
+    parser.add_argument("target", choices=TARGETS)
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    ports = ", ".join(f"{stage.port} {stage.value}" for stage in Stage)
+    parser.add_argument("--port", type=int, help=f"port (default: {DEFAULT_GATEWAY_PORT} for gateway/all; {ports})")
+    parser.add_argument("--checkpoint", type=Path, help="stage: checkpoint directory (default: the shipped weights)")
+    parser.add_argument("--weights", type=Path, help="all: directory with clip/ prior/ decoder/ upsampler/")
+    parser.add_argument("--max-pending", type=int, default=32, help="stage: queued requests before RESOURCE_EXHAUSTED")
+    parser.add_argument("--config", type=Path, help="ray: Ray Serve config (default: the one in the package, unclip/serve.yaml)")
+    for stage in (Stage.ENCODER, Stage.PRIOR, Stage.DECODER):
+        parser.add_argument(f"--{stage.value}", metavar="HOST:PORT", help=f"gateway: the {stage.value} service")
+    parser.add_argument(
+        f"--{Stage.UPSAMPLER.value}", metavar="HOST:PORT", action="append", help="gateway: an upsampler (repeat, in order)"
+    )
+    parser.add_argument(
+        "--http-port",
+        type=int,
+        default=8080,
+        help="gateway/all: port of the OpenAI-compatible HTTP API (default 8080; 0 turns it off)",
+    )
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.target != "all":
+        logging.getLogger("unclip").setLevel(logging.INFO)
+    if args.target == "all":
+        return _serve_all(args)
+    if args.target == "ray":
+        return _serve_ray(args)
+    if args.target == GATEWAY:
+        return _serve_gateway(args)
+    from unclip.serving import serve_forever, stage_server
+
+    stage = Stage(args.target)
+    port = stage.port if args.port is None else args.port
+    asyncio.run(
+        serve_forever(lambda: stage_server(stage, args.checkpoint, host=args.host, port=port, max_pending=args.max_pending))
+    )
+    return 0
+
+
+def _serve_gateway(args: argparse.Namespace) -> int:
+    missing = [stage.value for stage in Stage if not getattr(args, stage.value)]
+    if missing:
+        print(f"unclip serve gateway: give the address of: {', '.join('--' + m for m in missing)}", file=sys.stderr)
+        return 2
+    from gateway.app import build_gateway
+    from gateway.remote import RemoteStages
+    from unclip.serving import serve_forever
+    from unclip.storage import StorageConfig
+
+    try:
+        storage = StorageConfig.from_env()
+    except ValueError as error:
+        print(f"unclip serve gateway: {error}", file=sys.stderr)
+        return 2
+    http_port = None if args.http_port == 0 else args.http_port
+    port = DEFAULT_GATEWAY_PORT if args.port is None else args.port
+
+    def make_server() -> Any:
+        backend = RemoteStages(args.encoder, args.prior, args.decoder, args.upsampler)
+        return build_gateway(backend, host=args.host, port=port, http_port=http_port, storage=storage)
+
+    asyncio.run(serve_forever(make_server))
+    return 0
+
+
+def _serve_all(args: argparse.Namespace) -> int:
+    import signal
+    import time
+
+    from unclip.launcher import LocalCluster, check_health
+
+    cluster = LocalCluster(
+        host=args.host, gateway_port=args.port or DEFAULT_GATEWAY_PORT, http_port=args.http_port, weights=args.weights
+    )
+    stop_requested = False
+
+    def request_stop(signum: int, frame: Any) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    cluster.start()
+    try:
+        ready_reported = False
+        while not stop_requested:
+            failed = cluster.failed()
+            if failed is not None:
+                print(f"unclip: {failed.name} exited with code {failed.returncode}; stopping", file=sys.stderr)
+                return 1
+            if not ready_reported and all(check_health(s.address, timeout=1.0) for s in cluster.services):
+                print(f"unclip: serving; gateway at {cluster.gateway_address}", flush=True)
+                ready_reported = True
+            time.sleep(0.5)
+        print("unclip: stopping", file=sys.stderr, flush=True)
+        return 0
+    finally:
+        cluster.stop()
+
+
+def _serve_ray(args: argparse.Namespace) -> int:
+    """Every stage and the gateway as Ray Serve applications on a local Ray cluster, until Ctrl-C."""
+    import signal
+    import threading
+
+    import ray
+    from ray import serve
+
+    from unclip.ray_apps import APP_NAMES, DEFAULT_CONFIG, deploy, grpc_proxy_address, load_config
+
+    config = load_config(args.config or DEFAULT_CONFIG)
+    # A fresh local cluster (never one already running on this host), without the dashboard.
+    ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        schema = deploy(config)
+        print(f"unclip: serving on Ray; gRPC proxy at {grpc_proxy_address(schema)}", flush=True)
+        print(f"unclip: name the app in the 'application' metadata key: {', '.join(APP_NAMES)}", flush=True)
+        stop = threading.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stop.set())
+        while not stop.wait(0.5):
+            pass
+        print("unclip: stopping", file=sys.stderr, flush=True)
+        return 0
+    except (RuntimeError, TimeoutError) as error:
+        print(f"unclip serve ray: {error}", file=sys.stderr)
+        return 1
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -1,0 +1,23 @@
+"""Conversions between the engines' numpy interface and the networks' tensors."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def images_to_unit(images: np.ndarray) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> float [B, 3, H, W] in [-1, 1]."""
+    return torch.from_numpy(np.array(images, dtype=np.uint8)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def unit_to_images(x: torch.Tensor) -> np.ndarray:
+    """float [B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3], rounding to nearest."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+def embedding_to_model_space(embeddings: torch.Tensor) -> torch.Tensor:
+    """Unit-norm CLIP embeddings scaled by sqrt(D), so each component has about unit variance
+    like the Gaussian noise the diffusion models mix them with."""
+    return F.normalize(embeddings, dim=-1) * embeddings.shape[-1] ** 0.5
