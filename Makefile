@@ -39,11 +39,11 @@ demo: $(INSTALLED)
 
 # The quality gates first (style, types, protos, generated docs), then every test; -rs says why a test skipped.
 test: lint typecheck $(INSTALLED) $(BUF) $(HELM)
-	$(BIN)/python -m pytest -q -rs
+	$(BIN)/python -m pytest -q -rfEs
 
 # The inner loop: no test that starts servers, a Ray cluster or full-quality sampling.
 test-fast: $(INSTALLED)
-	$(BIN)/python -m pytest -q -rs -m "not slow"
+	$(BIN)/python -m pytest -q -rfEs -m "not slow"
 
 # The chart end to end on a throwaway kind cluster (needs Docker and kind; skipped with a message otherwise).
 test-kind: $(INSTALLED) $(HELM)

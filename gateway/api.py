@@ -13,6 +13,7 @@ import json
 import time
 import uuid
 import weakref
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +22,7 @@ from unclip.errors import InvalidArgument
 from unclip.images import edit_inputs, frames_to_gif, upload_to_rgb
 from unclip.manipulations import interpolate, text_diff, variations
 from unclip.parameters import GenerationParameters
-from unclip.pipeline import Inpaint, PreviewFn, StageBackend, StageCallback, StageEvent, generate
+from unclip.pipeline import GeneratedImage, Inpaint, PreviewFn, StageBackend, StageCallback, StageEvent, generate
 
 if TYPE_CHECKING:
     from unclip.storage import ResultStore, StoredResult
@@ -48,6 +49,24 @@ class Result:
     gif_url: str | None = None
 
 
+@dataclass(frozen=True)
+class RequestOptions:
+    """How one request is served, whatever its operation: images as bytes or as URLs of the
+    stored PNGs, the key that makes a retry return the stored result, the deadline (a
+    time.monotonic() value), and the callbacks that report progress (previews: generations only)."""
+
+    want_url: bool = False
+    idempotency_key: str | None = None
+    deadline: float | None = None
+    on_stage: StageCallback | None = None
+    on_preview: PreviewFn | None = None
+
+
+# What an operation's work returns: the images, and the animated GIF of its frames if asked for.
+Produced = tuple[list[GeneratedImage], bytes | None]
+Producer = Callable[[StageCallback], Awaitable[Produced]]
+
+
 class ImageAPI:
     """Every image operation the gateway offers, on a stage backend, with optional storage."""
 
@@ -64,57 +83,34 @@ class ImageAPI:
 
     # -- operations ------------------------------------------------------------------------
 
-    async def generate(
-        self,
-        params: GenerationParameters,
-        *,
-        want_url: bool = False,
-        idempotency_key: str | None = None,
-        deadline: float | None = None,
-        on_stage: StageCallback | None = None,
-        on_preview: PreviewFn | None = None,
-    ) -> Result:
-        async def produce(on_stage_timed):
-            return await generate(self.backend, params, deadline=deadline, on_stage=on_stage_timed, on_preview=on_preview), None
+    async def generate(self, params: GenerationParameters, options: RequestOptions = RequestOptions()) -> Result:
+        async def produce(on_stage: StageCallback) -> Produced:
+            images = await generate(
+                self.backend, params, deadline=options.deadline, on_stage=on_stage, on_preview=options.on_preview
+            )
+            return images, None
 
-        return await self._deliver("generate", params, {}, produce, want_url, idempotency_key, on_stage)
+        return await self._deliver("generate", params, {}, produce, options)
 
-    async def variations(
-        self,
-        image: bytes,
-        params: GenerationParameters,
-        *,
-        want_url: bool = False,
-        idempotency_key: str | None = None,
-        deadline: float | None = None,
-        on_stage: StageCallback | None = None,
-    ) -> Result:
+    async def variations(self, image: bytes, params: GenerationParameters, options: RequestOptions = RequestOptions()) -> Result:
         pixels = upload_to_rgb(image, await self.output_size(params.size))
 
-        async def produce(on_stage_timed):
-            return await variations(self.backend, pixels, params, deadline=deadline, on_stage=on_stage_timed), None
+        async def produce(on_stage: StageCallback) -> Produced:
+            return await variations(self.backend, pixels, params, deadline=options.deadline, on_stage=on_stage), None
 
-        return await self._deliver("variation", params, {"image": _digest(image)}, produce, want_url, idempotency_key, on_stage)
+        return await self._deliver("variation", params, {"image": _digest(image)}, produce, options)
 
     async def edit(
-        self,
-        image: bytes,
-        mask: bytes | None,
-        params: GenerationParameters,
-        *,
-        want_url: bool = False,
-        idempotency_key: str | None = None,
-        deadline: float | None = None,
-        on_stage: StageCallback | None = None,
+        self, image: bytes, mask: bytes | None, params: GenerationParameters, options: RequestOptions = RequestOptions()
     ) -> Result:
         pixels, regenerate = edit_inputs(image, mask, await self.output_size(params.size))
         inpaint = Inpaint(pixels, regenerate)
 
-        async def produce(on_stage_timed):
-            return await generate(self.backend, params, deadline=deadline, on_stage=on_stage_timed, inpaint=inpaint), None
+        async def produce(on_stage: StageCallback) -> Produced:
+            return await generate(self.backend, params, deadline=options.deadline, on_stage=on_stage, inpaint=inpaint), None
 
         inputs = {"image": _digest(image), "mask": _digest(mask or b"")}
-        return await self._deliver("edit", params, inputs, produce, want_url, idempotency_key, on_stage)
+        return await self._deliver("edit", params, inputs, produce, options)
 
     async def interpolate(
         self,
@@ -124,10 +120,7 @@ class ImageAPI:
         images: tuple[bytes, bytes] | None = None,
         prompts: tuple[str, str] | None = None,
         animated_gif: bool = False,
-        want_url: bool = False,
-        idempotency_key: str | None = None,
-        deadline: float | None = None,
-        on_stage: StageCallback | None = None,
+        options: RequestOptions = RequestOptions(),
     ) -> Result:
         if images is not None:
             side = await self.output_size(params.size)
@@ -136,14 +129,14 @@ class ImageAPI:
         else:
             decoded, inputs = None, {"prompts": list(prompts or ())}
 
-        async def produce(on_stage_timed):
+        async def produce(on_stage: StageCallback) -> Produced:
             results = await interpolate(
-                self.backend, params, frames, images=decoded, prompts=prompts, deadline=deadline, on_stage=on_stage_timed
+                self.backend, params, frames, images=decoded, prompts=prompts, deadline=options.deadline, on_stage=on_stage
             )
-            return results, frames_to_gif([r.pixels for r in results]) if animated_gif else None
+            return results, _gif(results) if animated_gif else None
 
         inputs |= {"frames": frames, "animated_gif": animated_gif}
-        return await self._deliver("interpolation", params, inputs, produce, want_url, idempotency_key, on_stage)
+        return await self._deliver("interpolation", params, inputs, produce, options)
 
     async def text_diff(
         self,
@@ -155,26 +148,16 @@ class ImageAPI:
         *,
         max_rotation: float = 0.5,
         animated_gif: bool = False,
-        want_url: bool = False,
-        idempotency_key: str | None = None,
-        deadline: float | None = None,
-        on_stage: StageCallback | None = None,
+        options: RequestOptions = RequestOptions(),
     ) -> Result:
         pixels = upload_to_rgb(image, await self.output_size(params.size))
 
-        async def produce(on_stage_timed):
+        async def produce(on_stage: StageCallback) -> Produced:
             results = await text_diff(
-                self.backend,
-                pixels,
-                caption,
-                target_caption,
-                params,
-                frames,
-                max_rotation=max_rotation,
-                deadline=deadline,
-                on_stage=on_stage_timed,
-            )
-            return results, frames_to_gif([r.pixels for r in results]) if animated_gif else None
+                self.backend, pixels, caption, target_caption, params, frames, max_rotation=max_rotation,
+                deadline=options.deadline, on_stage=on_stage,
+            )  # fmt: skip
+            return results, _gif(results) if animated_gif else None
 
         inputs = {
             "image": _digest(image),
@@ -184,11 +167,14 @@ class ImageAPI:
             "max_rotation": max_rotation,
             "animated_gif": animated_gif,
         }
-        return await self._deliver("text_diff", params, inputs, produce, want_url, idempotency_key, on_stage)
+        return await self._deliver("text_diff", params, inputs, produce, options)
 
     # -- storage and idempotency -----------------------------------------------------------
 
-    async def _deliver(self, operation, params, inputs, produce, want_url, idempotency_key, on_stage) -> Result:
+    async def _deliver(
+        self, operation: str, params: GenerationParameters, inputs: dict[str, Any], produce: Producer, options: RequestOptions
+    ) -> Result:
+        want_url, idempotency_key = options.want_url, options.idempotency_key
         if (want_url or idempotency_key) and self.store is None:
             needs = "response format URL" if want_url else "an idempotency key"
             raise InvalidArgument(f"{needs} needs the gateway's object store; none is configured (UNCLIP_S3_ENDPOINT)")
@@ -196,7 +182,7 @@ class ImageAPI:
             json.dumps({"operation": operation, "parameters": asdict(params), "inputs": inputs}, sort_keys=True).encode()
         )
         if idempotency_key is None:
-            return await self._produce_and_store(uuid.uuid4().hex, operation, params, fingerprint, produce, want_url, on_stage)
+            return await self._produce_and_store(uuid.uuid4().hex, operation, params, fingerprint, produce, options)
         if not 1 <= len(idempotency_key) <= 255:
             raise InvalidArgument("idempotency_key: must be 1 to 255 characters")
         request_id = "idem-" + _digest(idempotency_key.encode())[:40]
@@ -210,15 +196,18 @@ class ImageAPI:
                 if stored.record.get("fingerprint") != fingerprint:
                     raise InvalidArgument("idempotency_key: already used for a different request")
                 return self._stored_result(stored, want_url)
-            return await self._produce_and_store(request_id, operation, params, fingerprint, produce, want_url, on_stage)
+            return await self._produce_and_store(request_id, operation, params, fingerprint, produce, options)
 
-    async def _produce_and_store(self, request_id, operation, params, fingerprint, produce, want_url, on_stage) -> Result:
+    async def _produce_and_store(
+        self, request_id: str, operation: str, params: GenerationParameters, fingerprint: str, produce: Producer,
+        options: RequestOptions,
+    ) -> Result:  # fmt: skip
         timings: dict[str, float] = {}
 
         async def on_stage_timed(event: StageEvent) -> None:
             timings[event.name] = round(event.seconds, 4)
-            if on_stage is not None:
-                result = on_stage(event)
+            if options.on_stage is not None:
+                result = options.on_stage(event)
                 if result is not None:
                     await result
 
@@ -244,7 +233,7 @@ class ImageAPI:
         }
         extras = {GIF_NAME: (gif, "image/gif")} if gif is not None else None
         keys = await self.store.save(request_id, [i.png for i in images], record, extras)
-        if want_url:
+        if options.want_url:
             for image, key in zip(result.images, keys, strict=True):
                 image.url = self.store.presigned_url(key)
             if gif is not None:
@@ -266,6 +255,10 @@ class ImageAPI:
         if self.store is None:  # _deliver refuses what needs a store before any work
             raise InvalidArgument("this needs the gateway's object store; none is configured (UNCLIP_S3_ENDPOINT)")
         return self.store
+
+
+def _gif(results: list[GeneratedImage]) -> bytes:
+    return frames_to_gif([r.pixels for r in results])
 
 
 def _digest(data: bytes) -> str:

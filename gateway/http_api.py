@@ -30,12 +30,12 @@ import json
 import logging
 import re
 import time
-from typing import Any, Protocol
+from typing import Any
 
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import BadHttpMessage
 
-from gateway.api import Result
+from gateway.api import ImageAPI, RequestOptions, Result
 from unclip.errors import UnclipError
 from unclip.parameters import OPERATIONS, GenerationParameters, Group, parameters, value_type
 
@@ -67,40 +67,6 @@ _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string"}
 def allowed_fields(operation: str) -> frozenset[str]:
     """The fields a route of `operation` accepts: its generation parameters, and OpenAI's own."""
     return frozenset(item.name for item in parameters(operation)) | _ROUTE_FIELDS[operation]
-
-
-class ImageBackend(Protocol):
-    """The part of the gateway's image API (`gateway.api`) this transport calls."""
-
-    async def generate(
-        self,
-        params: GenerationParameters,
-        *,
-        want_url: bool = False,
-        idempotency_key: str | None = None,
-        deadline: float | None = None,
-    ) -> Result: ...
-
-    async def variations(
-        self,
-        image: bytes,
-        params: GenerationParameters,
-        *,
-        want_url: bool = False,
-        idempotency_key: str | None = None,
-        deadline: float | None = None,
-    ) -> Result: ...
-
-    async def edit(
-        self,
-        image: bytes,
-        mask: bytes | None,
-        params: GenerationParameters,
-        *,
-        want_url: bool = False,
-        idempotency_key: str | None = None,
-        deadline: float | None = None,
-    ) -> Result: ...
 
 
 class HTTPAPIError(Exception):
@@ -230,13 +196,14 @@ def _parameters(fields: dict[str, object], operation: str, *, from_form: bool) -
     return params
 
 
-def _wants_url(fields: dict[str, object]) -> bool:
+def _options(fields: dict[str, object], deadline: float, idempotency_key: str | None) -> RequestOptions:
+    """How the image API serves the request: URLs (OpenAI's default) or base64 PNGs, key, deadline."""
     response_format = fields.get("response_format")
     if response_format is None:
         response_format = "url"
     if response_format not in ("url", "b64_json"):
         raise _invalid(f"response_format: must be 'url' or 'b64_json', got {response_format!r}", "response_format")
-    return response_format == "url"
+    return RequestOptions(want_url=response_format == "url", idempotency_key=idempotency_key, deadline=deadline)
 
 
 async def _read_part(part: BodyPartReader, name: str, limit: int) -> bytes:
@@ -262,13 +229,14 @@ def _images_response(result: Result, want_url: bool) -> web.Response:
 
 
 class _Handlers:
-    def __init__(self, api: ImageBackend, max_upload_bytes: int, request_timeout: float) -> None:
+    def __init__(self, api: ImageAPI, max_upload_bytes: int, request_timeout: float) -> None:
         self.api = api
         self.max_upload_bytes = max_upload_bytes
         self.request_timeout = request_timeout
 
-    def _deadline(self) -> float:
-        return time.monotonic() + self.request_timeout
+    def _start(self, request: web.Request) -> tuple[float, str | None]:
+        """(deadline, idempotency key) of a request, before its body is read: its time starts now."""
+        return time.monotonic() + self.request_timeout, self._idempotency_key(request)
 
     @staticmethod
     def _idempotency_key(request: web.Request) -> str | None:
@@ -329,37 +297,32 @@ class _Handlers:
         return files["image"]
 
     async def generations(self, request: web.Request) -> web.Response:
-        deadline, key = self._deadline(), self._idempotency_key(request)
+        deadline, key = self._start(request)
         fields = await self._read_json(request)
         _reject_unknown(fields, allowed_fields("generate"))
-        params, want_url = _parameters(fields, "generate", from_form=False), _wants_url(fields)
-        result = await self.api.generate(params, want_url=want_url, idempotency_key=key, deadline=deadline)
-        return _images_response(result, want_url)
+        params, options = _parameters(fields, "generate", from_form=False), _options(fields, deadline, key)
+        return _images_response(await self.api.generate(params, options), options.want_url)
 
     async def variations(self, request: web.Request) -> web.Response:
-        deadline, key = self._deadline(), self._idempotency_key(request)
+        deadline, key = self._start(request)
         fields, files = await self._read_form(request, allowed_fields("variations"))
         image = self._image(files)
-        params, want_url = _parameters(fields, "variations", from_form=True), _wants_url(fields)
-        result = await self.api.variations(image, params, want_url=want_url, idempotency_key=key, deadline=deadline)
-        return _images_response(result, want_url)
+        params, options = _parameters(fields, "variations", from_form=True), _options(fields, deadline, key)
+        return _images_response(await self.api.variations(image, params, options), options.want_url)
 
     async def edits(self, request: web.Request) -> web.Response:
-        deadline, key = self._deadline(), self._idempotency_key(request)
+        deadline, key = self._start(request)
         fields, files = await self._read_form(request, allowed_fields("edit"))
         image = self._image(files)
-        params, want_url = _parameters(fields, "edit", from_form=True), _wants_url(fields)
-        result = await self.api.edit(image, files.get("mask"), params, want_url=want_url, idempotency_key=key, deadline=deadline)
-        return _images_response(result, want_url)
+        params, options = _parameters(fields, "edit", from_form=True), _options(fields, deadline, key)
+        return _images_response(await self.api.edit(image, files.get("mask"), params, options), options.want_url)
 
     @staticmethod
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
 
-def create_http_app(
-    api: ImageBackend, *, max_upload_bytes: int = 4 * 1024 * 1024, request_timeout: float = 600.0
-) -> web.Application:
+def create_http_app(api: ImageAPI, *, max_upload_bytes: int = 4 * 1024 * 1024, request_timeout: float = 600.0) -> web.Application:
     """The OpenAI-compatible Images API over `api`. Each request gets `request_timeout` seconds;
     uploaded files may be at most `max_upload_bytes` each (OpenAI's limit is 4 MB)."""
     handlers = _Handlers(api, max_upload_bytes, request_timeout)

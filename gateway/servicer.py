@@ -7,7 +7,7 @@ import logging
 import time
 from typing import Any, cast
 
-from gateway.api import ImageAPI, Result
+from gateway.api import ImageAPI, RequestOptions, Result
 from unclip import codec
 from unclip.errors import InvalidArgument, UnclipError
 from unclip.parameters import GenerationParameters
@@ -43,10 +43,14 @@ def response_from_result(result: Result, delivery: images_pb2.Delivery) -> image
     )
 
 
-def delivery_options(delivery: images_pb2.Delivery) -> dict:
-    return dict(
-        want_url=delivery.response_format == images_pb2.RESPONSE_FORMAT_URL,
-        idempotency_key=delivery.idempotency_key or None,
+def request_options(request: Any, context: Any, **callbacks: Any) -> RequestOptions:
+    """How a request is served: its Delivery, and the deadline of its call."""
+    remaining = context.time_remaining()
+    return RequestOptions(
+        want_url=request.delivery.response_format == images_pb2.RESPONSE_FORMAT_URL,
+        idempotency_key=request.delivery.idempotency_key or None,
+        deadline=None if remaining is None else time.monotonic() + remaining,
+        **callbacks,
     )
 
 
@@ -82,16 +86,9 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
             if close is not None:
                 await close()
 
-    @staticmethod
-    def _deadline(context) -> float | None:
-        remaining = context.time_remaining()
-        return None if remaining is None else time.monotonic() + remaining
-
     @rpc
     async def Generate(self, request, context):
-        result = await self.api.generate(
-            parameters_from_proto(request.parameters), deadline=self._deadline(context), **delivery_options(request.delivery)
-        )
+        result = await self.api.generate(parameters_from_proto(request.parameters), request_options(request, context))
         return response_from_result(result, request.delivery)
 
     @streaming_rpc
@@ -107,15 +104,8 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
         def on_stage(event: StageEvent) -> None:
             events.put_nowait(images_pb2.GenerateStreamResponse(progress=progress_from_event(event)))
 
-        task = asyncio.ensure_future(
-            self.api.generate(
-                parameters_from_proto(request.parameters),
-                deadline=self._deadline(context),
-                on_stage=on_stage,
-                on_preview=on_preview,
-                **delivery_options(request.delivery),
-            )
-        )
+        options = request_options(request, context, on_stage=on_stage, on_preview=on_preview)
+        task = asyncio.ensure_future(self.api.generate(parameters_from_proto(request.parameters), options))
         try:
             async for event in events_until_done(events, task):
                 yield event
@@ -125,12 +115,8 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
 
     @rpc
     async def CreateVariations(self, request, context):
-        result = await self.api.variations(
-            request.image,
-            parameters_from_proto(request.parameters),
-            deadline=self._deadline(context),
-            **delivery_options(request.delivery),
-        )
+        params = parameters_from_proto(request.parameters)
+        result = await self.api.variations(request.image, params, request_options(request, context))
         return images_pb2.CreateVariationsResponse(result=response_from_result(result, request.delivery))
 
     @rpc
@@ -141,39 +127,24 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
         pair = getattr(request, endpoints)
         ends: dict[str, Any] = {endpoints: (pair.first, pair.second)}
         result = await self.api.interpolate(
-            parameters_from_proto(request.parameters),
-            request.frames,
-            animated_gif=request.animated_gif,
-            deadline=self._deadline(context),
-            **ends,
-            **delivery_options(request.delivery),
-        )
+            parameters_from_proto(request.parameters), request.frames, animated_gif=request.animated_gif,
+            options=request_options(request, context), **ends,
+        )  # fmt: skip
         return images_pb2.InterpolateResponse(result=response_from_result(result, request.delivery))
 
     @rpc
     async def TextDiff(self, request, context):
         result = await self.api.text_diff(
-            request.image,
-            request.caption,
-            request.target_caption,
-            parameters_from_proto(request.parameters),
-            request.frames,
-            max_rotation=request.max_rotation if request.HasField("max_rotation") else 0.5,
-            animated_gif=request.animated_gif,
-            deadline=self._deadline(context),
-            **delivery_options(request.delivery),
-        )
+            request.image, request.caption, request.target_caption, parameters_from_proto(request.parameters),
+            request.frames, max_rotation=request.max_rotation if request.HasField("max_rotation") else 0.5,
+            animated_gif=request.animated_gif, options=request_options(request, context),
+        )  # fmt: skip
         return images_pb2.TextDiffResponse(result=response_from_result(result, request.delivery))
 
     @rpc
     async def Edit(self, request, context):
-        result = await self.api.edit(
-            request.image,
-            request.mask or None,
-            parameters_from_proto(request.parameters),
-            deadline=self._deadline(context),
-            **delivery_options(request.delivery),
-        )
+        params = parameters_from_proto(request.parameters)
+        result = await self.api.edit(request.image, request.mask or None, params, request_options(request, context))
         return images_pb2.EditResponse(result=response_from_result(result, request.delivery))
 
 

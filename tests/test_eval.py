@@ -44,7 +44,8 @@ class OracleStages:
             used = {o.colour for o in spec.objects}
             spare = [c for c in COLOURS if c not in used]
             spec = dataclasses.replace(
-                spec, objects=[dataclasses.replace(o, colour=c) for o, c in zip(spec.objects, spare, strict=True)]
+                spec,
+                objects=[dataclasses.replace(o, colour=c) for o, c in zip(spec.objects, spare[: len(spec.objects)], strict=True)],
             )
         return np.stack([render(sample_scene_for(spec, np.random.default_rng(seed)), size=32) for seed in seeds])
 

@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 import openai
 import pytest
 from aiohttp import web
+from parameter_cases import NON_DEFAULT
 from PIL import Image
 
-from gateway.api import Result, ResultImage
+from gateway.api import RequestOptions, Result, ResultImage
 from gateway.http_api import create_http_app
 from unclip.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
-from unclip.parameters import GenerationParameters
+from unclip.parameters import GenerationParameters, parameters
 
 MAX_UPLOAD_BYTES = 32 * 1024
 REQUEST_TIMEOUT = 30.0
@@ -40,12 +41,22 @@ def png_bytes(size: int, color: tuple[int, ...] = (255, 0, 0), mode: str = "RGB"
 @dataclass
 class Call:
     method: str
-    params: GenerationParameters | None = None
+    params: GenerationParameters
+    options: RequestOptions
     image: bytes | None = None
     mask: bytes | None = None
-    want_url: bool = False
-    idempotency_key: str | None = None
-    deadline: float | None = None
+
+    @property
+    def want_url(self) -> bool:
+        return self.options.want_url
+
+    @property
+    def idempotency_key(self) -> str | None:
+        return self.options.idempotency_key
+
+    @property
+    def deadline(self) -> float | None:
+        return self.options.deadline
 
 
 @dataclass
@@ -56,12 +67,12 @@ class FakeImageAPI:
     error: Exception | None = None
     store: bool = True  # False: no object store, so no URLs
 
-    def _result(self, call: Call, n: int, size: int | None, seed: int | None) -> Result:
+    def _result(self, call: Call) -> Result:
         self.calls.append(call)
         if self.error is not None:
             raise self.error
-        size = size or DEFAULT_SIZE
-        seed = seed or 0
+        size = call.params.size or DEFAULT_SIZE
+        seed = call.params.seed or 0
         images = [
             ResultImage(
                 png=png_bytes(size, (i * 40, 0, 0)),
@@ -70,31 +81,18 @@ class FakeImageAPI:
                 height=size,
                 url=f"https://store.test/{seed + i}.png" if call.want_url and self.store else None,
             )
-            for i in range(n)
+            for i in range(call.params.n)
         ]
         return Result(request_id="req-1", created=1_700_000_000, images=images)
 
-    async def generate(self, params, *, want_url=False, idempotency_key=None, deadline=None) -> Result:
-        call = Call("generate", params=params, want_url=want_url, idempotency_key=idempotency_key, deadline=deadline)
-        return self._result(call, params.n, params.size, params.seed)
+    async def generate(self, params, options) -> Result:
+        return self._result(Call("generate", params, options))
 
-    async def variations(self, image, params, *, want_url=False, idempotency_key=None, deadline=None) -> Result:
-        call = Call(
-            "variations", params=params, image=image, want_url=want_url, idempotency_key=idempotency_key, deadline=deadline
-        )
-        return self._result(call, params.n, params.size, params.seed)
+    async def variations(self, image, params, options) -> Result:
+        return self._result(Call("variations", params, options, image=image))
 
-    async def edit(self, image, mask, params, *, want_url=False, idempotency_key=None, deadline=None) -> Result:
-        call = Call(
-            "edit",
-            params=params,
-            image=image,
-            mask=mask,
-            want_url=want_url,
-            idempotency_key=idempotency_key,
-            deadline=deadline,
-        )
-        return self._result(call, params.n, params.size, params.seed)
+    async def edit(self, image, mask, params, options) -> Result:
+        return self._result(Call("edit", params, options, image=image, mask=mask))
 
 
 class ServerThread:
@@ -389,3 +387,40 @@ def test_transport_errors_are_openai_shaped(server: ServerThread, api: FakeImage
 
 def test_healthz(server: ServerThread) -> None:
     assert raw_request(server.port, "GET", "/healthz") == (200, {"status": "ok"})
+
+
+# --- every generation parameter as an extension field ---------------------------------------
+
+
+@pytest.mark.parametrize("name", [item.name for item in parameters("generate") if item.name not in ("prompt", "size")])
+def test_each_generation_parameter_is_a_json_field(client: openai.OpenAI, api: FakeImageAPI, name: str) -> None:
+    client.images.generate(prompt="p", response_format="b64_json", extra_body={name: NON_DEFAULT[name]})
+    (call,) = api.calls
+    assert call.params == GenerationParameters(prompt="p", **{name: NON_DEFAULT[name]})
+
+
+@pytest.mark.parametrize("name", [item.name for item in parameters("variations") if item.name != "size"])
+def test_each_variation_parameter_is_a_form_field(client: openai.OpenAI, api: FakeImageAPI, name: str) -> None:
+    """Multipart fields arrive as text and are parsed by the parameter's type."""
+    client.images.create_variation(
+        image=("a.png", png_bytes(32)), response_format="b64_json", extra_body={name: NON_DEFAULT[name]}
+    )
+    (call,) = api.calls
+    assert call.params == GenerationParameters(**{name: NON_DEFAULT[name]})
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"decoder_steps": 2.5}, "decoder_steps"),
+        ({"prior_guidance_scale": "high"}, "prior_guidance_scale"),
+        ({"prior_guidance_scale": 51.0}, "prior_guidance_scale"),
+        ({"sampler": "euler"}, "sampler"),
+        ({"preview_every": 1}, "preview_every"),  # a streaming parameter: not for this route
+    ],
+)
+def test_bad_extension_fields_name_their_parameter(client: openai.OpenAI, api: FakeImageAPI, body: dict, param: str) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.post("/images/generations", body={"prompt": "p", **body}, cast_to=object)
+    assert error_body(caught.value)["param"] == param
+    assert api.calls == []

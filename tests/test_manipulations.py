@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gateway.api import ImageAPI
+from gateway.api import ImageAPI, RequestOptions
 from unclip.errors import InvalidArgument
 from unclip.images import MAX_UPLOAD_PIXELS, edit_inputs, upload_to_rgb
 from unclip.manipulations import slerp
@@ -156,6 +156,6 @@ def test_bad_manipulation_arguments(api, photo):
     with pytest.raises(InvalidArgument, match="frames"):
         asyncio.run(api.interpolate(params(size=32), 17, prompts=("a", "b")))
     with pytest.raises(InvalidArgument, match="object store"):
-        asyncio.run(api.variations(photo, params(size=32), want_url=True))
+        asyncio.run(api.variations(photo, params(size=32), RequestOptions(want_url=True)))
     with pytest.raises(InvalidArgument, match="object store"):
-        asyncio.run(api.variations(photo, params(size=32), idempotency_key="k"))
+        asyncio.run(api.variations(photo, params(size=32), RequestOptions(idempotency_key="k")))

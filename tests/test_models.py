@@ -331,7 +331,7 @@ def test_gradients_reach_every_unet_parameter() -> None:
 def test_position_embeddings_start_neutral_and_tell_attention_where_it_is(decoder: UNet) -> None:
     config = dataclasses.replace(small_decoder_config(), position_embedding_size=16)
     positioned = UNet(config).eval()
-    missing = positioned.load_state_dict(decoder.state_dict(), strict=True).missing_keys
+    missing = positioned.load_state_dict(decoder.state_dict(), strict=False).missing_keys
     assert missing and all(name.endswith(".position") for name in missing)  # one per attention block
     inputs = decoder_inputs()
     # Zero-initialised, so a trained network gains them without changing what it computes...
@@ -350,7 +350,7 @@ def with_new_parameters(decoder: UNet, new: list[str], **change) -> UNet:
     """`decoder` rebuilt with a config change: only the parameters `new` are added, zero-initialised,
     so that it still computes the same function (a trained network can be fine-tuned with them)."""
     changed = UNet(dataclasses.replace(decoder.config, **change)).eval()
-    assert sorted(changed.load_state_dict(decoder.state_dict(), strict=True).missing_keys) == new
+    assert sorted(changed.load_state_dict(decoder.state_dict(), strict=False).missing_keys) == new
     inputs = decoder_inputs()
     torch.testing.assert_close(run_decoder(changed, inputs), run_decoder(decoder, inputs))
     return changed

@@ -75,10 +75,8 @@ def _sample_call(rows: int, steps: int, seed: int = 0) -> SampleCall:
         np.full((rows, 4), seed, np.float32),
         np.zeros((rows, 3, 2), np.float32),
         np.ones((rows, 3), bool),
-        list(range(seed, seed + rows)),
-        1,
-        None,
-        SamplingOptions(steps),
+        seeds=list(range(seed, seed + rows)),
+        sampling=SamplingOptions(steps),
     )
 
 
@@ -225,7 +223,7 @@ def test_handle_calls_respect_the_deadline(ray_serve, local_stages):
         stages = RemoteStages("encoder", "prior", "decoder", ["upsampler"], transport=RayTransport)
         text = await stages.run(EncodeTextCall([PROMPTS[0]]), deadline=time.monotonic() + 30)
         started = time.monotonic()
-        call = SampleCall(text.embeddings, text.encodings, text.mask, [1], sampling=SamplingOptions(2))
+        call = SampleCall(text.embeddings, text.encodings, text.mask, seeds=[1], sampling=SamplingOptions(2))
         with pytest.raises(DeadlineExceeded):  # the prior's batch window alone is longer than this
             await stages.run(call, deadline=started + 0.2)
         assert time.monotonic() - started < 5

@@ -281,7 +281,7 @@ def test_decoder_valid_call(services, local_stages):
         text_encodings=text.text_encodings,
         text_mask=text.text_mask,
         seeds=[3, 4],
-        guidance_scale=2.0,
+        guidance_scale=4.0,  # not the checkpoint's default: a service that dropped it would differ
         sampling=sampling_pb2.SamplingOptions(steps=3),
     )
     images = codec.to_numpy(services["decoder"].stub.Decode(request, timeout=60).images)
@@ -292,10 +292,11 @@ def test_decoder_valid_call(services, local_stages):
         [3, 4],
         text_encodings=codec.to_numpy(text.text_encodings),
         text_mask=codec.to_numpy(text.text_mask),
-        guidance_scale=2.0,
+        guidance_scale=4.0,
         sampling=SamplingOptions(steps=3),
     )
     np.testing.assert_array_equal(images, expected)
+    assert local_stages.decoder.config.sampling.guidance_scale != 4.0
     info = services["decoder"].stub.GetDecoderInfo(decoder_pb2.GetDecoderInfoRequest(), timeout=5).info
     assert (info.kind, info.image_size, info.max_steps) == ("decoder", 32, 1000)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import numpy as np
@@ -167,7 +168,7 @@ def test_render_size_and_antialiasing():
 
 
 def take(dataset, n):
-    return [item for _, item in zip(range(n), dataset, strict=True)]
+    return list(itertools.islice(dataset, n))
 
 
 def test_dataset_is_reproducible_and_seeds_differ():

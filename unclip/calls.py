@@ -123,19 +123,28 @@ class EncodeImageCall(StageCall[np.ndarray]):
         return engine.encode_image(self.images)
 
 
+@dataclass(kw_only=True)
 class _RowsCall(StageCall[np.ndarray]):
-    """A diffusion stage's call: one seed per row, and an optional inpainting pair."""
+    """A diffusion stage's call: one seed per row, and how to sample."""
 
     seeds: list[int]
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+
+
+@dataclass(kw_only=True)
+class _InpaintingCall(_RowsCall):
+    """A call whose rows may keep part of an image: pixels where inpaint_mask is false."""
+
+    inpaint_images: np.ndarray | None = None
+    inpaint_mask: np.ndarray | None = None
 
     @property
     def inpaint(self) -> tuple[np.ndarray, np.ndarray] | None:
-        images, mask = getattr(self, "inpaint_images", None), getattr(self, "inpaint_mask", None)
-        if images is None and mask is None:
+        if self.inpaint_images is None and self.inpaint_mask is None:
             return None
-        if images is None or mask is None:
+        if self.inpaint_images is None or self.inpaint_mask is None:
             raise InvalidArgument("inpaint_images and inpaint_mask must be given together")
-        return images, mask
+        return self.inpaint_images, self.inpaint_mask
 
 
 @dataclass
@@ -143,10 +152,8 @@ class SampleCall(_RowsCall):
     text_embeddings: np.ndarray
     text_encodings: np.ndarray
     text_mask: np.ndarray
-    seeds: list[int]
     num_candidates: int = 1
     guidance_scale: float | None = None
-    sampling: SamplingOptions = field(default_factory=SamplingOptions)
 
     STAGE = Stage.PRIOR
     METHOD = "Sample"
@@ -156,28 +163,18 @@ class SampleCall(_RowsCall):
 
     def run(self, engine: Any, cancel: Any = None, progress: Any = None) -> np.ndarray:
         return engine.sample(
-            self.text_embeddings,
-            self.text_encodings,
-            self.text_mask,
-            self.seeds,
-            num_candidates=self.num_candidates,
-            guidance_scale=self.guidance_scale,
-            sampling=self.sampling,
-            cancel=cancel,
-        )
+            self.text_embeddings, self.text_encodings, self.text_mask, self.seeds, num_candidates=self.num_candidates,
+            guidance_scale=self.guidance_scale, sampling=self.sampling, cancel=cancel,
+        )  # fmt: skip
 
 
 @dataclass
-class DecodeCall(_RowsCall):
+class DecodeCall(_InpaintingCall):
     image_embeddings: np.ndarray
-    seeds: list[int]
     text_encodings: np.ndarray | None = None
     text_mask: np.ndarray | None = None
     guidance_scale: float | None = None
     text_guidance_scale: float | None = None
-    sampling: SamplingOptions = field(default_factory=SamplingOptions)
-    inpaint_images: np.ndarray | None = None
-    inpaint_mask: np.ndarray | None = None
 
     STAGE = Stage.DECODER
     METHOD = "Decode"
@@ -187,26 +184,15 @@ class DecodeCall(_RowsCall):
 
     def run(self, engine: Any, cancel: Any = None, progress: Any = None) -> np.ndarray:
         return engine.decode(
-            self.image_embeddings,
-            self.seeds,
-            text_encodings=self.text_encodings,
-            text_mask=self.text_mask,
-            guidance_scale=self.guidance_scale,
-            text_guidance_scale=self.text_guidance_scale,
-            sampling=self.sampling,
-            inpaint=self.inpaint,
-            cancel=cancel,
-            progress=progress,
-        )
+            self.image_embeddings, self.seeds, text_encodings=self.text_encodings, text_mask=self.text_mask,
+            guidance_scale=self.guidance_scale, text_guidance_scale=self.text_guidance_scale, sampling=self.sampling,
+            inpaint=self.inpaint, cancel=cancel, progress=progress,
+        )  # fmt: skip
 
 
 @dataclass
-class UpsampleCall(_RowsCall):
+class UpsampleCall(_InpaintingCall):
     images: np.ndarray
-    seeds: list[int]
-    sampling: SamplingOptions = field(default_factory=SamplingOptions)
-    inpaint_images: np.ndarray | None = None
-    inpaint_mask: np.ndarray | None = None
 
     STAGE = Stage.UPSAMPLER
     METHOD = "Upsample"

@@ -17,7 +17,7 @@ from typing import Any
 
 from PIL import Image
 
-from gateway.api import ImageAPI, Result
+from gateway.api import ImageAPI, RequestOptions, Result
 from unclip.client.requests import ImageInput, image_bytes
 from unclip.client.types import Animation, GeneratedImage, Preview, StageProgress, StreamEvent
 from unclip.local import LocalStages
@@ -48,7 +48,7 @@ class LocalClient:
 
     def generate(self, prompt: str, **parameters: Any) -> list[GeneratedImage]:
         params = self._parameters("generate", parameters, prompt)
-        return _images(self._run(lambda deadline: self.api.generate(params, deadline=deadline)))
+        return _images(self._run(lambda deadline: self.api.generate(params, RequestOptions(deadline=deadline))))
 
     def generate_stream(self, prompt: str, **parameters: Any) -> Iterator[StreamEvent]:
         """Stage progress and decoder previews as the work goes on, then the images. The
@@ -63,7 +63,8 @@ class LocalClient:
         def on_preview(step: int, total: int, images: Any) -> None:
             events.put(Preview(step, total, [Image.fromarray(pixels) for pixels in images]))
 
-        task = loop.create_task(self.api.generate(params, deadline=self._deadline(), on_stage=on_stage, on_preview=on_preview))
+        options = RequestOptions(deadline=self._deadline(), on_stage=on_stage, on_preview=on_preview)
+        task = loop.create_task(self.api.generate(params, options))
 
         def work() -> None:
             try:
@@ -92,12 +93,12 @@ class LocalClient:
     def variations(self, image: ImageInput, **parameters: Any) -> list[GeneratedImage]:
         params = self._parameters("variations", parameters)
         data = image_bytes(image, "image")
-        return _images(self._run(lambda deadline: self.api.variations(data, params, deadline=deadline)))
+        return _images(self._run(lambda deadline: self.api.variations(data, params, RequestOptions(deadline=deadline))))
 
     def edit(self, image: ImageInput, prompt: str, *, mask: ImageInput | None = None, **parameters: Any) -> list[GeneratedImage]:
         params = self._parameters("edit", parameters, prompt)
         data, mask_data = image_bytes(image, "image"), None if mask is None else image_bytes(mask, "mask")
-        return _images(self._run(lambda deadline: self.api.edit(data, mask_data, params, deadline=deadline)))
+        return _images(self._run(lambda deadline: self.api.edit(data, mask_data, params, RequestOptions(deadline=deadline))))
 
     def interpolate(
         self,
@@ -113,7 +114,11 @@ class LocalClient:
         if images is not None:
             ends = {"images": (image_bytes(images[0], "images[0]"), image_bytes(images[1], "images[1]"))}
         return _animation(
-            self._run(lambda deadline: self.api.interpolate(params, frames, animated_gif=animated_gif, deadline=deadline, **ends))
+            self._run(
+                lambda deadline: self.api.interpolate(
+                    params, frames, animated_gif=animated_gif, options=RequestOptions(deadline=deadline), **ends
+                )
+            )
         )
 
     def text_diff(
@@ -133,7 +138,14 @@ class LocalClient:
         return _animation(
             self._run(
                 lambda deadline: self.api.text_diff(
-                    data, caption, target_caption, params, frames, animated_gif=animated_gif, deadline=deadline, **rotation
+                    data,
+                    caption,
+                    target_caption,
+                    params,
+                    frames,
+                    animated_gif=animated_gif,
+                    options=RequestOptions(deadline=deadline),
+                    **rotation,
                 )
             )
         )

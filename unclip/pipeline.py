@@ -218,7 +218,7 @@ class Run:
 
     async def sample_prior(self, text: TextEncoding, seeds: list[int] | None = None) -> np.ndarray:
         seeds = self.seeds if seeds is None else seeds
-        call = SampleCall(text.embeddings, text.encodings, text.mask, seeds, **self.params.stage_settings(Stage.PRIOR))
+        call = SampleCall(text.embeddings, text.encodings, text.mask, seeds=seeds, **self.params.stage_settings(Stage.PRIOR))
         embeddings = await self.call(call)
         await self.finished(Stage.PRIOR)
         return embeddings
@@ -233,7 +233,7 @@ class Run:
     ) -> np.ndarray:
         decode = DecodeCall(
             embeddings,
-            self.seeds,
+            seeds=self.seeds,
             text_encodings=None if text is None else text.encodings,
             text_mask=None if text is None else text.mask,
             **self.params.stage_settings(Stage.DECODER),
@@ -244,7 +244,7 @@ class Run:
         for index in range(self.upsamplers):
             upsample = UpsampleCall(
                 images,
-                self.seeds,
+                seeds=self.seeds,
                 **self.params.stage_settings(Stage.UPSAMPLER),
                 **({} if inpaint is None else inpaint.at_size(self.sizes[index + 1], self.batch)),
             )

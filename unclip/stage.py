@@ -57,17 +57,11 @@ class Stage(enum.Enum):
 
     @classmethod
     def from_kind(cls, kind: str) -> Stage:
-        for stage in cls:
-            if stage.kind == kind:
+        """The stage of a checkpoint kind ("clip" -> ENCODER)."""
+        for stage, stage_kind in _KINDS.items():
+            if stage_kind == kind:
                 return stage
-        raise ValueError(f"unknown stage {kind!r}; expected one of {[s.kind for s in cls]}")
-
-    @classmethod
-    def from_event(cls, event: str) -> Stage:
-        for stage in cls:
-            if stage.event == event:
-                return stage
-        raise ValueError(f"unknown stage event {event!r}; expected one of {[s.event for s in cls]}")
+        raise ValueError(f"unknown stage {kind!r}; expected one of {list(_KINDS.values())}")
 
 
 _KINDS = {Stage.ENCODER: "clip", Stage.PRIOR: "prior", Stage.DECODER: "decoder", Stage.UPSAMPLER: "upsampler"}

@@ -8,6 +8,7 @@ Heavy imports (torch, grpc servers) happen inside the commands that need them, s
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import sys
 from collections.abc import Callable, Iterator
@@ -54,8 +55,8 @@ def parameters_from_args(args: argparse.Namespace, operation: str, skip: tuple[s
     return given
 
 
-def add_run_flags(parser: argparse.ArgumentParser) -> None:
-    """Where an image command runs and where its files go."""
+def add_image_flags(parser: argparse.ArgumentParser, operation: str) -> None:
+    """An image command's flags: where it runs and where its files go, and its parameters."""
     parser.add_argument("--out", type=Path, default=Path("out"), help="directory for the files (default: ./out)")
     parser.add_argument("--server", metavar="HOST:PORT", help="run through a gateway instead of in-process")
     parser.add_argument(
@@ -65,6 +66,7 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--weights", type=Path, help="in-process: directory with clip/ prior/ decoder/ upsampler/ checkpoints")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds before giving up")
+    add_parameter_flags(parser, operation)
 
 
 class Progress:
@@ -111,13 +113,22 @@ def backend(args: argparse.Namespace, progress: Progress | None = None) -> Itera
             yield client
 
 
-def run_reporting_errors(work: Callable[[], int]) -> int:
-    """`work()`'s exit code; a failed call, an argument that cannot be sent or a file that cannot
-    be read is one line on stderr and exit code 1, not a traceback."""
+def reports_errors(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """A command's `run` whose failed call, argument that cannot be sent or file that cannot be
+    read is one line on stderr and exit code 1, not a traceback."""
+
+    @functools.wraps(run)
+    def wrapper(args: argparse.Namespace) -> int:
+        return _reporting_errors(run, args)
+
+    return wrapper
+
+
+def _reporting_errors(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     from unclip.errors import UnclipError
 
     try:
-        return work()
+        return run(args)
     except OSError as error:
         print(
             f"unclip: cannot read {error.filename}: {error.strerror}" if error.filename else f"unclip: {error}", file=sys.stderr

@@ -6,14 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from unclip.cli.common import (
-    add_parameter_flags,
-    add_run_flags,
-    backend,
-    parameters_from_args,
-    run_reporting_errors,
-    write_animation,
-)
+from unclip.cli.common import add_image_flags, backend, parameters_from_args, reports_errors, write_animation
 
 OPERATION = "interpolate"
 
@@ -25,23 +18,20 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     ends.add_argument("--prompts", nargs=2, metavar=("P1", "P2"), help="the two end prompts")
     parser.add_argument("--frames", type=int, default=5, help="frames, both ends included (default: 5)")
     parser.add_argument("--gif", action="store_true", help="also write the frames as an animated GIF")
-    add_run_flags(parser)
-    add_parameter_flags(parser, OPERATION)
+    add_image_flags(parser, OPERATION)
     return parser
 
 
+@reports_errors
 def run(args: argparse.Namespace) -> int:
-    def work() -> int:
-        images = None if args.images is None else (args.images[0].read_bytes(), args.images[1].read_bytes())
-        with backend(args) as client:
-            animation = client.interpolate(
-                images=images,
-                prompts=None if args.prompts is None else tuple(args.prompts),
-                frames=args.frames,
-                animated_gif=args.gif,
-                **parameters_from_args(args, OPERATION),
-            )
-        write_animation(args.out, "interpolation", animation)
-        return 0
-
-    return run_reporting_errors(work)
+    images = None if args.images is None else (args.images[0].read_bytes(), args.images[1].read_bytes())
+    with backend(args) as client:
+        animation = client.interpolate(
+            images=images,
+            prompts=None if args.prompts is None else tuple(args.prompts),
+            frames=args.frames,
+            animated_gif=args.gif,
+            **parameters_from_args(args, OPERATION),
+        )
+    write_animation(args.out, "interpolation", animation)
+    return 0

@@ -6,14 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from unclip.cli.common import (
-    add_parameter_flags,
-    add_run_flags,
-    backend,
-    parameters_from_args,
-    run_reporting_errors,
-    write_animation,
-)
+from unclip.cli.common import add_image_flags, backend, parameters_from_args, reports_errors, write_animation
 
 OPERATION = "text_diff"
 
@@ -26,25 +19,22 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     parser.add_argument("--frames", type=int, default=5, help="frames, the unchanged start included (default: 5)")
     parser.add_argument("--max-rotation", type=float, help="how far the last frame moves, in (0, 1] (default: 0.5)")
     parser.add_argument("--gif", action="store_true", help="also write the frames as an animated GIF")
-    add_run_flags(parser)
-    add_parameter_flags(parser, OPERATION)
+    add_image_flags(parser, OPERATION)
     return parser
 
 
+@reports_errors
 def run(args: argparse.Namespace) -> int:
-    def work() -> int:
-        image = args.image.read_bytes()  # a missing file fails before any model loads
-        with backend(args) as client:
-            animation = client.text_diff(
-                image,
-                args.caption,
-                args.target,
-                frames=args.frames,
-                max_rotation=args.max_rotation,
-                animated_gif=args.gif,
-                **parameters_from_args(args, OPERATION),
-            )
-        write_animation(args.out, "textdiff", animation)
-        return 0
-
-    return run_reporting_errors(work)
+    image = args.image.read_bytes()  # a missing file fails before any model loads
+    with backend(args) as client:
+        animation = client.text_diff(
+            image,
+            args.caption,
+            args.target,
+            frames=args.frames,
+            max_rotation=args.max_rotation,
+            animated_gif=args.gif,
+            **parameters_from_args(args, OPERATION),
+        )
+    write_animation(args.out, "textdiff", animation)
+    return 0

@@ -95,7 +95,7 @@ def initialise_from(objective, directory: Path) -> None:
         raise CheckpointError(f"--init {directory}: a {source.kind!r} checkpoint cannot start a {objective.kind!r} run")
     try:
         # Parameters new to this configuration (e.g. position embeddings) keep their initialisation.
-        result = objective.model.load_state_dict(load_weights(directory, source), strict=True)
+        result = objective.model.load_state_dict(load_weights(directory, source), strict=False)
     except RuntimeError as error:  # differently shaped tensors
         raise CheckpointError(f"--init {directory}: its weights do not fit this configuration: {error}") from None
     if result.unexpected_keys:

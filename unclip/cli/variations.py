@@ -6,14 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from unclip.cli.common import (
-    add_parameter_flags,
-    add_run_flags,
-    backend,
-    parameters_from_args,
-    run_reporting_errors,
-    write_images,
-)
+from unclip.cli.common import add_image_flags, backend, parameters_from_args, reports_errors, write_images
 
 OPERATION = "variations"
 
@@ -21,17 +14,14 @@ OPERATION = "variations"
 def add_parser(commands: Any) -> argparse.ArgumentParser:
     parser = commands.add_parser("variations", help="variations of an image (its CLIP embedding decoded again)")
     parser.add_argument("image", type=Path, help="PNG, JPEG or WebP")
-    add_run_flags(parser)
-    add_parameter_flags(parser, OPERATION)
+    add_image_flags(parser, OPERATION)
     return parser
 
 
+@reports_errors
 def run(args: argparse.Namespace) -> int:
-    def work() -> int:
-        image = args.image.read_bytes()  # a missing file fails before any model loads
-        with backend(args) as client:
-            images = client.variations(image, **parameters_from_args(args, OPERATION))
-        write_images(args.out, [(f"variation-{image.seed}.png", image.png) for image in images])
-        return 0
-
-    return run_reporting_errors(work)
+    upload = args.image.read_bytes()  # a missing file fails before any model loads
+    with backend(args) as client:
+        images = client.variations(upload, **parameters_from_args(args, OPERATION))
+    write_images(args.out, [(f"variation-{image.seed}.png", image.png) for image in images])
+    return 0
