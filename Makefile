@@ -11,7 +11,7 @@ PROMPT ?= a red circle in the top left corner
 
 PYTHON_SOURCES := unclip encoder_svc prior_svc decoder_svc gateway tools tests deploy
 
-.PHONY: demo test test-fast test-kind install tools protos lint typecheck lint-protos docs bench clean
+.PHONY: demo test test-fast test-sdk-floor test-kind install tools protos lint typecheck lint-protos docs bench clean
 
 # The venv is reinstalled whenever pyproject.toml changes.
 $(INSTALLED): pyproject.toml
@@ -37,13 +37,18 @@ tools: $(BUF) $(HELM) $(KUBECTL)
 demo: $(INSTALLED)
 	$(BIN)/unclip generate "$(PROMPT)" --seed 0 --out out
 
-# The quality gates first (style, types, protos, generated docs), then every test; -rs says why a test skipped.
-test: lint typecheck $(INSTALLED) $(BUF) $(HELM)
+# The quality gates first (style, types, protos; the SDK at its dependency floor), then every test;
+# -rfEs lists failures and says why a test skipped.
+test: lint typecheck test-sdk-floor $(INSTALLED) $(BUF) $(HELM)
 	$(BIN)/python -m pytest -q -rfEs
 
 # The inner loop: no test that starts servers, a Ray cluster or full-quality sampling.
 test-fast: $(INSTALLED)
 	$(BIN)/python -m pytest -q -rfEs -m "not slow"
+
+# The client SDK alone, at the lowest versions its dependency ranges allow (no torch installed).
+test-sdk-floor:
+	$(PYTHON) tools/check_sdk_floor.py .sdk-floor
 
 # The chart end to end on a throwaway kind cluster (needs Docker and kind; skipped with a message otherwise).
 test-kind: $(INSTALLED) $(HELM)
@@ -71,4 +76,4 @@ bench: $(INSTALLED)
 	$(BIN)/unclip bench pipeline
 
 clean:
-	rm -rf $(VENV) .tools out .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .tools out .pytest_cache .mypy_cache .ruff_cache .sdk-floor
