@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from unclip import errors, settings
 from unclip.client import AsyncClient, Client
+from unclip.client.operations import Operations
 from unclip.parameters import OPERATIONS, parameters, spec_of, value_type
 
 PROTO_ROOT = ROOT / "protos"
@@ -136,11 +137,20 @@ def sdk_reference() -> list[str]:
     lines = ["## Python SDK (`unclip.client`)", "", inspect.getdoc(sys.modules["unclip.client"]) or "", ""]
     for cls in (Client, AsyncClient):
         lines += [f"### class `{cls.__name__}`", "", "```text", inspect.getdoc(cls) or "", "```", ""]
-        for name, member in inspect.getmembers(cls, inspect.isfunction):
-            if name.startswith("_") or name not in cls.__dict__:
+    lines += [
+        "### Operations",
+        "",
+        "The methods both clients offer (`unclip.client.operations`). `ImagesT` is `list[GeneratedImage]`, "
+        "`AnimationT` is `Animation` and `StreamT` an iterator of `StageProgress`, `Preview` and finally the "
+        "images; `AsyncClient` returns awaitables of the first two and an async iterator for the stream.",
+        "",
+    ]
+    for owner in (Operations, Client, AsyncClient):
+        for name, member in inspect.getmembers(owner, inspect.isfunction):
+            if name.startswith("_") or name not in owner.__dict__:
                 continue
-            signature = str(inspect.signature(member))
-            lines += [f"#### `{cls.__name__}.{name}{signature}`", "", "```text", inspect.getdoc(member) or "", "```", ""]
+            title = name if owner is Operations else f"{owner.__name__}.{name}"
+            lines += [f"#### `{title}{inspect.signature(member)}`", "", "```text", inspect.getdoc(member) or "", "```", ""]
     return lines
 
 

@@ -15,9 +15,9 @@ import importlib
 import sys
 import time
 import typing
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import grpc
 import numpy as np
@@ -34,8 +34,8 @@ from gateway.remote import RayTransport, RemoteStages
 from gateway.servicer import ImageServicer
 from prior_svc.servicer import PriorServicer
 from unclip.calls import DecodeCall, SampleCall, StageCall, UpsampleCall
-from unclip.errors import Cancelled, DeadlineExceeded, error_for_status
-from unclip.serving import StageServicer, rpc
+from unclip.errors import Cancelled, DeadlineExceeded
+from unclip.serving import HopContext, StageServicer, rpc
 from unclip.stage import GATEWAY, SERVICE_NAMES
 from unclip.storage import ResultStore, StorageConfig
 
@@ -44,34 +44,6 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "serve.yaml"
 # Ray bounds each replica's queue (max_ongoing_requests, max_queued_requests); the servicers'
 # own limit must never be the one that answers RESOURCE_EXHAUSTED.
 UNBOUNDED_PENDING = sys.maxsize
-
-
-class HopContext:
-    """What the local-mode servicers use of a grpc.aio context, for a call arriving through Serve:
-    from the gRPC proxy (`grpc_context`, Ray's serialisable context where the status code goes)
-    or from a handle (`timeout_s`, the time the calling hop has left)."""
-
-    def __init__(self, grpc_context: Any = None, timeout_s: float | None = None, *, deadline: float | None = None):
-        self.grpc_context = grpc_context
-        self.deadline = deadline if timeout_s is None else time.monotonic() + timeout_s
-
-    @classmethod
-    def latest(cls, contexts: Iterable["HopContext"]) -> "HopContext":
-        """A context for work shared by several calls: it lasts as long as the longest of them."""
-        deadlines = [context.deadline for context in contexts]
-        known = [deadline for deadline in deadlines if deadline is not None]
-        return cls(deadline=None if len(known) < len(deadlines) else max(known))
-
-    def time_remaining(self) -> float | None:
-        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
-
-    async def abort(self, code: grpc.StatusCode, details: str) -> NoReturn:
-        if self.grpc_context is not None:
-            # The proxy answers with the code set here (Serve carries it in a gRPCStatusError).
-            self.grpc_context.set_code(code)
-            self.grpc_context.set_details(details)
-        # A handle caller receives this error inside a RayTaskError and maps it back to its code.
-        raise error_for_status(code.name, details)
 
 
 def _rpc_method(name: str):

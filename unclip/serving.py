@@ -10,11 +10,12 @@ import importlib
 import inspect
 import logging
 import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, NoReturn, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -23,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from unclip.calls import StageCall, grpc_module, service_full_name
 from unclip.cancel import CancelToken, run_cancellable
-from unclip.errors import ResourceExhausted, Unavailable, UnclipError
+from unclip.errors import ResourceExhausted, Unavailable, UnclipError, error_for_status
 from unclip.stage import Stage
 from unclip.stages import load_engine
 from unclip.transport import GRPC_OPTIONS
@@ -88,6 +89,36 @@ async def events_until_done(events: asyncio.Queue, task: asyncio.Future) -> Asyn
             getter.cancel()
     while not events.empty():
         yield events.get_nowait()
+
+
+class HopContext:
+    """What the servicers use of a grpc.aio context (the time left, abort), for a call that
+    arrives without one: through Ray Serve's gRPC proxy (`grpc_context`, Ray's serialisable
+    context where the status code goes), through a Serve handle (`timeout_s`, the time the
+    calling hop has left), or in this process (`deadline`). `abort` raises the unclip error of
+    the status, so the caller gets the error the service would have answered with."""
+
+    def __init__(self, grpc_context: Any = None, timeout_s: float | None = None, *, deadline: float | None = None):
+        self.grpc_context = grpc_context
+        self.deadline = deadline if timeout_s is None else time.monotonic() + timeout_s
+
+    @classmethod
+    def latest(cls, contexts: Iterable[HopContext]) -> HopContext:
+        """A context for work shared by several calls: it lasts as long as the longest of them."""
+        deadlines = [context.deadline for context in contexts]
+        known = [deadline for deadline in deadlines if deadline is not None]
+        return cls(deadline=None if len(known) < len(deadlines) else max(known))
+
+    def time_remaining(self) -> float | None:
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> NoReturn:
+        if self.grpc_context is not None:
+            # The proxy answers with the code set here (Serve carries it in a gRPCStatusError).
+            self.grpc_context.set_code(code)
+            self.grpc_context.set_details(details)
+        # A handle caller receives this error inside a RayTaskError and maps it back to its code.
+        raise error_for_status(code.name, details)
 
 
 class StageServicer:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
 
-from unclip.client import requests
 from unclip.client.base import ClientBase
-from unclip.client.requests import ImageInput, Rpc, takes_parameters
-from unclip.client.retry import DEFAULT, Attempts, Timeout
+from unclip.client.operations import Operations
+from unclip.client.requests import Rpc
+from unclip.client.retry import Attempts, Timeout
 from unclip.client.types import Animation, GeneratedImage, StreamEvent, event_from_stream
 from unclip.transport import GRPC_OPTIONS
 from unclip.v1 import images_pb2, images_pb2_grpc
@@ -20,7 +20,7 @@ from unclip.v1 import images_pb2, images_pb2_grpc
 T = TypeVar("T")
 
 
-class Client(ClientBase):
+class Client(ClientBase, Operations[list[GeneratedImage], Animation, Iterator[StreamEvent]]):
     """A blocking client for an unclip gateway (`unclip.v1.ImageService`).
 
     Args:
@@ -62,126 +62,6 @@ class Client(ClientBase):
             self._channel = grpc.secure_channel(self.target, self._credentials, options=GRPC_OPTIONS)
         self._stub = images_pb2_grpc.ImageServiceStub(self._channel)
 
-    @takes_parameters("generate")
-    def generate(
-        self,
-        prompt: str,
-        *,
-        response_format: str = "png",
-        idempotency_key: str | None = None,
-        timeout: Timeout = DEFAULT,
-        **parameters: Any,
-    ) -> list[GeneratedImage]:
-        """Generate images for `prompt`: `n` of them, image i from seed + i."""
-        return self._unary(requests.generate(prompt, parameters, response_format, idempotency_key), timeout)
-
-    @takes_parameters("generate_stream")
-    def generate_stream(
-        self,
-        prompt: str,
-        *,
-        response_format: str = "png",
-        idempotency_key: str | None = None,
-        timeout: Timeout = DEFAULT,
-        **parameters: Any,
-    ) -> Iterator[StreamEvent]:
-        """Like `generate`, but yields events as the work goes on, then the images.
-
-        Yields a `StageProgress` as each stage finishes and, when `preview_every` > 0, a
-        `Preview` of the decoder's current estimate every `preview_every` decoder steps (and
-        after its last); the last item is the list of `GeneratedImage`s.
-
-        The arguments are checked now; the call starts when iteration does, and its timeout covers
-        the whole stream. A call that fails before the first event is retried like `generate`;
-        once an event has arrived, a failure raises `UnclipError`. Stopping the iteration early
-        cancels the call.
-        """
-        request = requests.generate_stream(prompt, parameters, response_format, idempotency_key)
-        return self._stream(request, self._resolve(timeout))
-
-    @takes_parameters("variations")
-    def variations(
-        self,
-        image: ImageInput,
-        *,
-        response_format: str = "png",
-        idempotency_key: str | None = None,
-        timeout: Timeout = DEFAULT,
-        **parameters: Any,
-    ) -> list[GeneratedImage]:
-        """`n` variations of `image`: its CLIP image embedding decoded again, image i with seed + i.
-
-        An image the server cannot decode is INVALID_ARGUMENT.
-        """
-        return self._unary(requests.variations(image, parameters, response_format, idempotency_key), timeout)
-
-    @takes_parameters("edit")
-    def edit(
-        self,
-        image: ImageInput,
-        prompt: str,
-        *,
-        mask: ImageInput | None = None,
-        response_format: str = "png",
-        idempotency_key: str | None = None,
-        timeout: Timeout = DEFAULT,
-        **parameters: Any,
-    ) -> list[GeneratedImage]:
-        """Inpainting: regenerate part of `image` so that the whole matches `prompt`.
-
-        `image` may have any size (it is centre-cropped and resized to `size`); `prompt`
-        describes the whole edited image, not only the new part. `mask`: an image of the same
-        size whose fully transparent pixels (alpha 0) mark the region to regenerate; None to use
-        `image`'s own alpha channel. Pixels outside the region are kept. A mask without
-        transparent pixels, or of another size, is INVALID_ARGUMENT.
-        """
-        return self._unary(requests.edit(image, prompt, mask, parameters, response_format, idempotency_key), timeout)
-
-    @takes_parameters("interpolate")
-    def interpolate(
-        self,
-        *,
-        images: tuple[ImageInput, ImageInput] | None = None,
-        prompts: tuple[str, str] | None = None,
-        frames: int = 5,
-        animated_gif: bool = False,
-        response_format: str = "png",
-        idempotency_key: str | None = None,
-        timeout: Timeout = DEFAULT,
-        **parameters: Any,
-    ) -> Animation:
-        """Frames between two images or two prompts (give exactly one pair): their image
-        embeddings slerped, the prompts' from the prior. `frames` counts both ends (at least 2);
-        `animated_gif` also returns them as a GIF. Every frame shares the seed, so only the
-        embedding changes."""
-        rpc = requests.interpolate(images, prompts, frames, animated_gif, parameters, response_format, idempotency_key)
-        return self._unary(rpc, timeout)
-
-    @takes_parameters("text_diff")
-    def text_diff(
-        self,
-        image: ImageInput,
-        caption: str,
-        target_caption: str,
-        *,
-        frames: int = 5,
-        max_rotation: float | None = None,
-        animated_gif: bool = False,
-        response_format: str = "png",
-        idempotency_key: str | None = None,
-        timeout: Timeout = DEFAULT,
-        **parameters: Any,
-    ) -> Animation:
-        """A text diff (DALL-E 2): frames moving `image` from `caption` (what it shows) toward
-        `target_caption`. `frames` counts the unchanged start (at least 2); `max_rotation`, in
-        (0, 1], is how far the last frame moves along the arc toward the text-diff direction
-        (None: the server's default, 0.5); `animated_gif` also returns a GIF. Every frame shares
-        the seed."""
-        rpc = requests.text_diff(
-            image, caption, target_caption, frames, max_rotation, animated_gif, parameters, response_format, idempotency_key
-        )
-        return self._unary(rpc, timeout)
-
     def _unary(self, rpc: Rpc[T], timeout: Timeout) -> T:
         """The parsed response of a unary RPC; UNAVAILABLE is retried with backoff within the timeout."""
         call = getattr(self._stub, rpc.method)
@@ -192,8 +72,8 @@ class Client(ClientBase):
             except grpc.RpcError as error:
                 time.sleep(attempts.failed(error))
 
-    def _stream(self, request: images_pb2.GenerateStreamRequest, timeout: float | None) -> Iterator[StreamEvent]:
-        attempts = Attempts("GenerateStream", self.target, self._policy, timeout)
+    def _stream(self, request: images_pb2.GenerateStreamRequest, timeout: Timeout) -> Iterator[StreamEvent]:
+        attempts = Attempts("GenerateStream", self.target, self._policy, self._resolve(timeout))
         while True:
             call = self._stub.GenerateStream(request, timeout=attempts.start(), metadata=self._metadata)
             received = False
