@@ -228,6 +228,7 @@ class ImageAPI:
             "seeds": [i.seed for i in images],
             "sizes": [[i.width, i.height] for i in images],
             "models": info.model_versions,
+            "compute_batch": info.compute_batches,
             "timings": timings,
             "software": f"unclip {unclip.__version__}",
         }

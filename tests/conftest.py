@@ -22,6 +22,18 @@ def local_stages():
     return LocalStages.load()
 
 
+@pytest.fixture(scope="session")
+def local_stages_batched():
+    """The shipped engines at the compute batches of parameter_cases.BATCHED (room for several
+    requests' rows in one evaluation, so concurrent calls share them)."""
+    from parameter_cases import BATCHED
+
+    from unclip.local import LocalStages
+    from unclip.stages.batcher import BatchSettings, compute_batches
+
+    return LocalStages.load(settings={stage: BatchSettings(compute_batch=n) for stage, n in compute_batches(BATCHED).items()})
+
+
 # -- tiny stage configs: networks small enough to build and run in milliseconds ---------------
 
 

@@ -16,6 +16,10 @@ import numpy as np
 from unclip.parameters import GenerationParameters, parameters
 from unclip.pipeline import generate
 
+# The compute batches the batched servers and in-process stages of the tests run at: room for
+# a few requests' rows per evaluation, so that concurrent calls share them.
+BATCHED = "encoder=4,prior=16,decoder=16,upsampler=4"
+
 # Few steps: the point is that each setting arrives, not image quality.
 BASE = dict(prompt="a green triangle at the bottom", seed=1, prior_steps=2, decoder_steps=2, upsampler_steps=1)
 

@@ -70,3 +70,33 @@ def test_generate_server_unreachable_is_a_clear_error(tmp_path: Path):
     result = unclip("generate", "a blue square", "--server", "127.0.0.1:1", "--timeout", "3", "--out", str(tmp_path))
     assert result.returncode == 1
     assert "UNAVAILABLE" in result.stderr and "127.0.0.1:1" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bench_throughput_measures_row_by_row_beside_a_compute_batch(tmp_path: Path):
+    """In-process and through `serve all`: every (mode, compute batch, load, concurrency) point,
+    row by row first, with images per second, latencies and each process's peak memory."""
+    out = tmp_path / "throughput.json"
+    result = unclip(
+        "bench", "throughput", "--mode", "inprocess", "--mode", "services", "--load", "pipeline", "--load", "decoder",
+        "--compute-batch", "decoder=4", "--concurrency", "1,2", "--requests", "2", "--steps", "1", "--json", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "x row" in result.stdout and "p95 s" in result.stdout
+    points = json.loads(out.read_text())["points"]
+    keys = [(p["mode"], p["compute_batch"], p["load"], p["concurrency"]) for p in points]
+    assert keys == [
+        (mode, spec, load, concurrency)
+        for mode in ("inprocess", "services")
+        for spec in ("1", "decoder=4")
+        for load in ("pipeline", "decoder")
+        for concurrency in (1, 2)
+    ]
+    for point in points:
+        assert point["requests"] == 2 and point["images_per_second"] > 0 and point["p95_s"] >= point["p50_s"] > 0
+        expected = {"inprocess"} if point["mode"] == "inprocess" else {"encoder", "prior", "decoder", "upsampler", "gateway"}
+        assert set(point["peak_rss_mb"]) == expected and all(mb > 50 for mb in point["peak_rss_mb"].values())
+
+
+def test_bench_throughput_refuses_a_bad_compute_batch():
+    result = unclip("bench", "throughput", "--compute-batch", "decoder=0")
+    assert result.returncode == 2 and "compute batch must be a positive integer, got '0'" in result.stderr

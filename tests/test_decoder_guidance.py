@@ -95,10 +95,15 @@ def test_three_pass_guidance_pairs_each_row_with_its_own_conditions():
     cond = dict(image=torch.randn(3, 4), text=torch.randn(3, 4), drop_image=kept, drop_text=kept)
     uncond = {**cond, "drop_image": dropped, "drop_text": dropped}
     image_only = {**cond, "drop_text": dropped}
-    expected = guided(net, cond, uncond, 3.0)(x, t)
-    torch.testing.assert_close(guided_two_conditions(net, cond, image_only, uncond, 3.0, 3.0)(x, t), expected)
+
+    def model_output(guidance):
+        x_in, t_in, conditioning = guidance.inputs(x, t)
+        return guidance.output(net(x_in, t_in, **conditioning))
+
+    expected = model_output(guided(cond, uncond, 3.0))
+    torch.testing.assert_close(model_output(guided_two_conditions(cond, image_only, uncond, 3.0, 3.0)), expected)
     # Image guidance at 1 and text guidance at 0 leave the image-only prediction.
-    torch.testing.assert_close(guided_two_conditions(net, cond, image_only, uncond, 1.0, 0.0)(x, t), net(x, t, **image_only))
+    torch.testing.assert_close(model_output(guided_two_conditions(cond, image_only, uncond, 1.0, 0.0)), net(x, t, **image_only))
 
 
 def test_rows_decoded_together_match_rows_decoded_alone(checkpoints, inputs):

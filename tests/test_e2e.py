@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 import pytest
 from conftest import FAST_STEPS
-from parameter_cases import BASE, PARAMETER_NAMES, SENDS_PREVIEWS, as_keyword_arguments, generate_in_process, varied
+from parameter_cases import BASE, BATCHED, PARAMETER_NAMES, SENDS_PREVIEWS, as_keyword_arguments, generate_in_process, varied
 
 from unclip.client import AsyncClient, Client, Preview, StageProgress, UnclipError
 from unclip.launcher import check_health
@@ -53,7 +53,20 @@ def _free_port_block(size: int = 5) -> int:
 def serve_all():
     port = _free_port_block(6)  # the gateway, four stages, and the gateway's HTTP API
     process = subprocess.Popen(
-        [sys.executable, "-m", "unclip", "serve", "all", "--port", str(port), "--http-port", str(port + 5)],
+        # Batched here (Ray Serve's tests use 1 as well): in-process equality must hold at both.
+        [
+            sys.executable,
+            "-m",
+            "unclip",
+            "serve",
+            "all",
+            "--port",
+            str(port),
+            "--http-port",
+            str(port + 5),
+            "--compute-batch",
+            BATCHED,
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -74,13 +87,16 @@ def serve_all():
             process.wait()
 
 
-def test_distributed_images_equal_in_process_images(serve_all, local_stages):
+def test_distributed_images_equal_in_process_images(serve_all, local_stages_batched):
     _, address, _ = serve_all
     # A caption guidance scale of its own shows that it travels through the services too.
     with Client(address, timeout=120) as client:
         remote = client.generate(PROMPT, n=2, seed=123, decoder_text_guidance_scale=3.0, **FAST_STEPS)
     local = asyncio.run(
-        generate(local_stages, GenerationParameters(prompt=PROMPT, n=2, seed=123, decoder_text_guidance_scale=3.0, **FAST_STEPS))
+        generate(
+            local_stages_batched,
+            GenerationParameters(prompt=PROMPT, n=2, seed=123, decoder_text_guidance_scale=3.0, **FAST_STEPS),
+        )
     )
     assert [image.seed for image in remote] == [123, 124]
     for remote_image, local_image in zip(remote, local, strict=True):
@@ -91,11 +107,11 @@ def test_distributed_images_equal_in_process_images(serve_all, local_stages):
 
 
 @pytest.mark.parametrize("name", PARAMETER_NAMES)
-def test_each_parameter_gives_the_in_process_images_through_the_services(serve_all, local_stages, name):
+def test_each_parameter_gives_the_in_process_images_through_the_services(serve_all, local_stages_batched, name):
     """Each parameter at a value other than its default (which changes the images in-process,
     test_parameters) gives the same PNGs through `serve all`: no hop drops or alters it."""
     _, address, _ = serve_all
-    expected, previews = generate_in_process(local_stages, varied(name))
+    expected, previews = generate_in_process(local_stages_batched, varied(name))
     prompt, parameters = as_keyword_arguments(varied(name))
     with Client(address, timeout=120) as client:
         events = list(client.generate_stream(prompt, **parameters))

@@ -4,7 +4,7 @@ Serve gRPC proxy exactly as an external client would, compared with the in-proce
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import copy
 import shutil
 import tempfile
 import time
@@ -14,7 +14,7 @@ import grpc
 import numpy as np
 import pytest
 import ray
-from parameter_cases import PARAMETER_NAMES, as_keyword_arguments, generate_in_process, varied
+from parameter_cases import BATCHED, PARAMETER_NAMES, as_keyword_arguments, generate_in_process, varied
 from ray import serve
 from ray.exceptions import RayTaskError
 from ray.serve.exceptions import BackPressureError
@@ -29,7 +29,9 @@ from unclip.launcher import free_port
 from unclip.options import SamplingOptions
 from unclip.parameters import GenerationParameters
 from unclip.pipeline import generate
-from unclip.ray_apps import APP_NAMES, batch_key, deploy, load_config, merge_calls
+from unclip.ray_apps import APP_NAMES, deploy, load_config
+from unclip.stage import GATEWAY, Stage
+from unclip.stages.batcher import compute_batches
 from unclip.transport import GRPC_OPTIONS
 from unclip.v1 import decoder_pb2, decoder_pb2_grpc, images_pb2, images_pb2_grpc, prior_pb2, prior_pb2_grpc, sampling_pb2
 
@@ -70,47 +72,50 @@ def test_ray_errors_map_to_status_codes():
     assert isinstance(error_from_ray("prior", ray.exceptions.RayActorError()), Unavailable)
 
 
-def _sample_call(rows: int, steps: int, seed: int = 0) -> SampleCall:
-    return SampleCall(
-        np.full((rows, 4), seed, np.float32),
-        np.zeros((rows, 3, 2), np.float32),
-        np.ones((rows, 3), bool),
-        seeds=list(range(seed, seed + rows)),
-        sampling=SamplingOptions(steps),
-    )
-
-
-def test_requests_share_an_engine_call_only_with_equal_settings():
-    a, b, c = _sample_call(1, 2, seed=1), _sample_call(2, 2, seed=5), _sample_call(1, 3)
-    assert batch_key(a) == batch_key(b) != batch_key(c)
-    misaligned = dataclasses.replace(a, seeds=[1, 2])  # two seeds for one row: the engine rejects it alone
-    assert batch_key(misaligned) != batch_key(dataclasses.replace(misaligned))
-    merged = merge_calls([a, b])
-    assert merged.seeds == [1, 5, 6] and merged.sampling == SamplingOptions(2)
-    np.testing.assert_array_equal(merged.text_embeddings[:, 0], [1, 5, 5])
-    assert merged.text_encodings.shape == (3, 3, 2) and merged.text_mask.shape == (3, 3)
-
-
 # -- a real local cluster --------------------------------------------------------------------
+
+
+SUFFIX = "-batched"  # of a second set of applications, at the compute batches of BATCHED
+COMPUTE_BATCHES = compute_batches(BATCHED)
+
+
+def batched_apps(config: dict) -> list[dict]:
+    """Every application again under the name + SUFFIX, at the compute batches of BATCHED,
+    waiting long enough for concurrent test requests to surely meet in a joint run; its gateway
+    calls its own stages."""
+    apps = []
+    for app in copy.deepcopy(config["applications"]):
+        app["name"] += SUFFIX
+        app["route_prefix"] += SUFFIX
+        if app["name"] == GATEWAY + SUFFIX:
+            app["args"] = {**app["args"], **{stage: app["args"][stage] + SUFFIX for stage in ("encoder", "prior", "decoder")}}
+            app["args"]["upsamplers"] = [name + SUFFIX for name in app["args"]["upsamplers"]]
+        else:
+            app["args"] |= {
+                "compute_batch": COMPUTE_BATCHES[Stage(app["name"].removesuffix(SUFFIX))],
+                "batch_wait_timeout_s": 0.5,
+            }
+        apps.append(app)
+    return apps
 
 
 @pytest.fixture(scope="module")
 def ray_serve():
-    """The shipped Serve config on a 2-CPU local Ray cluster; yields the gRPC proxy's address."""
+    """The shipped Serve config on a 2-CPU local Ray cluster, and the same applications at
+    compute batches of BATCHED (names ending in SUFFIX); yields the gRPC proxy's address."""
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
     config = load_config()
     grpc_port = free_port()
     config["grpc_options"]["port"] = grpc_port
     config["http_options"]["port"] = free_port()
     for app in config["applications"]:
-        if "batch_wait_timeout_s" in app["args"]:
-            app["args"]["batch_wait_timeout_s"] = 0.5  # concurrent test requests surely meet in a batch
         for deployment in app["deployments"]:
             deployment["autoscaling_config"]["max_replicas"] = 1
             deployment["ray_actor_options"]["num_cpus"] = 0.1
+    config["applications"] += batched_apps(config)
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
     try:
-        deploy(config, timeout_s=180)
+        deploy(config, timeout_s=240)
         yield f"127.0.0.1:{grpc_port}"
     finally:
         serve.shutdown()
@@ -145,16 +150,24 @@ def test_each_parameter_gives_the_in_process_images_through_ray_serve(ray_serve,
     assert sum(isinstance(event, Preview) for event in events) == previews
 
 
-def _stats(app: str) -> list[int]:
-    return serve.get_app_handle(app).stats.remote().result(timeout_s=30)["engine_calls"]
+def _stats(app: str) -> dict:
+    return serve.get_app_handle(app).stats.remote().result(timeout_s=30)
 
 
-def test_concurrent_requests_are_batched_without_changing_results(channel, local_stages):
-    texts = local_stages.encoder.encode_text(list(PROMPTS))
-    # Different prompts, seeds and row counts; the step counts make two groups.
-    jobs = [(0, [1], 2), (1, [2], 2), (0, [3, 4], 2), (1, [5], 3)]
+def concurrently(call, requests):
+    with ThreadPoolExecutor(len(requests)) as pool:
+        return list(pool.map(call, requests))
 
-    def prior_request(prompt: int, seeds: list[int], steps: int) -> prior_pb2.SampleRequest:
+
+def test_a_mixed_batch_shares_network_calls_without_changing_results(channel, local_stages_batched):
+    """Concurrent requests with other prompts, seeds, row counts, step counts and guidance meet
+    in joint runs at a compute batch with room for them; each result equals the in-process engine's alone."""
+    texts = local_stages_batched.encoder.encode_text(list(PROMPTS))
+    # (prompt, seeds, steps, guidance scale): the step counts and scales differ, so only shared
+    # network calls, not shared settings, can batch them.
+    jobs = [(0, [1], 2, None), (1, [2], 3, 4.0), (0, [3, 4], 2, 1.0), (1, [5], 4, None)]
+
+    def prior_request(prompt, seeds, steps, scale) -> prior_pb2.SampleRequest:
         rows = [prompt] * len(seeds)
         return prior_pb2.SampleRequest(
             text_embeddings=codec.from_numpy(texts.embeddings[rows]),
@@ -162,39 +175,69 @@ def test_concurrent_requests_are_batched_without_changing_results(channel, local
             text_mask=codec.from_numpy(texts.mask[rows]),
             seeds=seeds,
             sampling=sampling_pb2.SamplingOptions(steps=steps),
+            guidance_scale=scale,
         )
-
-    def concurrently(call, requests):
-        with ThreadPoolExecutor(len(requests)) as pool:
-            return list(pool.map(call, requests))
 
     prior = prior_pb2_grpc.PriorServiceStub(channel)
-    calls_before = len(_stats("prior"))
-    replies = concurrently(lambda r: prior.Sample(r, metadata=metadata("prior"), timeout=60), [prior_request(*j) for j in jobs])
-    prior_calls = _stats("prior")[calls_before:]
+    before = _stats("prior" + SUFFIX)
+    replies = concurrently(
+        lambda r: prior.Sample(r, metadata=metadata("prior" + SUFFIX), timeout=60), [prior_request(*job) for job in jobs]
+    )
+    after = _stats("prior" + SUFFIX)
     embeddings = [codec.to_numpy(reply.image_embeddings) for reply in replies]
-    for (prompt, seeds, steps), result in zip(jobs, embeddings, strict=True):
+    for (prompt, seeds, steps, scale), result in zip(jobs, embeddings, strict=True):
         rows = [prompt] * len(seeds)
-        alone = local_stages.prior.sample(
-            texts.embeddings[rows], texts.encodings[rows], texts.mask[rows], seeds, sampling=SamplingOptions(steps)
-        )
+        alone = local_stages_batched.prior.sample(
+            texts.embeddings[rows], texts.encodings[rows], texts.mask[rows], seeds, sampling=SamplingOptions(steps),
+            guidance_scale=scale,
+        )  # fmt: skip
         np.testing.assert_array_equal(result, alone)
-    assert sum(prior_calls) == len(jobs) and max(prior_calls) > 1  # ideally [3, 1]: the 2-step requests together
+    runs = after["runs"][len(before["runs"]) :]
+    assert sum(runs) == len(jobs) and max(runs) > 1
+    calls = after["network_calls"] - before["network_calls"]
+    rows = after["network_rows"] - before["network_rows"]
+    assert after["compute_batch"] == COMPUTE_BATCHES[Stage.PRIOR] and rows / calls > 1  # a count, not a timing
 
     decoder = decoder_pb2_grpc.DecoderServiceStub(channel)
     decode_requests = [
         decoder_pb2.DecodeRequest(
-            image_embeddings=codec.from_numpy(e), seeds=seeds, sampling=sampling_pb2.SamplingOptions(steps=steps)
+            image_embeddings=codec.from_numpy(e),
+            seeds=seeds,
+            sampling=sampling_pb2.SamplingOptions(steps=steps),
+            guidance_scale=scale,
         )
-        for e, (_, seeds, steps) in zip(embeddings, jobs, strict=True)
+        for e, (_, seeds, steps, scale) in zip(embeddings, jobs, strict=True)
     ]
-    calls_before = len(_stats("decoder"))
-    replies = concurrently(lambda r: decoder.Decode(r, metadata=metadata("decoder"), timeout=60), decode_requests)
-    decoder_calls = _stats("decoder")[calls_before:]
-    assert sum(decoder_calls) == len(jobs) and max(decoder_calls) > 1
-    for e, (_, seeds, steps), reply in zip(embeddings, jobs, replies, strict=True):
-        alone = local_stages.decoder.decode(e, seeds, sampling=SamplingOptions(steps))
+    before = _stats("decoder" + SUFFIX)
+    replies = concurrently(lambda r: decoder.Decode(r, metadata=metadata("decoder" + SUFFIX), timeout=60), decode_requests)
+    runs = _stats("decoder" + SUFFIX)["runs"][len(before["runs"]) :]
+    assert sum(runs) == len(jobs) and max(runs) > 1
+    for e, (_, seeds, steps, scale), reply in zip(embeddings, jobs, replies, strict=True):
+        alone = local_stages_batched.decoder.decode(e, seeds, sampling=SamplingOptions(steps), guidance_scale=scale)
         np.testing.assert_array_equal(codec.to_numpy(reply.images), alone)
+
+
+def test_mixed_generations_through_the_gateway_equal_in_process_ones(ray_serve, local_stages_batched):
+    """Whole generations at the compute batches of BATCHED: concurrent requests with other prompts, seeds,
+    counts and settings give the PNGs each gives alone in-process (metadata included)."""
+    requests = [
+        dict(prompt=PROMPTS[0], seed=3, n=2, **TINY_STEPS),
+        dict(prompt=PROMPTS[1], seed=9, prior_guidance_scale=5.0, **TINY_STEPS),
+        dict(prompt=PROMPTS[1], seed=4, decoder_steps=3, prior_steps=2, upsampler_steps=1, size=32),
+    ]
+    before = _stats("decoder" + SUFFIX)["runs"]
+
+    def remote(request: dict) -> list:
+        prompt, parameters = as_keyword_arguments(request)
+        with Client(ray_serve, application=GATEWAY + SUFFIX, timeout=120) as client:
+            return client.generate(prompt, **parameters)
+
+    results = concurrently(remote, requests)
+    assert max(_stats("decoder" + SUFFIX)["runs"][len(before) :]) > 1
+    for request, images in zip(requests, results, strict=True):
+        expected, _ = generate_in_process(local_stages_batched, request)
+        assert [image.png for image in images] == [image.png for image in expected]
+        assert images[0].metadata["compute_batch"]["decoder"] == COMPUTE_BATCHES[Stage.DECODER]
 
 
 def test_a_stage_error_keeps_its_status_code(channel):
@@ -223,8 +266,8 @@ def test_handle_calls_respect_the_deadline(ray_serve, local_stages):
         stages = RemoteStages("encoder", "prior", "decoder", ["upsampler"], transport=RayTransport)
         text = await stages.run(EncodeTextCall([PROMPTS[0]]), deadline=time.monotonic() + 30)
         started = time.monotonic()
-        call = SampleCall(text.embeddings, text.encodings, text.mask, seeds=[1], sampling=SamplingOptions(2))
-        with pytest.raises(DeadlineExceeded):  # the prior's batch window alone is longer than this
+        call = SampleCall(text.embeddings, text.encodings, text.mask, seeds=[1], sampling=SamplingOptions(1000))
+        with pytest.raises(DeadlineExceeded):  # 1000 prior steps take far longer than this
             await stages.run(call, deadline=started + 0.2)
         assert time.monotonic() - started < 5
         await stages.close()

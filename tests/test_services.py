@@ -21,6 +21,7 @@ from prior_svc.servicer import PriorServicer
 from unclip import codec
 from unclip.options import SamplingOptions
 from unclip.serving import Server
+from unclip.stages.batcher import BatchSettings
 from unclip.transport import GRPC_OPTIONS
 from unclip.v1 import (
     decoder_pb2,
@@ -249,7 +250,7 @@ def test_cancelled_call_stops_the_sampler(services):
 
 
 def test_backpressure_is_resource_exhausted(services):
-    context = BackgroundServer(lambda: Server(PriorServicer(max_pending=1), PRIOR_SERVICES, port=0))
+    context = BackgroundServer(lambda: Server(PriorServicer(settings=BatchSettings(max_pending=1)), PRIOR_SERVICES, port=0))
     server = context.__enter__()
     try:
         with grpc.insecure_channel(server.address, options=GRPC_OPTIONS) as channel:

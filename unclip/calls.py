@@ -50,6 +50,7 @@ class ModelInfo:
     image_size: int = 0  # decoder: the side of its images
     scale_factor: int = 0  # upsampler: output side / input side
     max_steps: int = 0  # diffusion stages: the upper bound for steps
+    compute_batch: int = 1  # rows per network evaluation; images depend on it
 
 
 class StageCall(Generic[R]):
@@ -79,6 +80,7 @@ class StageCall(Generic[R]):
         return codec.to_numpy(getattr(reply, self.RESULT), self.RESULT)  # type: ignore[return-value]
 
     def run(self, engine: Any, cancel: Any = None, progress: Any = None) -> R:
+        """The call's result from `engine`, alone."""
         raise NotImplementedError
 
 
@@ -125,10 +127,14 @@ class EncodeImageCall(StageCall[np.ndarray]):
 
 @dataclass(kw_only=True)
 class _RowsCall(StageCall[np.ndarray]):
-    """A diffusion stage's call: one seed per row, and how to sample."""
+    """A diffusion stage's call: one seed per row, and how to sample. The engine turns it into
+    a job of a sampling run (`DiffusionEngine.job`), which may share its network calls."""
 
     seeds: list[int]
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
+
+    def run(self, engine: Any, cancel: Any = None, progress: Any = None) -> np.ndarray:
+        return engine.run_one(engine.job(self, cancel, progress))
 
 
 @dataclass(kw_only=True)
@@ -161,12 +167,6 @@ class SampleCall(_RowsCall):
     RESPONSE = prior_pb2.SampleResponse
     RESULT = "image_embeddings"
 
-    def run(self, engine: Any, cancel: Any = None, progress: Any = None) -> np.ndarray:
-        return engine.sample(
-            self.text_embeddings, self.text_encodings, self.text_mask, self.seeds, num_candidates=self.num_candidates,
-            guidance_scale=self.guidance_scale, sampling=self.sampling, cancel=cancel,
-        )  # fmt: skip
-
 
 @dataclass
 class DecodeCall(_InpaintingCall):
@@ -182,13 +182,6 @@ class DecodeCall(_InpaintingCall):
     RESPONSE = decoder_pb2.DecodeResponse
     RESULT = "images"
 
-    def run(self, engine: Any, cancel: Any = None, progress: Any = None) -> np.ndarray:
-        return engine.decode(
-            self.image_embeddings, self.seeds, text_encodings=self.text_encodings, text_mask=self.text_mask,
-            guidance_scale=self.guidance_scale, text_guidance_scale=self.text_guidance_scale, sampling=self.sampling,
-            inpaint=self.inpaint, cancel=cancel, progress=progress,
-        )  # fmt: skip
-
 
 @dataclass
 class UpsampleCall(_InpaintingCall):
@@ -199,11 +192,6 @@ class UpsampleCall(_InpaintingCall):
     REQUEST = upsampler_pb2.UpsampleRequest
     RESPONSE = upsampler_pb2.UpsampleResponse
     RESULT = "images"
-
-    def run(self, engine: Any, cancel: Any = None, progress: Any = None) -> np.ndarray:
-        return engine.upsample(
-            self.images, self.seeds, sampling=self.sampling, inpaint=self.inpaint, cancel=cancel, progress=progress
-        )
 
 
 # -- the stage services' RPC names, derived from the stage ----------------------------------

@@ -19,6 +19,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from unclip.stage import DEFAULT_GATEWAY_PORT, GATEWAY, Stage
+from unclip.stages.batcher import BatchSettings
 
 STOP_TIMEOUT_SECONDS = 15.0
 
@@ -64,6 +65,7 @@ class LocalCluster:
     stage_ports: dict[Stage, int] | None = None  # default: gateway_port + 1 .. + 4, as Stage.port
     http_port: int = 0  # the gateway's OpenAI-compatible HTTP API; 0: off
     weights: Path | None = None
+    settings: dict[Stage, BatchSettings] | None = None  # each stage's compute batch and batching
     quiet: bool = False
     services: list[ServiceProcess] = field(default_factory=list)
 
@@ -74,6 +76,10 @@ class LocalCluster:
             args = ["serve", stage.value, "--host", self.host, "--port", str(ports[stage])]
             if self.weights is not None:
                 args += ["--checkpoint", str(Path(self.weights) / stage.kind)]
+            if self.settings is not None and stage in self.settings:
+                batching = self.settings[stage]
+                args += ["--compute-batch", str(batching.compute_batch), "--max-batch-size", str(batching.max_batch_size)]
+                args += ["--batch-wait", str(batching.batch_wait_s), "--max-pending", str(batching.max_pending)]
             self.services.append(ServiceProcess(stage.value, addresses[stage], args))
         gateway_args = [
             "serve",

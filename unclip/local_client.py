@@ -69,7 +69,8 @@ class LocalClient(Operations[list[GeneratedImage], Animation, Iterator[StreamEve
         raise UnclipError("GenerateStream ended without a result")
 
     def close(self) -> None:
-        """Nothing to release: the engines go with the object. For symmetry with `Client`."""
+        """Stop the stages' model threads."""
+        self.stages.shutdown()
 
     def __enter__(self) -> LocalClient:
         return self

@@ -35,15 +35,22 @@ class PipelineInfo:
     base_size: int
     upsampler_factors: list[int]
     model_versions: dict[str, str]
+    # Rows per network evaluation of each stage, keyed as model_versions: images depend on it.
+    compute_batches: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_models(cls, encoder: ModelInfo, prior: ModelInfo, decoder: ModelInfo, upsamplers: list[ModelInfo]) -> PipelineInfo:
-        versions = {
-            stage.version_key(): info.version
+        models = {
+            stage.version_key(): info
             for stage, info in ((Stage.ENCODER, encoder), (Stage.PRIOR, prior), (Stage.DECODER, decoder))
         }
-        versions |= {Stage.UPSAMPLER.version_key(i): info.version for i, info in enumerate(upsamplers)}
-        return cls(decoder.image_size, [info.scale_factor for info in upsamplers], versions)
+        models |= {Stage.UPSAMPLER.version_key(i): info for i, info in enumerate(upsamplers)}
+        return cls(
+            decoder.image_size,
+            [info.scale_factor for info in upsamplers],
+            {key: info.version for key, info in models.items()},
+            {key: info.compute_batch for key, info in models.items()},
+        )
 
     def output_sizes(self) -> list[int]:
         sizes = [self.base_size]
@@ -264,6 +271,7 @@ class Run:
                 "seed": str(image_seed),
                 "parameters": settings,
                 "models": self.info.model_versions,
+                "compute_batch": self.info.compute_batches,
                 "Software": f"unclip {unclip.__version__}",
             }
             if self.batch > 1 and len(set(self.seeds)) == 1:

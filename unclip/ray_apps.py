@@ -3,24 +3,24 @@
 The stages answer the same gRPC services as in local mode (through Ray Serve's gRPC proxy; the
 `application` metadata key picks the app) and the gateway reaches them through Serve handles
 with the same protobuf messages (`gateway.remote.RayTransport`). Everything model-related is
-the local-mode servicers' and engines': this module adapts them to Serve and adds dynamic
-batching to the prior, decoder and upsampler. `unclip/serve.yaml` (also at deploy/ray/serve.yaml) deploys all five.
+the local-mode servicers' and engines' (batching included: each replica's `Batcher` groups
+concurrent calls into joint runs at the stage's compute batch); this module adapts them to Serve. `unclip/serve.yaml` (also at
+deploy/ray/serve.yaml) deploys all five.
 
 No `from __future__ import annotations` here: Serve reads the builders' pydantic annotations
 at runtime to validate a config's `args`.
 """
 
-import dataclasses
 import importlib
+import os
 import sys
 import time
 import typing
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
-import numpy as np
 import yaml
 from google.protobuf.message import Message
 from pydantic import BaseModel
@@ -33,10 +33,9 @@ from gateway.api import ImageAPI
 from gateway.remote import RayTransport, RemoteStages
 from gateway.servicer import ImageServicer
 from prior_svc.servicer import PriorServicer
-from unclip.calls import DecodeCall, SampleCall, StageCall, UpsampleCall
-from unclip.errors import Cancelled, DeadlineExceeded
-from unclip.serving import HopContext, StageServicer, rpc
+from unclip.serving import HopContext, StageServicer
 from unclip.stage import GATEWAY, SERVICE_NAMES
+from unclip.stages.batcher import BatchSettings
 from unclip.storage import ResultStore, StorageConfig
 
 APP_NAMES = (*SERVICE_NAMES, GATEWAY)
@@ -67,128 +66,38 @@ def _streaming_rpc_method(name: str):
     return method
 
 
-# -- dynamic batching ------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Job:
-    """One request waiting in a replica's batch queue: its parsed engine call and its context."""
-
-    call: Any  # a SampleCall, DecodeCall or UpsampleCall
-    context: HopContext
-
-
-def batch_key(call: Any) -> Hashable:
-    """Calls with equal keys can share one engine call: equal settings (steps, sampler, eta,
-    guidance, candidates) and arrays that concatenate along rows, one seed per row.
-
-    Engines compute row by row with a generator per row, so sharing a call never changes a
-    request's result. A call whose arrays disagree with its seeds gets a key of its own, so the
-    engine rejects it alone.
-    """
-    rows = len(call.seeds)
-    parts = []
-    for field in dataclasses.fields(call):
-        value = getattr(call, field.name)
-        if field.name == "seeds":
-            continue
-        if isinstance(value, np.ndarray):
-            if rows == 0 or value.ndim == 0 or value.shape[0] != rows:
-                return object()
-            parts.append((value.shape[1:], value.dtype.str))
-        else:
-            parts.append(value)
-    return tuple(parts)
-
-
-def merge_calls(calls: list[Any]) -> Any:
-    """One call whose rows are the calls' rows in order (the calls share a `batch_key`)."""
-
-    def merge(values: list[Any]) -> Any:
-        first = values[0]
-        if isinstance(first, np.ndarray):
-            return np.concatenate(values)
-        if isinstance(first, list):  # seeds
-            return [item for value in values for item in value]
-        return first  # a setting, equal across the group (None for an absent array)
-
-    if len(calls) == 1:
-        return calls[0]
-    return dataclasses.replace(
-        calls[0], **{f.name: merge([getattr(c, f.name) for c in calls]) for f in dataclasses.fields(calls[0])}
-    )
-
-
 # -- stage deployments -----------------------------------------------------------------------
 
 
 class _Stage:
     """A local-mode stage servicer inside a replica; the engine loads in the constructor, so a
-    replica only counts as running (and gets traffic) once its model is there."""
+    replica only counts as running (and gets traffic) once its model is there. Concurrent
+    requests batch in the servicer's batcher, as they do in a stage service."""
 
     SERVICER: type[StageServicer]
 
-    def __init__(self, checkpoint: str | None):
-        self.servicer = self.SERVICER(checkpoint, max_pending=UNBOUNDED_PENDING)
+    def __init__(self, checkpoint: str | None, compute_batch: int, max_batch_size: int, batch_wait_timeout_s: float):
+        # Ray bounds each replica's queue (max_ongoing_requests, max_queued_requests); the
+        # batcher's own limit must never be the one that answers RESOURCE_EXHAUSTED.
+        settings = BatchSettings(compute_batch, max_batch_size, batch_wait_timeout_s, max_pending=UNBOUNDED_PENDING)
+        self.servicer = self.SERVICER(checkpoint, settings=settings)
         self.servicer.load()
 
     def context(self, grpc_context: Any, timeout_s: float | None) -> HopContext:
         return HopContext(grpc_context, timeout_s)
 
-
-class _BatchingStage(_Stage):
-    """A stage whose main RPC is batched: concurrent requests are grouped by `batch_key`, and
-    each group runs as one engine call; the results are split back per request."""
-
-    CALL: type[StageCall[np.ndarray]]
-
-    def __init__(self, checkpoint: str | None, max_batch_size: int, batch_wait_timeout_s: float):
-        super().__init__(checkpoint)
-        batching: Any = self._run_batch  # serve.batch's wrapper, which the annotations do not describe
-        batching.set_max_batch_size(max_batch_size)
-        batching.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        self._batches = 0
-        self._engine_calls: list[int] = []  # requests per engine call
-
     async def stats(self) -> dict[str, Any]:
-        """How this replica batched: batches formed, and the requests each engine call served."""
-        return {"batches": self._batches, "engine_calls": list(self._engine_calls)}
-
-    @rpc
-    async def _batched(self, request: Message, context: HopContext) -> Message:
-        call = self.CALL.from_proto(request)
-        result = await self._run_batch(Job(call, context))
-        if isinstance(result, Exception):
-            raise result
-        return call.reply(result)
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)  # overridden from the app's args
-    async def _run_batch(self, jobs: list[Job]) -> list[np.ndarray | Exception]:
-        self._batches += 1
-        groups: dict[Hashable, list[int]] = {}
-        for index, job in enumerate(jobs):
-            groups.setdefault(batch_key(job.call), []).append(index)
-        results: dict[int, np.ndarray | Exception] = {}
-        for indices in groups.values():
-            results |= zip(indices, await self._run_group([jobs[i] for i in indices]), strict=True)
-        return [results[index] for index in range(len(jobs))]
-
-    async def _run_group(self, jobs: list[Job]) -> list[np.ndarray | Exception]:
-        try:
-            call = merge_calls([job.call for job in jobs])
-            merged = await self.servicer.answer(call, HopContext.latest(j.context for j in jobs))
-        except (DeadlineExceeded, Cancelled) as error:
-            return [error] * len(jobs)
-        except Exception as error:  # noqa: BLE001 - handed to the requests, which answer with its status
-            if len(jobs) == 1:
-                return [error]
-            # One bad request must not fail those it was grouped with: run them one by one.
-            return [result for job in jobs for result in await self._run_group([job])]
-        self._engine_calls.append(len(jobs))
-        return list(np.split(merged, np.cumsum([len(job.call.seeds) for job in jobs])[:-1]))
-
-    async def _main(self, request: Message, grpc_context: Any = None, timeout_s: float | None = None) -> Message:
-        return await self._batched(request, self.context(grpc_context, timeout_s))
+        """How this replica batched: the calls each joint run served, network calls and rows."""
+        assert self.servicer.batcher is not None
+        engine_stats = self.servicer.engine.stats
+        return {
+            "runs": list(self.servicer.batcher.runs),
+            "network_calls": engine_stats.network_calls,
+            "network_rows": engine_stats.network_rows,
+            "network_seconds": engine_stats.network_seconds,
+            "compute_batch": self.servicer.engine.compute_batch,
+            "pid": os.getpid(),  # benchmarks watch this replica's memory
+        }
 
 
 @serve.deployment(name="Encoder", max_ongoing_requests=8, ray_actor_options={"num_cpus": 0.25})
@@ -201,31 +110,28 @@ class EncoderDeployment(_Stage):
 
 
 @serve.deployment(name="Prior", max_ongoing_requests=16, ray_actor_options={"num_cpus": 0.25})
-class PriorDeployment(_BatchingStage):
+class PriorDeployment(_Stage):
     SERVICER = PriorServicer
-    CALL = SampleCall
 
     GetPriorInfo = _rpc_method("GetPriorInfo")
-    Sample = _BatchingStage._main
+    Sample = _rpc_method("Sample")
 
 
 @serve.deployment(name="Decoder", max_ongoing_requests=16, ray_actor_options={"num_cpus": 0.25})
-class DecoderDeployment(_BatchingStage):
+class DecoderDeployment(_Stage):
     SERVICER = DecoderServicer
-    CALL = DecodeCall
 
     GetDecoderInfo = _rpc_method("GetDecoderInfo")
-    DecodeStream = _streaming_rpc_method("DecodeStream")  # previews are per request: not batched
-    Decode = _BatchingStage._main
+    Decode = _rpc_method("Decode")
+    DecodeStream = _streaming_rpc_method("DecodeStream")
 
 
 @serve.deployment(name="Upsampler", max_ongoing_requests=16, ray_actor_options={"num_cpus": 0.25})
-class UpsamplerDeployment(_BatchingStage):
+class UpsamplerDeployment(_Stage):
     SERVICER = UpsamplerServicer
-    CALL = UpsampleCall
 
     GetUpsamplerInfo = _rpc_method("GetUpsamplerInfo")
-    Upsample = _BatchingStage._main
+    Upsample = _rpc_method("Upsample")
 
 
 @serve.deployment(name="Gateway", max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.25})
@@ -256,8 +162,9 @@ class GatewayDeployment:
 
 class StageArgs(BaseModel):
     checkpoint: str | None = None  # None: the weights shipped in the package
-    max_batch_size: int = 8  # keep the deployment's max_ongoing_requests at least this
-    batch_wait_timeout_s: float = 0.01
+    compute_batch: int = 1  # rows per network evaluation; images depend on it (1: row by row)
+    max_batch_size: int = 8  # requests per joint run; keep the deployment's max_ongoing_requests at least this
+    batch_wait_timeout_s: float = 0.01  # how long a run's first request waits for company
 
 
 class GatewayArgs(BaseModel):
@@ -274,20 +181,24 @@ def _bind(deployment: Any, *init: Any) -> Application:
     return (deployment.options(**options) if options else deployment).bind(*init)
 
 
+def _stage_app(deployment: Any, args: StageArgs) -> Application:
+    return _bind(deployment, args.checkpoint, args.compute_batch, args.max_batch_size, args.batch_wait_timeout_s)
+
+
 def encoder_app(args: StageArgs) -> Application:
-    return _bind(EncoderDeployment, args.checkpoint)
+    return _stage_app(EncoderDeployment, args)
 
 
 def prior_app(args: StageArgs) -> Application:
-    return _bind(PriorDeployment, args.checkpoint, args.max_batch_size, args.batch_wait_timeout_s)
+    return _stage_app(PriorDeployment, args)
 
 
 def decoder_app(args: StageArgs) -> Application:
-    return _bind(DecoderDeployment, args.checkpoint, args.max_batch_size, args.batch_wait_timeout_s)
+    return _stage_app(DecoderDeployment, args)
 
 
 def upsampler_app(args: StageArgs) -> Application:
-    return _bind(UpsamplerDeployment, args.checkpoint, args.max_batch_size, args.batch_wait_timeout_s)
+    return _stage_app(UpsamplerDeployment, args)
 
 
 def gateway_app(args: GatewayArgs) -> Application:

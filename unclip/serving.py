@@ -12,7 +12,6 @@ import logging
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, NoReturn, TypeVar
@@ -23,15 +22,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from unclip.calls import StageCall, grpc_module, service_full_name
-from unclip.cancel import CancelToken, run_cancellable
-from unclip.errors import ResourceExhausted, Unavailable, UnclipError, error_for_status
+from unclip.cancel import CancelToken
+from unclip.errors import Unavailable, UnclipError, error_for_status
 from unclip.stage import Stage
 from unclip.stages import load_engine
+from unclip.stages.batcher import Batcher, BatchSettings
 from unclip.transport import GRPC_OPTIONS
 
 log = logging.getLogger("unclip.serving")
 T = TypeVar("T")
-DEFAULT_MAX_PENDING = 32
 SHUTDOWN_GRACE_SECONDS = 5.0
 
 
@@ -102,13 +101,6 @@ class HopContext:
         self.grpc_context = grpc_context
         self.deadline = deadline if timeout_s is None else time.monotonic() + timeout_s
 
-    @classmethod
-    def latest(cls, contexts: Iterable[HopContext]) -> HopContext:
-        """A context for work shared by several calls: it lasts as long as the longest of them."""
-        deadlines = [context.deadline for context in contexts]
-        known = [deadline for deadline in deadlines if deadline is not None]
-        return cls(deadline=None if len(known) < len(deadlines) else max(known))
-
     def time_remaining(self) -> float | None:
         return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
 
@@ -124,49 +116,41 @@ class HopContext:
 class StageServicer:
     """Base of every stage servicer: holds the engine once loaded and answers the stage's calls.
 
-    Model calls run one at a time on a dedicated thread (the model uses every core already);
-    up to `max_pending` more wait, beyond that callers get RESOURCE_EXHAUSTED. A subclass names
-    its stage and binds each RPC to its call class with `call_rpc`.
+    Model calls run on the engine's batcher (`unclip.stages.batcher`): one model thread, calls
+    that wait for it run together; beyond `settings.max_pending` accepted calls, callers get
+    RESOURCE_EXHAUSTED. A subclass names its stage and binds each RPC to its call class with
+    `call_rpc`.
     """
 
     STAGE: ClassVar[Stage]
 
-    def __init__(self, checkpoint: str | Path | None = None, *, max_pending: int = DEFAULT_MAX_PENDING):
+    def __init__(self, checkpoint: str | Path | None = None, *, settings: BatchSettings = BatchSettings()):
         self.checkpoint = checkpoint  # None: the weights shipped in the package
+        self.settings = settings
         self.engine: Any = None
-        self.max_pending = max_pending
-        self._pending = 0
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=type(self).__name__)
+        self.batcher: Batcher | None = None
 
     def load(self) -> None:
-        self.engine = load_engine(self.STAGE, self.checkpoint)
+        self.engine = load_engine(self.STAGE, self.checkpoint, compute_batch=self.settings.compute_batch)
+        self.batcher = Batcher(self.engine, self.settings)
 
     def require_engine(self) -> Any:
-        if self.engine is None:
+        if self.engine is None or self.batcher is None:
             raise Unavailable("the model is still loading; retry shortly")
         return self.engine
 
-    async def run(self, context: Any, call: Callable[[CancelToken], T]) -> T:
-        """Run `call(cancel)` on the model thread, honouring the RPC's deadline and cancellation."""
-        self.require_engine()
-        if self._pending >= self.max_pending:
-            raise ResourceExhausted(f"{self._pending} requests are already queued (limit {self.max_pending}); retry later")
-        self._pending += 1
-        try:
-            return await run_cancellable(call, CancelToken.with_timeout(context.time_remaining()), self._executor)
-        finally:
-            self._pending -= 1
-
     async def answer(self, call: StageCall[Any], context: Any, progress: Any = None) -> Any:
-        """The engine's result for `call`: on the model thread, or at once for a call that is
-        not QUEUED (what the model is)."""
+        """The engine's result for `call`, honouring the RPC's deadline and cancellation: from
+        the batcher, or at once for a call that is not QUEUED (what the model is)."""
         engine = self.require_engine()
         if not call.QUEUED:
             return call.run(engine)
-        return await self.run(context, lambda cancel: call.run(engine, cancel, progress))
+        assert self.batcher is not None
+        return await self.batcher.submit(call, CancelToken.with_timeout(context.time_remaining()), progress)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self.batcher is not None:
+            self.batcher.close()
 
 
 # Each stage's servicer, in the service package the project publishes (imported on first use).
@@ -189,10 +173,10 @@ def stage_server(
     *,
     host: str = "127.0.0.1",
     port: int = 0,
-    max_pending: int = DEFAULT_MAX_PENDING,
+    settings: BatchSettings = BatchSettings(),
 ) -> Server:
     """A Server for one stage's service (build it inside the running loop)."""
-    return Server(servicer_class(stage)(checkpoint, max_pending=max_pending), [ServiceSpec.of_stage(stage)], host=host, port=port)
+    return Server(servicer_class(stage)(checkpoint, settings=settings), [ServiceSpec.of_stage(stage)], host=host, port=port)
 
 
 def call_rpc(call_class: type[StageCall[Any]]) -> Callable[..., Awaitable[Message]]:

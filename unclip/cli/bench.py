@@ -1,26 +1,81 @@
-"""`unclip bench pipeline`: benchmarks that print figures."""
+"""`unclip bench pipeline|throughput`: benchmarks that print figures."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
-from unclip.cli.common import NOT_SAMPLING, add_parameter_flags, parameters_from_args
+from unclip.cli.common import NOT_SAMPLING, add_parameter_flags, compute_batch_spec, parameters_from_args
 
 OPERATION = "generate"
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,4,8, got {text!r}") from None
+    if any(value < 1 for value in values):
+        raise argparse.ArgumentTypeError(f"every value must be at least 1, got {text!r}")
+    return values
+
+
 def add_parser(commands: Any) -> argparse.ArgumentParser:
-    parser = commands.add_parser("bench", help="benchmarks that print figures")
-    parser.add_argument("what", choices=("pipeline",))
-    parser.add_argument("--prompts", type=int, default=3, help="number of prompts")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the first prompt; prompt i uses seed + i")
-    parser.add_argument("--repeats", type=int, default=1, help="runs per prompt (the median is reported)")
+    from unclip.throughput import LOADS, MODES
+
+    parser = commands.add_parser(
+        "bench",
+        help="benchmarks that print figures",
+        description="pipeline: latency in-process against the local services. throughput: images per second, "
+        "latency and peak memory under concurrent load, row by row against each --compute-batch.",
+    )
+    parser.add_argument("what", choices=("pipeline", "throughput"))
+    parser.add_argument("--prompts", type=int, default=3, help="pipeline: number of prompts")
+    parser.add_argument("--seed", type=int, default=0, help="pipeline: seed of the first prompt; prompt i uses seed + i")
+    parser.add_argument("--repeats", type=int, default=1, help="pipeline: runs per prompt (the median is reported)")
+    throughput = parser.add_argument_group("throughput")
+    throughput.add_argument(
+        "--mode", action="append", choices=MODES, help=f"where the stages run (repeatable; default: {MODES[0]})"
+    )
+    throughput.add_argument(
+        "--load", action="append", choices=LOADS, help=f"what each request is (repeatable; default: {LOADS[0]})"
+    )
+    throughput.add_argument(
+        "--compute-batch",
+        action="append",
+        default=[],
+        type=compute_batch_spec,
+        metavar="N|STAGE=N,...",
+        help="a compute batch to measure against row by row, as `8` or `prior=16,decoder=8` (repeatable)",
+    )
+    throughput.add_argument(
+        "--concurrency", type=_ints, default=[1, 2, 4, 8], help="concurrent clients, comma-separated (default: 1,2,4,8)"
+    )
+    throughput.add_argument("--requests", type=int, default=16, help="requests answered per point (at least the concurrency)")
+    throughput.add_argument("--max-batch-size", type=int, default=8, help="requests per joint run")
+    throughput.add_argument("--batch-wait", type=float, default=0.0, help="seconds a joint run's first request waits for company")
+    throughput.add_argument("--json", type=Path, default=Path("bench-throughput.json"), help="where the figures are written")
     add_parameter_flags(parser, OPERATION, skip=NOT_SAMPLING)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    from unclip.bench import run_pipeline_benchmark
+    parameters = parameters_from_args(args, OPERATION, skip=NOT_SAMPLING)
+    if args.what == "pipeline":
+        from unclip.bench import run_pipeline_benchmark
 
-    return run_pipeline_benchmark(args.prompts, args.seed, args.repeats, parameters_from_args(args, OPERATION, skip=NOT_SAMPLING))
+        return run_pipeline_benchmark(args.prompts, args.seed, args.repeats, parameters)
+    from unclip.throughput import LOADS, MODES, run_throughput_benchmark
+
+    grouping = {"max_batch_size": args.max_batch_size, "batch_wait_s": args.batch_wait}
+    return run_throughput_benchmark(
+        args.mode or [MODES[0]],
+        args.load or [LOADS[0]],
+        args.compute_batch,
+        args.concurrency,
+        args.requests,
+        parameters,
+        grouping,
+        args.json,
+    )

@@ -55,6 +55,38 @@ def parameters_from_args(args: argparse.Namespace, operation: str, skip: tuple[s
     return given
 
 
+def compute_batch_spec(text: str) -> str:
+    """An argparse type: `text` if it is a valid --compute-batch, else a usage error saying why."""
+    from unclip.stages.batcher import compute_batches
+
+    try:
+        compute_batches(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def add_compute_batch_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--compute-batch", metavar="N|STAGE=N,...", default="1", type=compute_batch_spec,
+        help="rows per network evaluation, for every stage (8) or some (prior=16,decoder=4; the others 1). A row's "
+        "result depends on it, never on what it is batched with; 1 evaluates each row alone (default)",
+    )  # fmt: skip
+
+
+def batch_settings(args: argparse.Namespace) -> dict[Any, Any]:
+    """Each stage's BatchSettings from --compute-batch (and, where the command has them, the
+    batching flags)."""
+    from unclip.stages.batcher import BatchSettings, compute_batches
+
+    grouping = {
+        name: getattr(args, name)
+        for name in ("max_batch_size", "batch_wait_s", "max_pending")
+        if getattr(args, name, None) is not None
+    }
+    return {stage: BatchSettings(compute_batch=n, **grouping) for stage, n in compute_batches(args.compute_batch).items()}
+
+
 def add_image_flags(parser: argparse.ArgumentParser, operation: str) -> None:
     """An image command's flags: where it runs and where its files go, and its parameters."""
     parser.add_argument("--out", type=Path, default=Path("out"), help="directory for the files (default: ./out)")
@@ -66,6 +98,7 @@ def add_image_flags(parser: argparse.ArgumentParser, operation: str) -> None:
     )
     parser.add_argument("--weights", type=Path, help="in-process: directory with clip/ prior/ decoder/ upsampler/ checkpoints")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds before giving up")
+    add_compute_batch_flag(parser)
     add_parameter_flags(parser, operation)
 
 
@@ -104,12 +137,18 @@ def backend(args: argparse.Namespace, progress: Progress | None = None) -> Itera
     if args.server:
         from unclip.client import Client
 
+        if args.compute_batch != "1":
+            raise ValueError(
+                "--compute-batch: with --server the stages' own compute batch applies (unclip serve --compute-batch)"
+            )
         with Client(args.server, timeout=args.timeout, application=args.application) as client:
             yield client
     else:
+        from unclip.local import LocalStages
         from unclip.local_client import LocalClient
 
-        with LocalClient(args.weights, timeout=args.timeout, progress=progress and progress.step) as client:
+        stages = LocalStages.load(args.weights, settings=batch_settings(args))
+        with LocalClient(stages=stages, timeout=args.timeout, progress=progress and progress.step) as client:
             yield client
 
 

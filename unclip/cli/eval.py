@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from unclip.cli.common import NOT_SAMPLING, add_parameter_flags, parameters_from_args
+from unclip.cli.common import NOT_SAMPLING, add_compute_batch_flag, add_parameter_flags, batch_settings, parameters_from_args
 
 OPERATION = "generate"
 
@@ -20,6 +20,7 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     parser.add_argument("--json", type=Path, default=Path("out/eval.json"), help="where to write the full report")
     parser.add_argument("--images", type=Path, help="also write every judged image here, its verdict in its name")
     parser.add_argument("--retrieval-captions", type=int, default=200, help="held-out captions for CLIP retrieval")
+    add_compute_batch_flag(parser)
     add_parameter_flags(parser, OPERATION, skip=NOT_SAMPLING)
     return parser
 
@@ -30,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
     sampling = parameters_from_args(args, OPERATION, skip=NOT_SAMPLING)
     report = run_eval(
-        LocalStages.load(args.weights),
+        LocalStages.load(args.weights, settings=batch_settings(args)),
         prompts=args.prompts,
         seed=args.seed,
         split=args.split,

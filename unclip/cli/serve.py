@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from unclip.cli.common import add_compute_batch_flag, batch_settings
 from unclip.stage import DEFAULT_GATEWAY_PORT, GATEWAY, SERVICE_NAMES, Stage
 
 TARGETS = (*SERVICE_NAMES, GATEWAY, "all", "ray")
@@ -22,7 +23,15 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, help=f"port (default: {DEFAULT_GATEWAY_PORT} for gateway/all; {ports})")
     parser.add_argument("--checkpoint", type=Path, help="stage: checkpoint directory (default: the shipped weights)")
     parser.add_argument("--weights", type=Path, help="all: directory with clip/ prior/ decoder/ upsampler/")
-    parser.add_argument("--max-pending", type=int, default=32, help="stage: queued requests before RESOURCE_EXHAUSTED")
+    add_compute_batch_flag(parser)
+    parser.add_argument("--max-batch-size", type=int, help="stage, all: requests a stage runs together (default 8)")
+    parser.add_argument(
+        "--batch-wait",
+        dest="batch_wait_s",
+        type=float,
+        help="stage, all: seconds a run's first request waits for company (default 0)",
+    )
+    parser.add_argument("--max-pending", type=int, help="stage, all: requests accepted before RESOURCE_EXHAUSTED (default 32)")
     parser.add_argument("--config", type=Path, help="ray: Ray Serve config (default: the one in the package, unclip/serve.yaml)")
     for stage in (Stage.ENCODER, Stage.PRIOR, Stage.DECODER):
         parser.add_argument(f"--{stage.value}", metavar="HOST:PORT", help=f"gateway: the {stage.value} service")
@@ -51,9 +60,8 @@ def run(args: argparse.Namespace) -> int:
 
     stage = Stage(args.target)
     port = stage.port if args.port is None else args.port
-    asyncio.run(
-        serve_forever(lambda: stage_server(stage, args.checkpoint, host=args.host, port=port, max_pending=args.max_pending))
-    )
+    settings = batch_settings(args)[stage]
+    asyncio.run(serve_forever(lambda: stage_server(stage, args.checkpoint, host=args.host, port=port, settings=settings)))
     return 0
 
 
@@ -89,8 +97,13 @@ def _serve_all(args: argparse.Namespace) -> int:
 
     from unclip.launcher import LocalCluster, check_health
 
+    settings = batch_settings(args)
     cluster = LocalCluster(
-        host=args.host, gateway_port=args.port or DEFAULT_GATEWAY_PORT, http_port=args.http_port, weights=args.weights
+        host=args.host,
+        gateway_port=args.port or DEFAULT_GATEWAY_PORT,
+        http_port=args.http_port,
+        weights=args.weights,
+        settings=settings,
     )
     stop_requested = False
 

@@ -44,7 +44,7 @@ class GeneratedImage:
         seed: the seed this image was generated from (reusing it reproduces the image).
         width, height: size in pixels.
         metadata: the PNG's text chunks; "prompt" (str), "seed" (int), and "parameters" and
-            "models" (dicts decoded from JSON) when present, other chunks as strings. {} when the
+            "models" and "compute_batch" (dicts decoded from JSON) when present, other chunks as strings. {} when the
             image came as a URL.
         url: with `response_format="url"`, the presigned URL of the stored PNG; None otherwise.
             The SDK never downloads it: fetch it yourself (any HTTP client) before it expires.
@@ -154,7 +154,7 @@ def _decode_metadata(text: dict[str, str]) -> dict[str, Any]:
     if "seed" in metadata:
         with contextlib.suppress(ValueError):
             metadata["seed"] = int(metadata["seed"])
-    for key in ("parameters", "models"):
+    for key in ("parameters", "models", "compute_batch"):
         if key in metadata:
             with contextlib.suppress(ValueError):
                 metadata[key] = json.loads(metadata[key])

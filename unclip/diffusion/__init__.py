@@ -2,7 +2,14 @@
 
 from unclip.diffusion.gaussian import PARAMETERIZATIONS, GaussianDiffusion
 from unclip.diffusion.respace import respace, respace_to_steps, space_timesteps
-from unclip.diffusion.sampling import SAMPLERS, classifier_free_guidance, row_noise, sample, two_condition_guidance
+from unclip.diffusion.sampling import (
+    SAMPLERS,
+    SamplingRun,
+    classifier_free_guidance,
+    row_noise,
+    sample,
+    two_condition_guidance,
+)
 from unclip.diffusion.schedules import SCHEDULES, cosine_betas, linear_betas, make_betas
 
 __all__ = [
@@ -10,6 +17,7 @@ __all__ = [
     "SAMPLERS",
     "SCHEDULES",
     "GaussianDiffusion",
+    "SamplingRun",
     "classifier_free_guidance",
     "cosine_betas",
     "linear_betas",

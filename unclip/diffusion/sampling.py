@@ -5,6 +5,7 @@ the same whether it is sampled alone or batched with any other rows.
 """
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -50,6 +51,82 @@ def row_noise(
     return torch.stack([row.to(device or rows[0].device) for row in rows]).to(dtype)
 
 
+class SamplingRun:
+    """The reverse process for one group of rows, a step at a time.
+
+    `model_input()` is what the network must be evaluated at next, and `advance(output)` takes
+    the step with its answer. `sample` drives one run with one network; an engine can drive
+    several runs (other step counts, samplers, guidance) and answer them with shared network
+    calls, since each row's randomness comes from its own generator.
+
+    x_T (if not given) and every step's noise come from `row_noise(generators, ...)`. DDPM draws
+    noise on every step but the last; DDIM only when eta > 0 (eta is ignored by DDPM).
+    `denoised_fn` post-processes each predicted x_0 (e.g. clamping), and eps is re-derived from
+    the result so the step stays consistent with it. `device` (default: x_T's, else the first
+    generator's) is where sampling happens.
+
+    `known = (x0_known, keep)` inpaints: where `keep` is 1 the result is x0_known, and at every
+    step that region of x_t is replaced by x0_known noised to the same level (per-row noise), so
+    the model fills in the rest consistently with it.
+    """
+
+    def __init__(
+        self,
+        diffusion: GaussianDiffusion,
+        shape: Sequence[int],
+        generators: Sequence[torch.Generator],
+        *,
+        steps: int,
+        sampler: str = "ddim",
+        eta: float = 0.0,
+        denoised_fn: DenoisedFn | None = None,
+        x_T: Tensor | None = None,
+        device: torch.device | str | None = None,
+        known: tuple[Tensor, Tensor] | None = None,
+    ):
+        shape = tuple(shape)
+        _validate_arguments(shape, generators, sampler, eta, x_T)
+        self.process = respace_to_steps(diffusion, steps)
+        self.generators, self.sampler, self.eta = generators, sampler, eta
+        self.denoised_fn, self.known = denoised_fn, known
+        self.x = row_noise(generators, shape[1:], device=device) if x_T is None else x_T.to(device or x_T.device)
+        self.total = self.process.num_timesteps
+        self.step = 0  # steps taken
+        if known is not None:
+            self.x = _impose_known(self.process, self.x, known, generators, self.total - 1)
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total
+
+    def _t(self) -> Tensor:
+        """The respaced timestep of the next step, per row."""
+        return torch.full((self.x.shape[0],), self.total - 1 - self.step, dtype=torch.long, device=self.x.device)
+
+    def model_input(self) -> tuple[Tensor, Tensor]:
+        """(x_t, the original timesteps) the network is evaluated at for the next step."""
+        return self.x, self.process.model_timesteps(self._t())
+
+    @torch.no_grad()
+    def advance(self, model_output: Tensor) -> Tensor:
+        """Take the next step with the network's output for `model_input()`; the predicted x_0."""
+        t = self._t()
+        t_index = self.total - 1 - self.step
+        x0_pred, eps_pred = self.process.split_model_output(model_output, self.x, t)
+        if self.denoised_fn is not None:
+            x0_pred = self.denoised_fn(x0_pred)
+            eps_pred = self.process.predict_eps_from_x0(self.x, t, x0_pred)
+        noise = _step_noise(self.generators, self.x, self.sampler, self.eta, is_last_step=t_index == 0)
+        if self.sampler == "ddpm":
+            self.x = self.process.ddpm_step(x0_pred, self.x, t, noise)
+        else:
+            self.x = self.process.ddim_step(x0_pred, eps_pred, self.x, t, self.eta, noise)
+        if self.known is not None:
+            self.x = _impose_known(self.process, self.x, self.known, self.generators, t_index - 1)
+        self.step += 1
+        return x0_pred
+
+
 @torch.no_grad()
 def sample(
     diffusion: GaussianDiffusion,
@@ -57,51 +134,24 @@ def sample(
     shape: Sequence[int],
     generators: Sequence[torch.Generator],
     *,
-    steps: int,
-    sampler: str = "ddim",
-    eta: float = 0.0,
-    denoised_fn: DenoisedFn | None = None,
     check_cancelled: Callable[[], None] | None = None,
     progress: ProgressFn | None = None,
-    x_T: Tensor | None = None,
-    device: torch.device | str | None = None,
-    known: tuple[Tensor, Tensor] | None = None,
+    **run_options: Any,
 ) -> Tensor:
-    """Generate x_0 by running `diffusion`, respaced to `steps` steps, in reverse.
+    """Generate x_0 by running `diffusion` in reverse with the network `model_fn`; `run_options`
+    (`steps`, `sampler`, `eta`, `x_T`, ...) are `SamplingRun`'s keyword arguments.
 
-    x_T (if not given) and every step's noise come from `row_noise(generators, ...)`. DDPM draws
-    noise on every step but the last; DDIM only when eta > 0 (eta is ignored by DDPM).
-    `denoised_fn` post-processes each predicted x_0 (e.g. clamping), and eps is re-derived from
-    the result so the step stays consistent with it. `check_cancelled()` runs before each step and
-    stops sampling by raising; `progress(step_index, steps, x0_pred)` runs after each step.
-    `device` (default: x_T's, else the first generator's) is where sampling happens.
-
-    `known = (x0_known, keep)` inpaints: where `keep` is 1 the result is x0_known, and at every
-    step that region of x_t is replaced by x0_known noised to the same level (per-row noise), so
-    the model fills in the rest consistently with it.
+    `check_cancelled()` runs before each step and stops sampling by raising;
+    `progress(step_index, steps, x0_pred)` runs after each step.
     """
-    shape = tuple(shape)
-    _validate_arguments(shape, generators, sampler, eta, x_T)
-    process = respace_to_steps(diffusion, steps)
-    x = row_noise(generators, shape[1:], device=device) if x_T is None else x_T.to(device or x_T.device)
-    if known is not None:
-        x = _impose_known(process, x, known, generators, process.num_timesteps - 1)
-
-    for step_index, t_index in enumerate(reversed(range(process.num_timesteps))):
+    run = SamplingRun(diffusion, shape, generators, **run_options)
+    while not run.done:
         if check_cancelled is not None:
             check_cancelled()
-        t = torch.full((shape[0],), t_index, dtype=torch.long, device=x.device)
-        x0_pred, eps_pred = _predict(process, model_fn, x, t, denoised_fn)
-        noise = _step_noise(generators, x, sampler, eta, is_last_step=t_index == 0)
-        if sampler == "ddpm":
-            x = process.ddpm_step(x0_pred, x, t, noise)
-        else:
-            x = process.ddim_step(x0_pred, eps_pred, x, t, eta, noise)
-        if known is not None:
-            x = _impose_known(process, x, known, generators, t_index - 1)
+        x0_pred = run.advance(model_fn(*run.model_input()))
         if progress is not None:
-            progress(step_index, process.num_timesteps, x0_pred)
-    return x
+            progress(run.step - 1, run.total, x0_pred)
+    return run.x
 
 
 def _validate_arguments(
@@ -115,17 +165,6 @@ def _validate_arguments(
         raise ValueError(f"need one generator per batch row: got {len(generators)} for batch size {shape[0]}")
     if x_T is not None and tuple(x_T.shape) != shape:
         raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {shape}")
-
-
-def _predict(
-    process: GaussianDiffusion, model_fn: ModelFn, x_t: Tensor, t: Tensor, denoised_fn: DenoisedFn | None
-) -> tuple[Tensor, Tensor]:
-    """(x0, eps) predicted at respaced step t; the network sees the original timesteps."""
-    x0_pred, eps_pred = process.split_model_output(model_fn(x_t, process.model_timesteps(t)), x_t, t)
-    if denoised_fn is not None:
-        x0_pred = denoised_fn(x0_pred)
-        eps_pred = process.predict_eps_from_x0(x_t, t, x0_pred)
-    return x0_pred, eps_pred
 
 
 def _step_noise(

@@ -33,9 +33,9 @@ def engine_class(stage: Stage | str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-def load_engine(stage: Stage | str, directory: str | Path | None = None) -> Any:
-    """Build the engine of a stage (or a checkpoint kind) from a checkpoint directory
-    (default: the shipped one)."""
+def load_engine(stage: Stage | str, directory: str | Path | None = None, *, compute_batch: int = 1) -> Any:
+    """Build the engine of a stage (or a checkpoint kind) from a checkpoint directory (default:
+    the shipped one), evaluating its network `compute_batch` rows at a time (1: row by row)."""
     import torch
 
     # CPU kernels split some matrix products differently for different intra-op thread counts,
@@ -44,4 +44,5 @@ def load_engine(stage: Stage | str, directory: str | Path | None = None) -> Any:
     # CPU allotment) therefore computes with the same thread count, so a seed gives the same image.
     torch.set_num_threads(settings.TORCH_THREADS.get())
     stage = _stage(stage)
-    return engine_class(stage).from_checkpoint(Path(directory) if directory is not None else default_checkpoint(stage))
+    path = Path(directory) if directory is not None else default_checkpoint(stage)
+    return engine_class(stage).from_checkpoint(path, compute_batch=compute_batch)

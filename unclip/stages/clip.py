@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from unclip.errors import InvalidArgument
 from unclip.models.clip import create_clip, encode_text_tokens, preprocess_images
 from unclip.stage import Stage
 from unclip.stages.engine import Engine
+from unclip.stages.guidance import in_compute_batches
 from unclip.validation import MAX_BATCH, check_array, check_batch
 
 MAX_IMAGE_SIDE = 4096
@@ -26,8 +28,8 @@ class ClipEncoder(Engine):
     config: ClipStageConfig
     model: open_clip.CLIP
 
-    def __init__(self, config: ClipStageConfig, model: torch.nn.Module, version: str = "unversioned"):
-        super().__init__(config, model, version)
+    def __init__(self, config: ClipStageConfig, model: torch.nn.Module, version: str = "unversioned", **options: int):
+        super().__init__(config, model, version, **options)
         self.tokenizer = open_clip.get_tokenizer(config.model_name)
         self.context_length = int(self.model.context_length)
 
@@ -63,10 +65,10 @@ class ClipEncoder(Engine):
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> TextEncoding:
         tokens = self.tokenize(texts).to(self.device)
-        # Row by row so that a text's encoding never depends on what it was batched with.
-        pooled, states = (
-            torch.cat(parts) for parts in zip(*(encode_text_tokens(self.model, row[None]) for row in tokens), strict=True)
-        )
+        # At the compute batch, so that a text's encoding never depends on what it was batched with.
+        started = time.perf_counter()
+        (pooled, states), calls = in_compute_batches(lambda t: encode_text_tokens(self.model, t), self.compute_batch, tokens)
+        self.stats.add_network_calls(calls, len(texts), time.perf_counter() - started)
         return TextEncoding(
             embeddings=F.normalize(pooled, dim=-1).cpu().numpy(),
             encodings=states.float().cpu().numpy(),
@@ -80,5 +82,7 @@ class ClipEncoder(Engine):
         if not (1 <= images.shape[1] <= MAX_IMAGE_SIDE and 1 <= images.shape[2] <= MAX_IMAGE_SIDE):
             raise InvalidArgument(f"images: sides must be 1..{MAX_IMAGE_SIDE} pixels, got {images.shape[1]}x{images.shape[2]}")
         pixels = preprocess_images(self.model, torch.from_numpy(np.array(images, dtype=np.uint8))).to(self.device)
-        embeddings = torch.cat([self.model.encode_image(row[None]) for row in pixels])
+        started = time.perf_counter()
+        (embeddings,), calls = in_compute_batches(self.model.encode_image, self.compute_batch, pixels)
+        self.stats.add_network_calls(calls, len(pixels), time.perf_counter() - started)
         return F.normalize(embeddings, dim=-1).cpu().numpy()

@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from unclip.calls import DecodeCall
 from unclip.cancel import CancelToken
 from unclip.config import DecoderStageConfig
 from unclip.errors import InvalidArgument
 from unclip.models.unet import UNet
 from unclip.options import SamplingOptions
 from unclip.stage import Stage
-from unclip.stages.engine import DiffusionEngine, ProgressFn, row_generators
+from unclip.stages.engine import DiffusionEngine, Job, ProgressFn, row_generators
 from unclip.stages.guidance import guided, guided_two_conditions
 from unclip.stages.tensors import embedding_to_model_space, unit_to_images
 from unclip.validation import check_array, check_guidance
@@ -32,7 +33,6 @@ class ImageDecoder(DiffusionEngine):
     def describe(self) -> dict[str, int]:
         return {**super().describe(), "embed_dim": self.config.model.image_embed_dim, "image_size": self.image_size}
 
-    @torch.no_grad()
     def decode(
         self,
         image_embeddings: np.ndarray,
@@ -53,16 +53,28 @@ class ImageDecoder(DiffusionEngine):
         (default: the checkpoint's; unset there too: the same as `guidance_scale`) by the caption
         on top of it, at the cost of a third network pass per step.
         `inpaint = (images, mask)` keeps the images' pixels where mask is False."""
+        call = DecodeCall(
+            image_embeddings, seeds=seeds, text_encodings=text_encodings, text_mask=text_mask,
+            guidance_scale=guidance_scale, text_guidance_scale=text_guidance_scale, sampling=sampling,
+            inpaint_images=None if inpaint is None else inpaint[0], inpaint_mask=None if inpaint is None else inpaint[1],
+        )  # fmt: skip
+        return self.run_one(self.job(call, cancel, progress))
+
+    @torch.no_grad()
+    def job(self, call: DecodeCall, cancel: CancelToken | None = None, progress: ProgressFn | None = None) -> Job:
         cfg = self.config.model
+        image_embeddings, text_encodings, text_mask = call.image_embeddings, call.text_encodings, call.text_mask
         batch = image_embeddings.shape[0] if image_embeddings.ndim else 0
-        seeds = self.check_rows(batch, "image_embeddings", seeds)
+        seeds = self.check_rows(batch, "image_embeddings", call.seeds)
         check_array(image_embeddings, "image_embeddings", shape=(None, cfg.image_embed_dim), dtypes=[np.float32])
         if (text_encodings is None) != (text_mask is None):
             raise InvalidArgument("text_encodings and text_mask must be given together")
-        scale = check_guidance(guidance_scale, self.config.sampling.guidance_scale)
+        scale = check_guidance(call.guidance_scale, self.config.sampling.guidance_scale)
         text_default = self.config.sampling.text_guidance_scale
-        text_scale = check_guidance(text_guidance_scale, scale if text_default is None else text_default, "text_guidance_scale")
-        options = self.sampling_options(sampling)
+        text_scale = check_guidance(
+            call.text_guidance_scale, scale if text_default is None else text_default, "text_guidance_scale"
+        )
+        options = self.sampling_options(call.sampling)
 
         with_text = text_encodings is not None and cfg.text_width > 0
         device = self.device
@@ -92,18 +104,15 @@ class ImageDecoder(DiffusionEngine):
             # decoder never saw). The image-only pass is one the decoder trained on often (45% of
             # rows); a text-only pass (5%) would be the weaker base.
             image_only = {**cond, "drop_text": ~keep}
-            model_fn = guided_two_conditions(self.model, cond, image_only, uncond, scale, text_scale)
+            guidance = guided_two_conditions(cond, image_only, uncond, scale, text_scale)
         else:
-            model_fn = guided(self.model, cond, uncond, scale)
+            guidance = guided(cond, uncond, scale)
         size = self.config.image_size
-        samples = self.run_sampler(
-            model_fn,
+        run = self.sampling_run(
             (batch, cfg.out_channels, size, size),
             row_generators(seeds, "decoder"),
             options,
-            cancel=cancel,
             denoised_fn=lambda x0: x0.clamp(-1, 1),
-            progress=progress,
-            known=self.inpaint_condition(inpaint, batch, size, size),
+            known=self.inpaint_condition(call.inpaint, batch, size, size),
         )
-        return unit_to_images(samples)
+        return Job(run, guidance, unit_to_images, cancel, progress)

@@ -8,9 +8,11 @@ identical whichever way it was produced.
 
 from __future__ import annotations
 
+import functools
 import threading
+import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -23,10 +25,11 @@ from unclip.calls import ModelInfo
 from unclip.cancel import CancelToken
 from unclip.checkpoint import CheckpointError, load_weights, read_config, weights_version
 from unclip.config import DiffusionConfig
-from unclip.diffusion import GaussianDiffusion, make_betas, sample
+from unclip.diffusion import GaussianDiffusion, SamplingRun, make_betas
 from unclip.errors import Cancelled, DeadlineExceeded
 from unclip.options import ResolvedSampling, SamplingOptions
 from unclip.stage import Stage
+from unclip.stages.guidance import Guidance, NetworkInput, evaluate, signature
 from unclip.stages.tensors import images_to_unit
 from unclip.validation import MAX_BATCH, check_array, check_batch, check_seeds
 
@@ -35,16 +38,30 @@ ProgressFn = Callable[[int, int, torch.Tensor], None]
 
 @dataclass
 class StageStats:
-    """Counters a service exposes (and tests read) to show what its sampler did."""
+    """Counters a service exposes (and tests read) to show what its engine did.
+
+    `network_calls` counts calls of the network and `network_rows` the rows they computed,
+    padding aside: their ratio is how well batching fills the compute batch. `network_seconds`
+    is the time spent in them (what a stage costs under load, for benchmarks).
+    """
 
     completed: int = 0
     stopped: int = 0
     steps: int = 0
+    network_calls: int = 0
+    network_rows: int = 0
+    network_seconds: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add_steps(self, count: int = 1) -> None:
         with self.lock:
             self.steps += count
+
+    def add_network_calls(self, calls: int, rows: int, seconds: float) -> None:
+        with self.lock:
+            self.network_calls += calls
+            self.network_rows += rows
+            self.network_seconds += seconds
 
     def finish(self, stopped: bool) -> None:
         with self.lock:
@@ -82,22 +99,27 @@ def build_diffusion(config: DiffusionConfig) -> GaussianDiffusion:
 
 
 class Engine:
-    """Base of the stage engines: a config, a network on the compute device, a weights version."""
+    """Base of the stage engines: a config, a network on the compute device, a weights version,
+    and the compute batch every network evaluation runs at (1: each row alone)."""
 
     STAGE: ClassVar[Stage]
 
-    def __init__(self, config: Any, model: torch.nn.Module, version: str = "unversioned"):
+    def __init__(self, config: Any, model: torch.nn.Module, version: str = "unversioned", *, compute_batch: int = 1):
+        if compute_batch < 1:
+            raise ValueError(f"compute_batch must be at least 1, got {compute_batch}")
         self.config = config
         self.version = version
+        self.compute_batch = compute_batch
         self.model = model.eval().requires_grad_(False).to(compute_device())
         self.device = next(self.model.parameters()).device
+        self.stats = StageStats()
 
     @classmethod
-    def from_checkpoint(cls, directory: str | Path) -> Any:
+    def from_checkpoint(cls, directory: str | Path, *, compute_batch: int = 1) -> Any:
         config = read_config(directory)
         if config.kind != cls.STAGE.kind:
             raise CheckpointError(f"{directory}: holds a {config.kind!r} checkpoint, expected {cls.STAGE.kind!r}")
-        return cls(config, cls.network(config, Path(directory)), weights_version(directory, config))
+        return cls(config, cls.network(config, Path(directory)), weights_version(directory, config), compute_batch=compute_batch)
 
     @classmethod
     def network(cls, config: Any, directory: Path) -> torch.nn.Module:
@@ -105,20 +127,121 @@ class Engine:
         raise NotImplementedError
 
     def info(self) -> ModelInfo:
-        return ModelInfo(kind=self.STAGE.kind, version=self.version, **self.describe())
+        return ModelInfo(kind=self.STAGE.kind, version=self.version, compute_batch=self.compute_batch, **self.describe())
 
     def describe(self) -> dict[str, int]:
-        """What the stage's ModelInfo says besides kind and version."""
+        """What the stage's ModelInfo says besides kind, version and compute batch."""
         return {}
+
+    def evaluate(self, network: Callable[..., torch.Tensor], inputs: Sequence[NetworkInput]) -> list[torch.Tensor]:
+        """`guidance.evaluate` at this engine's compute batch, counted in `stats`."""
+        started = time.perf_counter()
+        outputs, calls = evaluate(network, self.compute_batch, inputs)
+        self.stats.add_network_calls(calls, sum(x.shape[0] for x, _, _ in inputs), time.perf_counter() - started)
+        return outputs
+
+    def run_calls(self, calls: Sequence[tuple[Any, CancelToken | None, ProgressFn | None]]) -> list[Any]:
+        """Each (call, cancel, progress)'s result, or the exception it failed with. Calls that
+        can share network evaluations do (`DiffusionEngine`); here they run one by one."""
+        results: list[Any] = []
+        for call, cancel, progress in calls:
+            try:
+                results.append(call.run(self, cancel, progress))
+            except Exception as error:  # noqa: BLE001 - each call answers with its own error
+                results.append(error)
+        return results
+
+
+@dataclass(eq=False)
+class Job:
+    """One call's rows in a joint sampling run: its sampler state, its guidance, how its final
+    tensor becomes the call's result, and its own cancellation and progress."""
+
+    run: SamplingRun
+    guidance: Guidance
+    finish: Callable[[torch.Tensor], Any]
+    cancel: CancelToken | None = None
+    progress: ProgressFn | None = None
+
+    @property
+    def rows(self) -> int:
+        """Network rows per step: the call's rows times its guidance passes."""
+        return self.run.x.shape[0] * len(self.guidance.conditionings)
+
+
+Deliver = Callable[[Any], None]
+
+
+class JointRun:
+    """Jobs of one engine sampling together, one step at a time. Jobs join between steps and
+    leave as soon as they finish, each handing its result (or error) to its `deliver`.
+
+    Every step, the jobs whose network inputs have the same shapes are evaluated in one go
+    (`Engine.evaluate`), whatever their step counts, samplers or guidance; a job stops alone
+    when its own deadline passes or its caller goes away. Rows do not depend on what they are
+    evaluated with, so when a job joins or leaves changes no image.
+    """
+
+    def __init__(self, engine: DiffusionEngine):
+        self.engine = engine
+        self._jobs: list[tuple[Job, Deliver]] = []
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    @property
+    def rows(self) -> int:
+        """Network rows per step of the jobs in the run."""
+        return sum(job.rows for job, _ in self._jobs)
+
+    def add(self, job: Job, deliver: Deliver) -> None:
+        self._jobs.append((job, deliver))
+
+    def _leave(self, entry: tuple[Job, Deliver], result: Any, stopped: bool) -> None:
+        self._jobs.remove(entry)
+        self.engine.stats.finish(stopped=stopped)
+        entry[1](result)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One denoising step of every job; a failure of the step fails every job in it."""
+        for entry in list(self._jobs):
+            if entry[0].cancel is not None:
+                try:
+                    entry[0].cancel.check()
+                except (Cancelled, DeadlineExceeded) as error:
+                    self._leave(entry, error, stopped=True)
+        try:
+            by_signature: dict[Hashable, list[tuple[tuple[Job, Deliver], NetworkInput]]] = {}
+            for entry in self._jobs:
+                inputs = entry[0].guidance.inputs(*entry[0].run.model_input())
+                by_signature.setdefault(signature(inputs), []).append((entry, inputs))
+            for members in by_signature.values():
+                outputs = self.engine.evaluate(self.engine.model, [inputs for _, inputs in members])
+                for ((job, _), _), output in zip(members, outputs, strict=True):
+                    x0 = job.run.advance(job.guidance.output(output))
+                    self.engine.stats.add_steps()
+                    if job.progress is not None:
+                        job.progress(job.run.step - 1, job.run.total, x0)
+        except Exception as error:  # noqa: BLE001 - handed to every job of the step
+            for entry in list(self._jobs):
+                self._leave(entry, error, stopped=True)
+            return
+        for entry in [entry for entry in self._jobs if entry[0].run.done]:
+            try:
+                result = entry[0].finish(entry[0].run.x)
+            except Exception as error:  # noqa: BLE001 - this job's own failure
+                result = error
+            self._leave(entry, result, stopped=False)
 
 
 class DiffusionEngine(Engine):
-    """A diffusion stage: the diffusion process of its config, and a sampler run per request."""
+    """A diffusion stage: the diffusion process of its config, and sampling runs that any number
+    of calls share. A subclass turns each of its calls into a `Job` (`job`)."""
 
-    def __init__(self, config: Any, model: torch.nn.Module, version: str = "unversioned"):
-        super().__init__(config, model, version)
+    def __init__(self, config: Any, model: torch.nn.Module, version: str = "unversioned", *, compute_batch: int = 1):
+        super().__init__(config, model, version, compute_batch=compute_batch)
         self.diffusion = build_diffusion(config.diffusion)
-        self.stats = StageStats()
 
     @classmethod
     def network(cls, config: Any, directory: Path) -> torch.nn.Module:
@@ -156,43 +279,51 @@ class DiffusionEngine(Engine):
         keep = torch.from_numpy(~mask)[:, None].float()
         return images_to_unit(images).to(self.device), keep.to(self.device)
 
-    def run_sampler(
+    def sampling_run(
         self,
-        model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         shape: tuple[int, ...],
         generators: list[torch.Generator],
         options: ResolvedSampling,
         *,
-        cancel: CancelToken | None = None,
         denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        progress: ProgressFn | None = None,
         known: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """Run the sampler with resolved `options` (`sampling_options`), counting steps and
-        whether it finished or was stopped."""
+    ) -> SamplingRun:
+        """The sampler state of one call's rows, with resolved `options` (`sampling_options`)."""
+        return SamplingRun(
+            self.diffusion, shape, generators, steps=options.steps, sampler=options.sampler, eta=options.eta,
+            denoised_fn=denoised_fn, known=known, device=self.device,
+        )  # fmt: skip
 
-        def on_step(step: int, total: int, x0: torch.Tensor) -> None:
-            self.stats.add_steps()
-            if progress is not None:
-                progress(step, total, x0)
+    def job(self, call: Any, cancel: CancelToken | None = None, progress: ProgressFn | None = None) -> Job:
+        """The validated `Job` of one of this stage's calls."""
+        raise NotImplementedError
 
-        try:
-            result = sample(
-                self.diffusion,
-                model_fn,
-                shape,
-                generators,
-                steps=options.steps,
-                sampler=options.sampler,
-                eta=options.eta,
-                denoised_fn=denoised_fn,
-                check_cancelled=cancel.check if cancel is not None else None,
-                progress=on_step,
-                known=known,
-                device=self.device,
-            )
-        except (Cancelled, DeadlineExceeded):
-            self.stats.finish(stopped=True)
-            raise
-        self.stats.finish(stopped=False)
+    def run_jobs(self, jobs: Sequence[Job]) -> list[Any]:
+        """Run jobs together to the end (`JointRun`); each one's result, or the error that
+        stopped it."""
+        results: dict[int, Any] = {}
+        run = JointRun(self)
+        for index, job in enumerate(jobs):
+            run.add(job, functools.partial(results.__setitem__, index))
+        while run:
+            run.step()
+        return [results[index] for index in range(len(jobs))]
+
+    def run_one(self, job: Job) -> Any:
+        (result,) = self.run_jobs([job])
+        if isinstance(result, BaseException):
+            raise result
         return result
+
+    def run_calls(self, calls: Sequence[tuple[Any, CancelToken | None, ProgressFn | None]]) -> list[Any]:
+        """The calls' results (or errors) from one joint run; a call refused as it is validated
+        fails alone, and a failure of the joint run fails all of them."""
+        jobs: list[Job] = []
+        refused: dict[int, Exception] = {}
+        for index, (call, cancel, progress) in enumerate(calls):
+            try:
+                jobs.append(self.job(call, cancel, progress))
+            except Exception as error:  # noqa: BLE001 - each call answers with its own error
+                refused[index] = error
+        joint = iter(self.run_jobs(jobs))
+        return [refused[index] if index in refused else next(joint) for index in range(len(calls))]

@@ -1,83 +1,103 @@
-"""Turning a conditional network into the sampler's model function: classifier-free guidance
-over stacked conditionings, each batch row computed on its own."""
+"""Turning a conditional network's outputs into a sampler's model output, and evaluating the
+network on many rows at a fixed compute batch.
+
+`Guidance` says which conditionings a step needs (one pass without guidance, two for
+classifier-free guidance, three with a scale per condition) and how their outputs combine.
+`evaluate` runs the network on the rows of any number of such requests at once, always at the
+same batch shape, which is what keeps a row's result independent of what it is batched with.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from unclip.diffusion import classifier_free_guidance, two_condition_guidance
 
-ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+NetworkInput = tuple[Tensor, Tensor, dict[str, Tensor]]
+"""(x, original timesteps, conditioning tensors): one batch of rows for the network."""
 
 
-def one_row_at_a_time(net_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """Call `net_fn(x, t, **conditioning)` on each batch row alone and stack the results.
+@dataclass(frozen=True)
+class Guidance:
+    """The passes of one guided model output: each conditioning is evaluated on the same x_t
+    (stacked as one batch, pass-major), and `combine` makes one output of their outputs."""
 
-    CPU (and GPU) kernels choose their blocking by batch size, so a row computed inside a batch
-    differs in the last bits from the same row alone, and diffusion sampling amplifies that into
-    visible pixel changes. Row by row, an image depends only on its own inputs and seed, whatever
-    it was batched with: that is what lets a batch be reproduced image by image, and lets a
-    server batch requests without changing anyone's images.
-    """
+    conditionings: Sequence[dict[str, Tensor]]
+    combine: Callable[[tuple[Tensor, ...]], Tensor]
 
-    def call(x: torch.Tensor, t: torch.Tensor, **conditioning: torch.Tensor) -> torch.Tensor:
-        rows = [
-            net_fn(x[i : i + 1], t[i : i + 1], **{key: value[i : i + 1] for key, value in conditioning.items()})
-            for i in range(x.shape[0])
-        ]
-        return torch.cat(rows)
+    def inputs(self, x_t: Tensor, t: Tensor) -> NetworkInput:
+        copies = len(self.conditionings)
+        stacked = {key: torch.cat([c[key] for c in self.conditionings]) for key in self.conditionings[0]}
+        return torch.cat([x_t] * copies), torch.cat([t] * copies), stacked
 
-    return call
+    def output(self, network_output: Tensor) -> Tensor:
+        return self.combine(network_output.chunk(len(self.conditionings)))
 
 
-def stacked_passes(
-    net_fn: Callable[..., torch.Tensor], x_t: torch.Tensor, t: torch.Tensor, conditionings: list[dict[str, torch.Tensor]]
-) -> tuple[torch.Tensor, ...]:
-    """`net_fn` on (x_t, t) under each conditioning, run as one stacked batch; one output each."""
-    stacked = {key: torch.cat([conditioning[key] for conditioning in conditionings]) for key in conditionings[0]}
-    copies = len(conditionings)
-    return net_fn(torch.cat([x_t] * copies), torch.cat([t] * copies), **stacked).chunk(copies)
+def unguided(cond: dict[str, Tensor]) -> Guidance:
+    return Guidance([cond], lambda outputs: outputs[0])
 
 
-def guided(
-    net_fn: Callable[..., torch.Tensor],
-    cond: dict[str, torch.Tensor],
-    uncond: dict[str, torch.Tensor],
-    guidance_scale: float,
-) -> ModelFn:
-    """A sampler model_fn applying classifier-free guidance to `net_fn(x, t, **conditioning)`.
-
-    The conditional and unconditional halves run as one doubled batch; with scale 1 the
-    unconditional half is skipped since it cannot change the result.
-    """
-
-    net_fn = one_row_at_a_time(net_fn)
-
-    def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if guidance_scale == 1.0:
-            return net_fn(x_t, t, **cond)
-        out_cond, out_uncond = stacked_passes(net_fn, x_t, t, [cond, uncond])
-        return classifier_free_guidance(out_cond, out_uncond, guidance_scale)
-
-    return model_fn
+def guided(cond: dict[str, Tensor], uncond: dict[str, Tensor], scale: float) -> Guidance:
+    """Classifier-free guidance; with scale 1 the unconditional pass cannot change the result
+    and is skipped."""
+    if scale == 1.0:
+        return unguided(cond)
+    return Guidance([cond, uncond], lambda outputs: classifier_free_guidance(outputs[0], outputs[1], scale))
 
 
 def guided_two_conditions(
-    net_fn: Callable[..., torch.Tensor],
-    both: dict[str, torch.Tensor],
-    first_only: dict[str, torch.Tensor],
-    uncond: dict[str, torch.Tensor],
-    first_scale: float,
-    second_scale: float,
-) -> ModelFn:
-    """Like `guided`, with a scale per condition (`two_condition_guidance`): three passes a step."""
+    both: dict[str, Tensor], first_only: dict[str, Tensor], uncond: dict[str, Tensor], first_scale: float, second_scale: float
+) -> Guidance:
+    """A scale per condition (`two_condition_guidance`): three passes a step."""
+    return Guidance(
+        [both, first_only, uncond],
+        lambda outputs: two_condition_guidance(outputs[2], outputs[1], outputs[0], first_scale, second_scale),
+    )
 
-    net_fn = one_row_at_a_time(net_fn)
 
-    def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out_both, out_first, out_uncond = stacked_passes(net_fn, x_t, t, [both, first_only, uncond])
-        return two_condition_guidance(out_uncond, out_first, out_both, first_scale, second_scale)
+def signature(inputs: NetworkInput) -> Hashable:
+    """What must agree for two inputs to share a network call: every tensor's row shape and dtype."""
+    x, t, conditioning = inputs
+    return tuple((key, tuple(v.shape[1:]), v.dtype) for key, v in (("x", x), ("t", t), *sorted(conditioning.items())))
 
-    return model_fn
+
+def in_compute_batches(
+    function: Callable[..., Tensor | tuple[Tensor, ...]], compute_batch: int, *tensors: Tensor
+) -> tuple[tuple[Tensor, ...], int]:
+    """`function(*tensors)` computed `compute_batch` rows at a time, every call at that batch
+    shape: the last chunk is padded with copies of its first row, and the padding's outputs are
+    dropped. Kernels pick their blocking by shape, not by content, so a row's output depends on
+    its own content and the compute batch only: the same alone, in a request of many images, or
+    next to other requests (tests/test_batching.py checks it). Compute batch 1 evaluates every
+    row alone. Returns the outputs (a tuple even for one) and the calls made."""
+    rows = tensors[0].shape[0]
+    pieces: list[tuple[Tensor, ...]] = []
+    for start in range(0, rows, compute_batch):
+        end = min(start + compute_batch, rows)
+        padding = compute_batch - (end - start)
+        chunk = [t[start:end] for t in tensors]
+        if padding:
+            chunk = [torch.cat([t, t[:1].expand(padding, *t.shape[1:])]) for t in chunk]
+        output = function(*chunk)
+        pieces.append(tuple(o[: end - start] for o in (output if isinstance(output, tuple) else (output,))))
+    return tuple(torch.cat(parts) for parts in zip(*pieces, strict=True)), len(pieces)
+
+
+def evaluate(network: Callable[..., Tensor], compute_batch: int, inputs: Sequence[NetworkInput]) -> tuple[list[Tensor], int]:
+    """The network's output for each input (inputs of one `signature`), all their rows computed
+    together `in_compute_batches`. Returns the outputs and the network calls made."""
+    keys = list(inputs[0][2])
+    x = torch.cat([x for x, _, _ in inputs])
+    t = torch.cat([t for _, t, _ in inputs])
+    conditioning = [torch.cat([c[key] for _, _, c in inputs]) for key in keys]
+
+    def call(x: Tensor, t: Tensor, *values: Tensor) -> Tensor:
+        return network(x, t, **dict(zip(keys, values, strict=True)))
+
+    (output,), calls = in_compute_batches(call, compute_batch, x, t, *conditioning)
+    return list(output.split([x.shape[0] for x, _, _ in inputs])), calls

@@ -5,14 +5,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from unclip.calls import UpsampleCall
 from unclip.cancel import CancelToken
 from unclip.config import UpsamplerStageConfig
 from unclip.errors import InvalidArgument
 from unclip.models.unet import UNet
 from unclip.options import SamplingOptions
 from unclip.stage import Stage
-from unclip.stages.engine import DiffusionEngine, ProgressFn, row_generators
-from unclip.stages.guidance import one_row_at_a_time
+from unclip.stages.engine import DiffusionEngine, Job, ProgressFn, row_generators
+from unclip.stages.guidance import unguided
 from unclip.stages.tensors import images_to_unit, unit_to_images
 from unclip.validation import check_array
 
@@ -23,8 +24,8 @@ class ImageUpsampler(DiffusionEngine):
     STAGE = Stage.UPSAMPLER
     config: UpsamplerStageConfig
 
-    def __init__(self, config: UpsamplerStageConfig, model: torch.nn.Module, version: str = "unversioned"):
-        super().__init__(config, model, version)
+    def __init__(self, config: UpsamplerStageConfig, model: torch.nn.Module, version: str = "unversioned", **options: int):
+        super().__init__(config, model, version, **options)
         # The network halves the resolution this many times, so output sides must divide by it.
         self.size_multiple = 2 ** (len(config.model.channel_mult) - 1)
 
@@ -39,7 +40,6 @@ class ImageUpsampler(DiffusionEngine):
     def describe(self) -> dict[str, int]:
         return {**super().describe(), "scale_factor": self.scale_factor}
 
-    @torch.no_grad()
     def upsample(
         self,
         images: np.ndarray,
@@ -52,9 +52,18 @@ class ImageUpsampler(DiffusionEngine):
     ) -> np.ndarray:
         """uint8 [B, h, w, 3] -> uint8 [B, h*f, w*f, 3]; convolutional, so any size that fits.
         `inpaint = (images, mask)` at the output size keeps the images' pixels where mask is False."""
+        call = UpsampleCall(
+            images, seeds=seeds, sampling=sampling, inpaint_images=None if inpaint is None else inpaint[0],
+            inpaint_mask=None if inpaint is None else inpaint[1],
+        )  # fmt: skip
+        return self.run_one(self.job(call, cancel, progress))
+
+    @torch.no_grad()
+    def job(self, call: UpsampleCall, cancel: CancelToken | None = None, progress: ProgressFn | None = None) -> Job:
+        images = call.images
         check_array(images, "images", shape=(None, None, None, 3), dtypes=[np.uint8])
         batch, height, width, _ = images.shape
-        seeds = self.check_rows(batch, "images", seeds)
+        seeds = self.check_rows(batch, "images", call.seeds)
         out_h, out_w = height * self.scale_factor, width * self.scale_factor
         if not (0 < out_h <= MAX_OUTPUT_SIDE and 0 < out_w <= MAX_OUTPUT_SIDE):
             raise InvalidArgument(
@@ -64,18 +73,13 @@ class ImageUpsampler(DiffusionEngine):
             raise InvalidArgument(
                 f"images: output sides {out_h}x{out_w} must be multiples of {self.size_multiple} for this upsampler"
             )
-        options = self.sampling_options(sampling)
-        known = self.inpaint_condition(inpaint, batch, out_h, out_w)
-        low_res = images_to_unit(images).to(self.device)
-        row_model = one_row_at_a_time(self.model)
-        samples = self.run_sampler(
-            lambda x_t, t: row_model(x_t, t, low_res=low_res),
+        options = self.sampling_options(call.sampling)
+        known = self.inpaint_condition(call.inpaint, batch, out_h, out_w)
+        run = self.sampling_run(
             (batch, self.config.model.out_channels, out_h, out_w),
             row_generators(seeds, f"upsampler/x{self.scale_factor}"),
             options,
-            cancel=cancel,
             denoised_fn=lambda x0: x0.clamp(-1, 1),
-            progress=progress,
             known=known,
         )
-        return unit_to_images(samples)
+        return Job(run, unguided({"low_res": images_to_unit(images).to(self.device)}), unit_to_images, cancel, progress)
