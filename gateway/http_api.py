@@ -16,6 +16,8 @@ errors become OpenAI-shaped error bodies:
     {"error": {"message": ..., "type": ..., "param": <field or null>, "code": <str or null>}}
 
     400 invalid_request_error                   bad input (INVALID_ARGUMENT), param names the field
+    400 invalid_request_error, code unsupported_operation   FAILED_PRECONDITION: the weights cannot
+                                                do it (variations without an image encoder)
     404 / 405 / 413 invalid_request_error       unknown route, wrong method, body or file too large
     429 requests, code rate_limit_exceeded      RESOURCE_EXHAUSTED (as OpenAI's request rate limit)
     503 server_error, code service_unavailable  UNAVAILABLE
@@ -100,6 +102,8 @@ def _invalid(message: str, param: str | None = None) -> HTTPAPIError:
 # status_name -> (HTTP status, error type, error code)
 _UNCLIP_ERRORS = {
     "INVALID_ARGUMENT": (400, "invalid_request_error", None),
+    # The request is fine but the deployed weights cannot serve it (no image encoder).
+    "FAILED_PRECONDITION": (400, "invalid_request_error", "unsupported_operation"),
     "RESOURCE_EXHAUSTED": (429, "requests", "rate_limit_exceeded"),
     "UNAVAILABLE": (503, "server_error", "service_unavailable"),
     "DEADLINE_EXCEEDED": (504, "server_error", "timeout"),

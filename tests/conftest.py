@@ -34,6 +34,27 @@ def local_stages_batched():
     return LocalStages.load(settings={stage: BatchSettings(compute_batch=n) for stage, n in compute_batches(BATCHED).items()})
 
 
+@pytest.fixture(scope="session")
+def karlo(tmp_path_factory):
+    """The tiny pipelines (in memory), saved as diffusers directories and imported twice:
+    with the variation pipeline's image encoder and without."""
+    import karlo_fixtures as kf
+
+    from unclip.importers.diffusers_format import import_pipeline
+    from unclip.local import LocalStages
+
+    root = tmp_path_factory.mktemp("karlo")
+    text = kf.text_pipeline()
+    variation = kf.variation_pipeline(text)
+    src, var = kf.save(text, root / "src"), kf.save(variation, root / "var")
+    with_images = import_pipeline(src, root / "weights", variations=var)
+    text_only = import_pipeline(src, root / "text-only")
+    stages = LocalStages.load(with_images)
+    yield {"text": text, "variation": variation, "src": src, "var": var, "root": root, "weights": with_images,
+           "text_only": text_only, "stages": stages}  # fmt: skip
+    stages.shutdown()
+
+
 # -- tiny stage configs: networks small enough to build and run in milliseconds ---------------
 
 

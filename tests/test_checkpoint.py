@@ -126,7 +126,11 @@ def test_config_json_layout(tmp_path):
     assert data["weights"] == "decoder.safetensors"
     assert data["model"]["channel_mult"] == [1, 2]
     assert data["model"]["model_channels"] == 16
-    assert data["diffusion"] == {"timesteps": 1000, "schedule": "cosine", "parameterization": "v", "min_snr_gamma": 0.0}
+    assert data["family"] == "unclip"
+    assert data["diffusion"] == {
+        "timesteps": 1000, "schedule": "cosine", "parameterization": "v", "variance": "fixed_small", "spacing": "even",
+        "min_snr_gamma": 0.0,
+    }  # fmt: skip
 
 
 def test_decoder_position_embeddings_must_match_its_image_size():

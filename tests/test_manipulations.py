@@ -49,6 +49,7 @@ def params(**kwargs) -> GenerationParameters:
 def test_slerp_keeps_unit_norm_and_ends():
     rng = np.random.default_rng(1)
     a, b = rng.standard_normal(64), rng.standard_normal(64)
+    a, b = a / np.linalg.norm(a), b / np.linalg.norm(b)
     frames = slerp(a, b, np.linspace(0, 1, 5))
     np.testing.assert_allclose(np.linalg.norm(frames, axis=1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(frames[0], a / np.linalg.norm(a), atol=1e-6)
@@ -56,6 +57,19 @@ def test_slerp_keeps_unit_norm_and_ends():
     # Equal angular steps: consecutive frames are equally far apart.
     steps = np.arccos(np.clip(np.sum(frames[1:] * frames[:-1], axis=1), -1, 1))
     np.testing.assert_allclose(steps, steps[0], rtol=1e-4)
+
+
+def test_slerp_interpolates_the_norm_of_embeddings_that_are_not_unit():
+    """Karlo takes CLIP embeddings unnormalised: the ends keep their norms, the frames go between."""
+    rng = np.random.default_rng(2)
+    a, b = 3.0 * rng.standard_normal(64), 5.0 * rng.standard_normal(64)
+    frames = slerp(a, b, np.linspace(0, 1, 5))
+    np.testing.assert_allclose(frames[0], a, rtol=1e-5)
+    np.testing.assert_allclose(frames[-1], b, rtol=1e-5)
+    norms = np.linalg.norm(frames, axis=1)
+    np.testing.assert_allclose(norms, np.linspace(np.linalg.norm(a), np.linalg.norm(b), 5), rtol=1e-5)
+    unit = slerp(a / np.linalg.norm(a), b / np.linalg.norm(b), np.linspace(0, 1, 5))
+    np.testing.assert_allclose(frames / norms[:, None], unit, atol=1e-6)  # the same directions
 
 
 def test_variations_follow_the_image_embedding(api, photo):

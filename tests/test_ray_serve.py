@@ -79,30 +79,41 @@ SUFFIX = "-batched"  # of a second set of applications, at the compute batches o
 COMPUTE_BATCHES = compute_batches(BATCHED)
 
 
-def batched_apps(config: dict) -> list[dict]:
-    """Every application again under the name + SUFFIX, at the compute batches of BATCHED,
-    waiting long enough for concurrent test requests to surely meet in a joint run; its gateway
-    calls its own stages."""
+def renamed_apps(config: dict, suffix: str, stage_args) -> list[dict]:
+    """Every application again under the name + suffix, each stage's args updated with
+    `stage_args(stage)`; the gateway calls the renamed stages."""
     apps = []
     for app in copy.deepcopy(config["applications"]):
-        app["name"] += SUFFIX
-        app["route_prefix"] += SUFFIX
-        if app["name"] == GATEWAY + SUFFIX:
-            app["args"] = {**app["args"], **{stage: app["args"][stage] + SUFFIX for stage in ("encoder", "prior", "decoder")}}
-            app["args"]["upsamplers"] = [name + SUFFIX for name in app["args"]["upsamplers"]]
+        app["name"] += suffix
+        app["route_prefix"] += suffix
+        if app["name"] == GATEWAY + suffix:
+            app["args"] = {**app["args"], **{stage: app["args"][stage] + suffix for stage in ("encoder", "prior", "decoder")}}
+            app["args"]["upsamplers"] = [name + suffix for name in app["args"]["upsamplers"]]
         else:
-            app["args"] |= {
-                "compute_batch": COMPUTE_BATCHES[Stage(app["name"].removesuffix(SUFFIX))],
-                "batch_wait_timeout_s": 0.5,
-            }
+            app["args"] |= stage_args(Stage(app["name"].removesuffix(suffix)))
         apps.append(app)
     return apps
 
 
+def batched_apps(config: dict) -> list[dict]:
+    """At the compute batches of BATCHED, waiting long enough for concurrent test requests to
+    surely meet in a joint run."""
+    return renamed_apps(config, SUFFIX, lambda stage: {"compute_batch": COMPUTE_BATCHES[stage], "batch_wait_timeout_s": 0.5})
+
+
+KARLO = "-karlo"  # of a third set of applications, serving the imported tiny Karlo weights
+
+
+def imported_apps(config: dict, weights) -> list[dict]:
+    """Each stage on its imported checkpoint."""
+    return renamed_apps(config, KARLO, lambda stage: {"checkpoint": str(weights / stage.kind)})
+
+
 @pytest.fixture(scope="module")
-def ray_serve():
-    """The shipped Serve config on a 2-CPU local Ray cluster, and the same applications at
-    compute batches of BATCHED (names ending in SUFFIX); yields the gRPC proxy's address."""
+def ray_serve(karlo):
+    """The shipped Serve config on a 2-CPU local Ray cluster, the same applications at compute
+    batches of BATCHED (names ending in SUFFIX) and on imported Karlo weights (KARLO); yields the
+    gRPC proxy's address."""
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
     config = load_config()
     grpc_port = free_port()
@@ -112,7 +123,7 @@ def ray_serve():
         for deployment in app["deployments"]:
             deployment["autoscaling_config"]["max_replicas"] = 1
             deployment["ray_actor_options"]["num_cpus"] = 0.1
-    config["applications"] += batched_apps(config)
+    config["applications"] += batched_apps(config) + imported_apps(config, karlo["weights"])
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
     try:
         deploy(config, timeout_s=240)
@@ -136,6 +147,17 @@ def test_generate_through_the_proxy_equals_in_process(ray_serve, local_stages):
         images = client.generate(PROMPTS[0], n=2, seed=7, size=128, **TINY_STEPS)
     assert [image.seed for image in images] == [7, 8]
     assert [image.png for image in images] == [image.png for image in expected]  # pixels and metadata
+
+
+def test_imported_weights_give_the_in_process_images_through_ray_serve(ray_serve, karlo):
+    """Karlo-family applications (`checkpoint:` an imported directory) answer with the PNGs the
+    same weights give in-process, and refuse nothing they can do."""
+    steps = dict(prior_steps=3, decoder_steps=3, upsampler_steps=2)
+    expected = asyncio.run(generate(karlo["stages"], GenerationParameters(prompt=PROMPTS[1], n=2, seed=5, **steps)))
+    with Client(ray_serve, application=GATEWAY + KARLO, timeout=120) as client:
+        images = client.generate(PROMPTS[1], n=2, seed=5, **steps)
+    assert [image.png for image in images] == [image.png for image in expected]
+    assert images[0].metadata["models"]["prior"].startswith("prior-diffusers-")
 
 
 @pytest.mark.parametrize("name", PARAMETER_NAMES)

@@ -173,6 +173,7 @@ class DecodeCall(_InpaintingCall):
     image_embeddings: np.ndarray
     text_encodings: np.ndarray | None = None
     text_mask: np.ndarray | None = None
+    text_embeddings: np.ndarray | None = None
     guidance_scale: float | None = None
     text_guidance_scale: float | None = None
 

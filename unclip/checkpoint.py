@@ -99,4 +99,6 @@ def weights_version(directory: str | os.PathLike, config: StageConfig) -> str:
     with open(weights_path(directory, config), "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
-    return f"{config.kind}-{digest.hexdigest()[:12]}"
+    family = getattr(config, "family", "unclip")
+    prefix = config.kind if family == "unclip" else f"{config.kind}-{family}"  # imported weights say so
+    return f"{prefix}-{digest.hexdigest()[:12]}"

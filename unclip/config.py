@@ -14,7 +14,7 @@ from typing import Any
 
 from unclip.models.prior import PriorConfig
 from unclip.models.unet import UNetConfig, decoder_config_tiny, upsampler_config_tiny
-from unclip.stage import Stage
+from unclip.stage import DIFFUSERS, FAMILIES, UNCLIP, Stage
 
 
 @dataclass
@@ -22,6 +22,8 @@ class DiffusionConfig:
     timesteps: int = 1000
     schedule: str = "cosine"
     parameterization: str = "eps"  # eps | x0 | v
+    variance: str = "fixed_small"  # fixed_small | learned_range (unclip.diffusion.gaussian.VARIANCES)
+    spacing: str = "even"  # how sampling picks its timesteps (unclip.diffusion.respace.SPACINGS)
     # Training only: Min-SNR-gamma loss weighting (0 = the plain loss of the parameterization).
     min_snr_gamma: float = 0.0
 
@@ -47,7 +49,15 @@ class ClipStageConfig:
     model_name: str = "unclip-tiny"
     # Weights file, relative to the checkpoint directory (or absolute): safetensors or an open_clip checkpoint.
     weights: str = "model.safetensors"
+    # An open_clip model config given inline instead of model_name (imported CLIPs;
+    # unclip.models.clip_import), with "unclip_no_image_tower" and an optional "preprocess".
+    open_clip_config: dict[str, Any] | None = None
+    # Unit-normalise the embeddings it returns (unclip's models); Karlo's take them as CLIP gives them.
+    normalize: bool = True
+    # The token after each text's end token, as the source tokenizer padded (open_clip: 0).
+    pad_token_id: int = 0
     kind: str = Stage.ENCODER.kind
+    family: str = UNCLIP
 
 
 @dataclass
@@ -58,6 +68,7 @@ class PriorStageConfig:
     sampling: SamplingDefaults = field(default_factory=lambda: SamplingDefaults(steps=32, guidance_scale=2.0))
     weights: str = "model.safetensors"
     kind: str = Stage.PRIOR.kind
+    family: str = UNCLIP
 
 
 @dataclass
@@ -71,6 +82,7 @@ class DecoderStageConfig:
     image_size: int = 32
     weights: str = "model.safetensors"
     kind: str = Stage.DECODER.kind
+    family: str = UNCLIP
 
     def __post_init__(self) -> None:
         side = self.model.position_embedding_size
@@ -92,14 +104,92 @@ class UpsamplerStageConfig:
     train_crop_size: int = 0
     weights: str = "model.safetensors"
     kind: str = Stage.UPSAMPLER.kind
+    family: str = UNCLIP
+
+    @property
+    def size_multiple(self) -> int:
+        """Output sides must divide by this: the network halves the resolution this many times."""
+        return int(2 ** (len(self.model.channel_mult) - 1))
 
 
-StageConfig = ClipStageConfig | PriorStageConfig | DecoderStageConfig | UpsamplerStageConfig
-STAGE_CONFIGS: dict[str, type] = {
-    Stage.ENCODER.kind: ClipStageConfig,
-    Stage.PRIOR.kind: PriorStageConfig,
-    Stage.DECODER.kind: DecoderStageConfig,
-    Stage.UPSAMPLER.kind: UpsamplerStageConfig,
+def _karlo_diffusion(**fields: Any) -> DiffusionConfig:
+    # UnCLIPScheduler: the cosine schedule, timesteps rounded as Karlo rounds them.
+    return DiffusionConfig(schedule="squaredcos_cap_v2", spacing="karlo", **fields)
+
+
+@dataclass
+class DiffusersPriorStageConfig:
+    """An imported diffusers PriorTransformer (`prior`: its config) with Karlo's sampling."""
+
+    prior: dict[str, Any] = field(default_factory=dict)
+    embed_dim: int = 768  # CLIP's embedding width, also the text encodings' width
+    context_length: int = 77  # text tokens, exactly
+    diffusion: DiffusionConfig = field(default_factory=lambda: _karlo_diffusion(parameterization="x0"))
+    sampling: SamplingDefaults = field(default_factory=lambda: SamplingDefaults(steps=25, sampler="ddpm", guidance_scale=4.0))
+    clip_sample_range: float | None = 5.0  # predicted x_0 is clamped to +-this (None: not clamped)
+    weights: str = "model.safetensors"
+    kind: str = Stage.PRIOR.kind
+    family: str = DIFFUSERS
+
+
+@dataclass
+class DiffusersDecoderStageConfig:
+    """An imported UnCLIPTextProjModel + UNet2DConditionModel (their configs) with Karlo's sampling."""
+
+    decoder: dict[str, Any] = field(default_factory=dict)
+    text_proj: dict[str, Any] = field(default_factory=dict)
+    embed_dim: int = 768
+    context_length: int = 77
+    image_size: int = 64
+    channels: int = 3
+    diffusion: DiffusionConfig = field(default_factory=lambda: _karlo_diffusion(parameterization="eps", variance="learned_range"))
+    sampling: DecoderSamplingDefaults = field(
+        default_factory=lambda: DecoderSamplingDefaults(steps=25, sampler="ddpm", guidance_scale=8.0)
+    )
+    clip_sample_range: float | None = 1.0
+    weights: str = "model.safetensors"
+    kind: str = Stage.DECODER.kind
+    family: str = DIFFUSERS
+
+
+@dataclass
+class DiffusersUpsamplerStageConfig:
+    """Karlo's two super-resolution UNet2DModels (their configs): the first for every step but
+    the last, the second for the last."""
+
+    super_res_first: dict[str, Any] = field(default_factory=dict)
+    super_res_last: dict[str, Any] = field(default_factory=dict)
+    scale_factor: int = 4
+    input_size: int = 64
+    channels: int = 3
+    diffusion: DiffusionConfig = field(default_factory=lambda: _karlo_diffusion(parameterization="eps"))
+    sampling: SamplingDefaults = field(default_factory=lambda: SamplingDefaults(steps=7, sampler="ddpm"))
+    clip_sample_range: float | None = 1.0
+    weights: str = "model.safetensors"
+    kind: str = Stage.UPSAMPLER.kind
+    family: str = DIFFUSERS
+
+    @property
+    def size_multiple(self) -> int:
+        """Output sides must divide by this: the network halves the resolution this many times."""
+        return int(2 ** (len(self.super_res_first.get("block_out_channels", (0,))) - 1))
+
+
+StageConfig = (
+    ClipStageConfig | PriorStageConfig | DecoderStageConfig | UpsamplerStageConfig | DiffusersPriorStageConfig
+    | DiffusersDecoderStageConfig | DiffusersUpsamplerStageConfig
+)  # fmt: skip
+# Each (checkpoint kind, family)'s config class; an engine class per config class is in
+# unclip.stages.ENGINES.
+STAGE_CONFIGS: dict[tuple[str, str], type] = {
+    (Stage.ENCODER.kind, UNCLIP): ClipStageConfig,
+    (Stage.PRIOR.kind, UNCLIP): PriorStageConfig,
+    (Stage.DECODER.kind, UNCLIP): DecoderStageConfig,
+    (Stage.UPSAMPLER.kind, UNCLIP): UpsamplerStageConfig,
+    (Stage.ENCODER.kind, DIFFUSERS): ClipStageConfig,
+    (Stage.PRIOR.kind, DIFFUSERS): DiffusersPriorStageConfig,
+    (Stage.DECODER.kind, DIFFUSERS): DiffusersDecoderStageConfig,
+    (Stage.UPSAMPLER.kind, DIFFUSERS): DiffusersUpsamplerStageConfig,
 }
 
 
@@ -131,7 +221,10 @@ def _convert(hint: Any, value: Any) -> Any:
 
 
 def stage_config_from_dict(data: dict[str, Any]) -> StageConfig:
-    kind = data.get("kind")
-    if kind not in STAGE_CONFIGS:
-        raise ValueError(f"config.json: 'kind' must be one of {sorted(STAGE_CONFIGS)}, got {kind!r}")
-    return from_dict(STAGE_CONFIGS[kind], data)
+    kind, family = data.get("kind"), data.get("family", UNCLIP)
+    kinds = sorted({k for k, _ in STAGE_CONFIGS})
+    if kind not in kinds:
+        raise ValueError(f"config.json: 'kind' must be one of {kinds}, got {kind!r}")
+    if family not in FAMILIES:
+        raise ValueError(f"config.json: 'family' must be one of {list(FAMILIES)}, got {family!r}")
+    return from_dict(STAGE_CONFIGS[kind, family], data)

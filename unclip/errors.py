@@ -53,6 +53,13 @@ class InvalidArgument(UnclipError, ValueError):
     status_name = "INVALID_ARGUMENT"
 
 
+class FailedPrecondition(UnclipError):
+    """The request is well formed but the deployed models cannot serve it (e.g. an image
+    operation with weights that have no image encoder)."""
+
+    status_name = "FAILED_PRECONDITION"
+
+
 class ResourceExhausted(UnclipError):
     """Too much queued work; the caller should back off and retry."""
 
@@ -78,7 +85,8 @@ class Unavailable(UnclipError):
 
 
 _BY_STATUS: dict[str, type[UnclipError]] = {
-    cls.status_name: cls for cls in (InvalidArgument, ResourceExhausted, DeadlineExceeded, Cancelled, Unavailable)
+    cls.status_name: cls
+    for cls in (InvalidArgument, FailedPrecondition, ResourceExhausted, DeadlineExceeded, Cancelled, Unavailable)
 }
 
 

@@ -18,13 +18,21 @@ MAX_FRAMES = 16
 
 
 def slerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
-    """Spherical interpolation between unit vectors a and b [D] at fractions t [K] -> [K, D]."""
-    a, b = a / np.linalg.norm(a), b / np.linalg.norm(b)
+    """Spherical interpolation between the directions of a and b [D] at fractions t [K] -> [K, D].
+
+    Unit vectors (unclip's own embeddings) stay unit. Embeddings used as CLIP gives them (Karlo's
+    decoder takes them so) keep a norm interpolated linearly between the two ends'.
+    """
+    norms = np.array([np.linalg.norm(a), np.linalg.norm(b)])
+    a, b = a / norms[0], b / norms[1]
     omega = np.arccos(np.clip(np.dot(a, b), -1.0, 1.0))
     t = t[:, None]
     # (Anti)parallel within float precision: the straight line.
     mixed = (1 - t) * a + t * b if omega < 1e-6 else (np.sin((1 - t) * omega) * a + np.sin(t * omega) * b) / np.sin(omega)
-    return (mixed / np.linalg.norm(mixed, axis=1, keepdims=True)).astype(np.float32)
+    unit = mixed / np.linalg.norm(mixed, axis=1, keepdims=True)
+    if np.allclose(norms, 1.0, atol=1e-3):
+        return unit.astype(np.float32)
+    return (unit * ((1 - t) * norms[0] + t * norms[1])).astype(np.float32)
 
 
 def _check_frames(frames: int) -> None:
@@ -125,7 +133,9 @@ async def text_diff(
     norm = np.linalg.norm(diff)
     if norm < 1e-6:
         raise InvalidArgument("caption and target_caption: their CLIP embeddings are identical; nothing to move toward")
-    # As DALL-E 2: slerp from the image embedding toward the diff direction.
-    embeddings = slerp(image_embedding, diff / norm, np.linspace(0.0, max_rotation, frames))
+    # As DALL-E 2: slerp from the image embedding toward the diff direction (at the image
+    # embedding's own norm, for embeddings that are not unit).
+    toward = diff / norm * np.linalg.norm(image_embedding)
+    embeddings = slerp(image_embedding, toward, np.linspace(0.0, max_rotation, frames))
     pixels = await run.decode_and_upsample(embeddings, None)
     return run.results(pixels, {"caption": caption, "target_caption": target_caption})

@@ -243,6 +243,7 @@ class Run:
             seeds=self.seeds,
             text_encodings=None if text is None else text.encodings,
             text_mask=None if text is None else text.mask,
+            text_embeddings=None if text is None else text.embeddings,
             **self.params.stage_settings(Stage.DECODER),
             **({} if inpaint is None else inpaint.at_size(self.sizes[0], self.batch)),
         )

@@ -68,3 +68,12 @@ _KINDS = {Stage.ENCODER: "clip", Stage.PRIOR: "prior", Stage.DECODER: "decoder",
 _EVENTS = {Stage.ENCODER: "encode", Stage.PRIOR: "prior", Stage.DECODER: "decode", Stage.UPSAMPLER: "upsample"}
 SERVICE_NAMES = tuple(stage.value for stage in Stage)
 KINDS = tuple(stage.kind for stage in Stage)
+
+
+# Model families: how a stage's network is built and conditioned. "unclip": unclip's own networks
+# (unclip/models). "diffusers": a diffusers-format unCLIP such as Karlo, imported with
+# `unclip import diffusers` (unclip/stages/diffusers_family.py). A checkpoint's config.json says
+# which in "family"; without it, unclip's.
+UNCLIP = "unclip"
+DIFFUSERS = "diffusers"
+FAMILIES = (UNCLIP, DIFFUSERS)

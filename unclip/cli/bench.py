@@ -1,4 +1,4 @@
-"""`unclip bench pipeline|throughput`: benchmarks that print figures."""
+"""`unclip bench pipeline|throughput|karlo`: benchmarks that print figures."""
 
 from __future__ import annotations
 
@@ -28,9 +28,10 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         "bench",
         help="benchmarks that print figures",
         description="pipeline: latency in-process against the local services. throughput: images per second, "
-        "latency and peak memory under concurrent load, row by row against each --compute-batch.",
+        "latency and peak memory under concurrent load, row by row against each --compute-batch. karlo: unclip "
+        "in-process against diffusers' UnCLIPPipeline on the same diffusers-format weights.",
     )
-    parser.add_argument("what", choices=("pipeline", "throughput"))
+    parser.add_argument("what", choices=("pipeline", "throughput", "karlo"))
     parser.add_argument("--prompts", type=int, default=3, help="pipeline: number of prompts")
     parser.add_argument("--seed", type=int, default=0, help="pipeline: seed of the first prompt; prompt i uses seed + i")
     parser.add_argument("--repeats", type=int, default=1, help="pipeline: runs per prompt (the median is reported)")
@@ -56,12 +57,31 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     throughput.add_argument("--max-batch-size", type=int, default=8, help="requests per joint run")
     throughput.add_argument("--batch-wait", type=float, default=0.0, help="seconds a joint run's first request waits for company")
     throughput.add_argument("--json", type=Path, default=Path("bench-throughput.json"), help="where the figures are written")
+    karlo = parser.add_argument_group("karlo (steps: --prior-steps etc., default Karlo's 25, 25, 7)")
+    karlo.add_argument("--src", type=Path, help="a diffusers UnCLIPPipeline directory")
+    karlo.add_argument("--imported", type=Path, help="its `unclip import diffusers` output (default: imported afresh)")
+    karlo.add_argument("--runs", type=int, default=3, help="timed requests per side, after one untimed")
+    karlo.add_argument("--images", type=int, default=1, help="images per request")
     add_parameter_flags(parser, OPERATION, skip=NOT_SAMPLING)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     parameters = parameters_from_args(args, OPERATION, skip=NOT_SAMPLING)
+    if args.what == "karlo":
+        from unclip.peer_bench import run_peer_benchmark
+
+        if args.src is None:
+            raise SystemExit("unclip bench karlo: --src DIR (a diffusers UnCLIPPipeline directory) is required")
+        given = (parameters.get("prior_steps"), parameters.get("decoder_steps"), parameters.get("upsampler_steps"))
+        steps = (given[0] or 25, given[1] or 25, given[2] or 7)
+        out = args.json if args.json != Path("bench-throughput.json") else Path("bench-karlo.json")
+        from unclip.stages.batcher import compute_batches
+
+        batches = compute_batches(args.compute_batch[-1]) if args.compute_batch else None  # default: diffusers' batch
+        return run_peer_benchmark(
+            args.src, args.imported, n=args.images, steps=steps, runs=args.runs, out=out, compute_batches=batches
+        )
     if args.what == "pipeline":
         from unclip.bench import run_pipeline_benchmark
 

@@ -144,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
 
     from unclip.checkpoint import CONFIG_FILE, CheckpointError, read_config
     from unclip.config import STAGE_CONFIGS
+    from unclip.stage import UNCLIP
     from unclip.train.data import DataError, open_source
     from unclip.train.loop import TrainOptions, read_train_state, train
     from unclip.train.stages import DEFAULT_LR, make_objective
@@ -157,7 +158,9 @@ def run(args: argparse.Namespace) -> int:
         elif args.config is not None:
             config = read_config(args.config.parent if args.config.name == CONFIG_FILE else args.config)
         else:
-            config = STAGE_CONFIGS[args.stage]()
+            config = STAGE_CONFIGS[args.stage, UNCLIP]()
+        if getattr(config, "family", UNCLIP) != UNCLIP:
+            raise CheckpointError(f"training builds unclip's own networks; this is a {config.family!r} checkpoint")
         if config.kind != args.stage:
             raise CheckpointError(f"{args.out}: holds a checkpoint of stage {config.kind!r}, not {args.stage!r}")
         # A resumed run goes on with what it recorded (the prior and decoder with the CLIP they started with).

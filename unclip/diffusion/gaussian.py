@@ -12,6 +12,10 @@ import torch
 from torch import Tensor
 
 PARAMETERIZATIONS = ("eps", "x0", "v")
+# The reverse step's variance: the posterior's ("fixed_small"), or interpolated in log space
+# between it and beta_t by a second half of the network's output channels ("learned_range",
+# Nichol & Dhariwal 2021; Karlo's decoder).
+VARIANCES = ("fixed_small", "learned_range")
 
 
 class GaussianDiffusion:
@@ -21,7 +25,9 @@ class GaussianDiffusion:
     timestep of step i; networks are always called with original timesteps (`model_timesteps`).
     """
 
-    def __init__(self, betas: Tensor, parameterization: str = "eps", timestep_map: Tensor | None = None):
+    def __init__(
+        self, betas: Tensor, parameterization: str = "eps", timestep_map: Tensor | None = None, variance: str = "fixed_small"
+    ):
         betas = torch.as_tensor(betas, dtype=torch.float64).cpu()
         if betas.ndim != 1 or betas.numel() == 0:
             raise ValueError(f"betas must be a non-empty 1-D tensor, got shape {tuple(betas.shape)}")
@@ -29,6 +35,8 @@ class GaussianDiffusion:
             raise ValueError("betas must lie in the open interval (0, 1)")
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}")
+        if variance not in VARIANCES:
+            raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
         num_timesteps = betas.numel()
         if timestep_map is None:
             timestep_map = torch.arange(num_timesteps)
@@ -38,6 +46,7 @@ class GaussianDiffusion:
 
         self.num_timesteps = num_timesteps
         self.parameterization = parameterization
+        self.variance = variance
         self.timestep_map = timestep_map
         self.betas = betas
 
@@ -103,8 +112,35 @@ class GaussianDiffusion:
         """(1 / sqrt(acp_t), sqrt(1 / acp_t - 1)), broadcastable to x."""
         return _extract(self.sqrt_recip_alphas_cumprod, t, x), _extract(self.sqrt_recipm1_alphas_cumprod, t, x)
 
+    @property
+    def learned_variance(self) -> bool:
+        """Whether the network also outputs the step's variance (as many channels again)."""
+        return self.variance == "learned_range"
+
+    def split_variance(self, model_output: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(the prediction in this process's parameterization, the variance output or None)."""
+        if not self.learned_variance:
+            return model_output, None
+        if model_output.ndim < 2 or model_output.shape[1] != 2 * x_t.shape[1]:
+            raise ValueError(
+                f"a learned-variance output needs twice x_t's {x_t.shape[1]} channels, got shape {tuple(model_output.shape)}"
+            )
+        prediction, variance = model_output.chunk(2, dim=1)
+        return prediction, variance
+
+    def learned_log_variance(self, variance_output: Tensor, t: Tensor) -> Tensor:
+        """log sigma_t^2 from a network's variance output v in [-1, 1]: v = -1 is the posterior's
+        variance, v = 1 is beta_t, in between interpolated in log space."""
+        fraction = (variance_output + 1) / 2
+        min_log = _extract(self.posterior_log_variance_clipped, t, variance_output)
+        max_log = _extract(self.betas.log(), t, variance_output)
+        return fraction * max_log + (1 - fraction) * min_log
+
     def split_model_output(self, model_output: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        """(predicted x_0, predicted eps) from a network output in this process's parameterization."""
+        """(predicted x_0, predicted eps) from a network output in this process's parameterization
+        (a learned variance half, if the output still has it, is dropped: `split_variance`)."""
+        if self.learned_variance and model_output.ndim > 1 and model_output.shape[1] == 2 * x_t.shape[1]:
+            model_output, _ = self.split_variance(model_output, x_t)
         if model_output.shape != x_t.shape:
             raise ValueError(f"model output shape {tuple(model_output.shape)} != x_t shape {tuple(x_t.shape)}")
         if self.parameterization == "eps":
@@ -153,16 +189,24 @@ class GaussianDiffusion:
         """The original timesteps of (possibly respaced) step indices t, for calling the network."""
         return self.timestep_map.to(t.device)[t]
 
-    def ddpm_step(self, x0_pred: Tensor, x_t: Tensor, t: Tensor, noise: Tensor | None = None) -> Tensor:
-        """Sample x_{t-1} from the posterior q(x_{t-1} | x_t, x0_pred) with its fixed variance.
+    def ddpm_step(
+        self, x0_pred: Tensor, x_t: Tensor, t: Tensor, noise: Tensor | None = None, log_variance: Tensor | None = None
+    ) -> Tensor:
+        """Sample x_{t-1} from the posterior q(x_{t-1} | x_t, x0_pred), with its fixed variance or
+        a learned `log_variance` (broadcastable to x_t: `learned_log_variance`).
 
         Rows with t == 0 get the posterior mean (the final sample, x0_pred); noise may be None only
         when every t is 0.
         """
         mean, _, _ = self.q_posterior_mean_variance(x0_pred, x_t, t)
         t_cpu = t.cpu()
-        std = torch.where(t_cpu > 0, (0.5 * self.posterior_log_variance_clipped[t_cpu]).exp(), 0.0)
-        return _add_noise(mean, std, t, noise)
+        if log_variance is None:
+            std = torch.where(t_cpu > 0, (0.5 * self.posterior_log_variance_clipped[t_cpu]).exp(), 0.0)
+            return _add_noise(mean, std, t, noise)
+        if noise is None:
+            return _add_noise(mean, torch.zeros(len(t_cpu), dtype=torch.float64), t, None)
+        keep = _broadcast((t_cpu > 0).to(torch.float64), mean)
+        return mean + keep * (0.5 * log_variance).exp().to(mean.dtype) * noise
 
     def ddim_step(
         self, x0_pred: Tensor, eps_pred: Tensor, x_t: Tensor, t: Tensor, eta: float, noise: Tensor | None = None

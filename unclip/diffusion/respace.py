@@ -8,20 +8,29 @@ import torch
 
 from unclip.diffusion.gaussian import GaussianDiffusion
 
+SPACINGS = ("even", "karlo")
 
-def space_timesteps(num_timesteps: int, steps: int) -> list[int]:
+
+def space_timesteps(num_timesteps: int, steps: int, spacing: str = "even") -> list[int]:
     """`steps` evenly spaced timesteps of a num_timesteps process, ascending.
 
     With steps > 1 both 0 and num_timesteps - 1 are included. A single step is the last timestep:
-    sampling must start from (nearly) pure noise.
+    sampling must start from (nearly) pure noise. i * last / (steps - 1) is rounded to the
+    nearest integer, exactly with halves up ("even"), or as Karlo's UnCLIPScheduler computes it
+    ("karlo": i times the float ratio, halves to even), so imported weights visit exactly the
+    timesteps they were sampled at. The spacing is >= 1 either way: no duplicates.
     """
+    if spacing not in SPACINGS:
+        raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
     if not 1 <= steps <= num_timesteps:
         raise ValueError(f"steps must be in the range [1, {num_timesteps}], got {steps}")
     last = num_timesteps - 1
     if steps == 1:
         return [last]
-    # Round i * last / (steps - 1) to the nearest integer; the spacing is >= 1, so no duplicates.
     intervals = steps - 1
+    if spacing == "karlo":
+        ratio = last / intervals
+        return [round(i * ratio) for i in range(steps)]
     return [(i * last + intervals // 2) // intervals for i in range(steps)]
 
 
@@ -39,17 +48,18 @@ def respace(base: GaussianDiffusion, use_timesteps: Iterable[int]) -> GaussianDi
     previous = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
     betas = 1.0 - alphas_cumprod / previous
     # Compose maps so that respacing an already respaced process still points at original timesteps.
-    return GaussianDiffusion(betas, base.parameterization, timestep_map=base.timestep_map[index])
+    return GaussianDiffusion(betas, base.parameterization, timestep_map=base.timestep_map[index], variance=base.variance)
 
 
-_respaced_cache: "WeakKeyDictionary[GaussianDiffusion, dict[int, GaussianDiffusion]]" = WeakKeyDictionary()
+_respaced_cache: "WeakKeyDictionary[GaussianDiffusion, dict[tuple[int, str], GaussianDiffusion]]" = WeakKeyDictionary()
 _respaced_cache_lock = threading.Lock()
 
 
-def respace_to_steps(base: GaussianDiffusion, steps: int) -> GaussianDiffusion:
-    """`base` respaced to `steps` evenly spaced steps, computed once per (base, steps)."""
+def respace_to_steps(base: GaussianDiffusion, steps: int, spacing: str = "even") -> GaussianDiffusion:
+    """`base` respaced to `steps` evenly spaced steps (`space_timesteps`), computed once per
+    (base, steps, spacing)."""
     with _respaced_cache_lock:
         by_steps = _respaced_cache.setdefault(base, {})
-        if steps not in by_steps:
-            by_steps[steps] = respace(base, space_timesteps(base.num_timesteps, steps))
-        return by_steps[steps]
+        if (steps, spacing) not in by_steps:
+            by_steps[steps, spacing] = respace(base, space_timesteps(base.num_timesteps, steps, spacing))
+        return by_steps[steps, spacing]

@@ -67,7 +67,9 @@ class SamplingRun:
 
     `known = (x0_known, keep)` inpaints: where `keep` is 1 the result is x0_known, and at every
     step that region of x_t is replaced by x0_known noised to the same level (per-row noise), so
-    the model fills in the rest consistently with it.
+    the model fills in the rest consistently with it. `spacing` picks the respaced timesteps
+    (`space_timesteps`). With a learned variance (`GaussianDiffusion.variance`) the network's
+    output has twice x's channels, and DDPM steps take their variance from the second half.
     """
 
     def __init__(
@@ -83,10 +85,11 @@ class SamplingRun:
         x_T: Tensor | None = None,
         device: torch.device | str | None = None,
         known: tuple[Tensor, Tensor] | None = None,
+        spacing: str = "even",
     ):
         shape = tuple(shape)
         _validate_arguments(shape, generators, sampler, eta, x_T)
-        self.process = respace_to_steps(diffusion, steps)
+        self.process = respace_to_steps(diffusion, steps, spacing)
         self.generators, self.sampler, self.eta = generators, sampler, eta
         self.denoised_fn, self.known = denoised_fn, known
         self.x = row_noise(generators, shape[1:], device=device) if x_T is None else x_T.to(device or x_T.device)
@@ -112,13 +115,15 @@ class SamplingRun:
         """Take the next step with the network's output for `model_input()`; the predicted x_0."""
         t = self._t()
         t_index = self.total - 1 - self.step
-        x0_pred, eps_pred = self.process.split_model_output(model_output, self.x, t)
+        prediction, variance_output = self.process.split_variance(model_output, self.x)
+        x0_pred, eps_pred = self.process.split_model_output(prediction, self.x, t)
         if self.denoised_fn is not None:
             x0_pred = self.denoised_fn(x0_pred)
             eps_pred = self.process.predict_eps_from_x0(self.x, t, x0_pred)
         noise = _step_noise(self.generators, self.x, self.sampler, self.eta, is_last_step=t_index == 0)
         if self.sampler == "ddpm":
-            self.x = self.process.ddpm_step(x0_pred, self.x, t, noise)
+            log_variance = None if variance_output is None else self.process.learned_log_variance(variance_output, t)
+            self.x = self.process.ddpm_step(x0_pred, self.x, t, noise, log_variance)
         else:
             self.x = self.process.ddim_step(x0_pred, eps_pred, self.x, t, self.eta, noise)
         if self.known is not None:

@@ -49,6 +49,17 @@ def encode_text_tokens(model: open_clip.CLIP, tokens: torch.Tensor) -> tuple[tor
     return pooled, token_states
 
 
+def text_mask_and_padding(tokens: torch.Tensor, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token ids with the padding set to `pad_token_id`, mask [B, L] true up to and including
+    each row's end token). open_clip pads with 0, which is also a real token ("!"), so the mask
+    comes from the end token's position (the largest id in CLIP's BPE), not from the ids. An
+    imported CLIP is padded as its own tokenizer padded (Karlo: with the end token), so every
+    per-token state equals the source model's."""
+    positions = torch.arange(tokens.shape[1], device=tokens.device)
+    mask = positions[None, :] <= tokens.argmax(dim=-1, keepdim=True)
+    return torch.where(mask, tokens, torch.full_like(tokens, pad_token_id)), mask
+
+
 def preprocess_images(model: open_clip.CLIP, images: torch.Tensor) -> torch.Tensor:
     """uint8 [B, H, W, 3] -> normalised float [B, 3, S, S] at the model's input size.
 

@@ -7,15 +7,20 @@ from pathlib import Path
 from typing import Any
 
 from unclip import settings
-from unclip.stage import Stage
+from unclip.stage import DIFFUSERS, UNCLIP, Stage
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
-# Where each stage's engine class lives (imported on first use: they need torch).
+# Where each stage's engine class lives for each model family (imported on first use: they
+# need torch, and the diffusers family needs diffusers).
 ENGINES = {
-    Stage.ENCODER: "unclip.stages.clip:ClipEncoder",
-    Stage.PRIOR: "unclip.stages.prior:PriorSampler",
-    Stage.DECODER: "unclip.stages.decoder:ImageDecoder",
-    Stage.UPSAMPLER: "unclip.stages.upsampler:ImageUpsampler",
+    (Stage.ENCODER, UNCLIP): "unclip.stages.clip:ClipEncoder",
+    (Stage.PRIOR, UNCLIP): "unclip.stages.prior:PriorSampler",
+    (Stage.DECODER, UNCLIP): "unclip.stages.decoder:ImageDecoder",
+    (Stage.UPSAMPLER, UNCLIP): "unclip.stages.upsampler:ImageUpsampler",
+    (Stage.ENCODER, DIFFUSERS): "unclip.stages.clip:ClipEncoder",
+    (Stage.PRIOR, DIFFUSERS): "unclip.stages.diffusers_family:DiffusersPrior",
+    (Stage.DECODER, DIFFUSERS): "unclip.stages.diffusers_family:DiffusersDecoder",
+    (Stage.UPSAMPLER, DIFFUSERS): "unclip.stages.diffusers_family:DiffusersUpsampler",
 }
 
 
@@ -28,8 +33,8 @@ def default_checkpoint(stage: Stage | str) -> Path:
     return WEIGHTS_DIR / _stage(stage).kind
 
 
-def engine_class(stage: Stage | str) -> Any:
-    module, name = ENGINES[_stage(stage)].split(":")
+def engine_class(stage: Stage | str, family: str = UNCLIP) -> Any:
+    module, name = ENGINES[_stage(stage), family].split(":")
     return getattr(importlib.import_module(module), name)
 
 
@@ -43,6 +48,8 @@ def load_engine(stage: Stage | str, directory: str | Path | None = None, *, comp
     # Every process that runs an engine (in-process, a stage service, a Ray replica, whatever its
     # CPU allotment) therefore computes with the same thread count, so a seed gives the same image.
     torch.set_num_threads(settings.TORCH_THREADS.get())
+    from unclip.checkpoint import read_config
+
     stage = _stage(stage)
     path = Path(directory) if directory is not None else default_checkpoint(stage)
-    return engine_class(stage).from_checkpoint(path, compute_batch=compute_batch)
+    return engine_class(stage, read_config(path).family).from_checkpoint(path, compute_batch=compute_batch)

@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from unclip.calls import TextEncoding
-from unclip.checkpoint import CheckpointError, weights_path
+from unclip.checkpoint import CheckpointError, load_weights, weights_path
 from unclip.config import ClipStageConfig
-from unclip.errors import InvalidArgument
-from unclip.models.clip import create_clip, encode_text_tokens, preprocess_images
+from unclip.errors import FailedPrecondition, InvalidArgument
+from unclip.models import clip_import
+from unclip.models.clip import create_clip, encode_text_tokens, preprocess_images, text_mask_and_padding
 from unclip.stage import Stage
 from unclip.stages.engine import Engine
 from unclip.stages.guidance import in_compute_batches
@@ -30,17 +31,30 @@ class ClipEncoder(Engine):
 
     def __init__(self, config: ClipStageConfig, model: torch.nn.Module, version: str = "unversioned", **options: int):
         super().__init__(config, model, version, **options)
-        self.tokenizer = open_clip.get_tokenizer(config.model_name)
         self.context_length = int(self.model.context_length)
+        if config.open_clip_config is None:
+            self.tokenizer = open_clip.get_tokenizer(config.model_name)
+        else:  # an imported CLIP: the CLIP BPE, which the importer checked the source used
+            self.tokenizer = open_clip.SimpleTokenizer(context_length=self.context_length)
+        inline = config.open_clip_config or {}
+        self.has_image_tower = not inline.get(clip_import.NO_IMAGE_TOWER_KEY, False)
 
     @classmethod
     def network(cls, config: ClipStageConfig, directory: Path) -> torch.nn.Module:
-        model = create_clip(config.model_name)
         path = weights_path(directory, config)
         if not path.is_file():
             raise CheckpointError(f"{directory}: weights file {path} not found")
-        open_clip.load_checkpoint(model, str(path))
+        if config.open_clip_config is None:
+            model = create_clip(config.model_name)
+            open_clip.load_checkpoint(model, str(path))
+            return model
+        model = clip_import.build_open_clip(config.open_clip_config)
+        model.load_state_dict(load_weights(directory, config), strict=True)
         return model
+
+    def unit(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Embeddings as this checkpoint's stages take them: unit-norm, or as CLIP gives them."""
+        return F.normalize(embeddings, dim=-1) if self.config.normalize else embeddings
 
     @property
     def embed_dim(self) -> int:
@@ -64,19 +78,24 @@ class ClipEncoder(Engine):
 
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> TextEncoding:
-        tokens = self.tokenize(texts).to(self.device)
+        tokens, mask = text_mask_and_padding(self.tokenize(texts).to(self.device), self.config.pad_token_id)
         # At the compute batch, so that a text's encoding never depends on what it was batched with.
         started = time.perf_counter()
         (pooled, states), calls = in_compute_batches(lambda t: encode_text_tokens(self.model, t), self.compute_batch, tokens)
         self.stats.add_network_calls(calls, len(texts), time.perf_counter() - started)
         return TextEncoding(
-            embeddings=F.normalize(pooled, dim=-1).cpu().numpy(),
+            embeddings=self.unit(pooled).float().cpu().numpy(),
             encodings=states.float().cpu().numpy(),
-            mask=(tokens != 0).cpu().numpy(),
+            mask=mask.cpu().numpy(),
         )
 
     @torch.no_grad()
     def encode_image(self, images: np.ndarray) -> np.ndarray:
+        if not self.has_image_tower:
+            raise FailedPrecondition(
+                "these weights have no image encoder, so they cannot embed images (variations, image "
+                "interpolations, edits); import the image-variation pipeline's with `unclip import diffusers --variations`"
+            )
         check_array(images, "images", shape=(None, None, None, 3), dtypes=[np.uint8])
         check_batch(images.shape[0], "images", MAX_BATCH)
         if not (1 <= images.shape[1] <= MAX_IMAGE_SIDE and 1 <= images.shape[2] <= MAX_IMAGE_SIDE):
@@ -85,4 +104,4 @@ class ClipEncoder(Engine):
         started = time.perf_counter()
         (embeddings,), calls = in_compute_batches(self.model.encode_image, self.compute_batch, pixels)
         self.stats.add_network_calls(calls, len(pixels), time.perf_counter() - started)
-        return F.normalize(embeddings, dim=-1).cpu().numpy()
+        return self.unit(embeddings).float().cpu().numpy()

@@ -31,7 +31,7 @@ class ImageDecoder(DiffusionEngine):
         return self.config.image_size
 
     def describe(self) -> dict[str, int]:
-        return {**super().describe(), "embed_dim": self.config.model.image_embed_dim, "image_size": self.image_size}
+        return {**super().describe(), "embed_dim": self.embed_dim, "image_size": self.image_size}
 
     def decode(
         self,
@@ -40,6 +40,7 @@ class ImageDecoder(DiffusionEngine):
         *,
         text_encodings: np.ndarray | None = None,
         text_mask: np.ndarray | None = None,
+        text_embeddings: np.ndarray | None = None,
         guidance_scale: float | None = None,
         text_guidance_scale: float | None = None,
         sampling: SamplingOptions = SamplingOptions(),
@@ -55,19 +56,68 @@ class ImageDecoder(DiffusionEngine):
         `inpaint = (images, mask)` keeps the images' pixels where mask is False."""
         call = DecodeCall(
             image_embeddings, seeds=seeds, text_encodings=text_encodings, text_mask=text_mask,
-            guidance_scale=guidance_scale, text_guidance_scale=text_guidance_scale, sampling=sampling,
-            inpaint_images=None if inpaint is None else inpaint[0], inpaint_mask=None if inpaint is None else inpaint[1],
+            text_embeddings=text_embeddings, guidance_scale=guidance_scale, text_guidance_scale=text_guidance_scale,
+            sampling=sampling, inpaint_images=None if inpaint is None else inpaint[0],
+            inpaint_mask=None if inpaint is None else inpaint[1],
         )  # fmt: skip
         return self.run_one(self.job(call, cancel, progress))
 
+    # What a model family changes (unclip/stages/diffusers_family.py overrides these).
+
+    @property
+    def embed_dim(self) -> int:
+        return self.config.model.image_embed_dim
+
+    @property
+    def text_width(self) -> int:
+        return self.config.model.text_width
+
+    @property
+    def out_channels(self) -> int:
+        return self.config.model.out_channels
+
+    def check_text(self, call: DecodeCall, batch: int) -> bool:
+        """Check the call's caption inputs; whether the network will see them."""
+        if call.text_encodings is None or self.text_width == 0:
+            return False
+        check_array(call.text_encodings, "text_encodings", shape=(batch, None, self.text_width), dtypes=[np.float32])
+        check_array(call.text_mask, "text_mask", shape=call.text_encodings.shape[:2], dtypes=[np.bool_])  # type: ignore[arg-type]
+        return True
+
+    def model_embedding(self, embeddings: np.ndarray) -> torch.Tensor:
+        return embedding_to_model_space(torch.from_numpy(embeddings))
+
+    def conditions(
+        self, image_embed: torch.Tensor, text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    ) -> tuple[dict, dict, dict]:
+        """The (image and caption, image only, unconditional) conditioning of guidance. `text`:
+        the caption's (embeddings, encodings, mask) rows, or None without a caption."""
+        batch = image_embed.shape[0]
+        keep = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        both: dict[str, torch.Tensor] = dict(image_embed=image_embed, drop_image=keep)
+        if self.text_width > 0:
+            if text is None:
+                encodings = torch.zeros((batch, 1, self.text_width), device=self.device)
+                both |= dict(text_encodings=encodings, text_mask=torch.zeros((batch, 1), dtype=torch.bool, device=self.device))
+                both["drop_text"] = ~keep
+            else:
+                both |= dict(text_encodings=text[1], text_mask=text[2], drop_text=keep)
+        # Unconditional for guidance: both the image embedding and the text dropped.
+        uncond = {**both, "drop_image": ~keep}
+        if "drop_text" in both:
+            uncond["drop_text"] = ~keep
+        return both, {**both, "drop_text": ~keep}, uncond
+
+    def denoise(self, x0: torch.Tensor) -> torch.Tensor:
+        return x0.clamp(-1, 1)
+
     @torch.no_grad()
     def job(self, call: DecodeCall, cancel: CancelToken | None = None, progress: ProgressFn | None = None) -> Job:
-        cfg = self.config.model
-        image_embeddings, text_encodings, text_mask = call.image_embeddings, call.text_encodings, call.text_mask
+        image_embeddings = call.image_embeddings
         batch = image_embeddings.shape[0] if image_embeddings.ndim else 0
         seeds = self.check_rows(batch, "image_embeddings", call.seeds)
-        check_array(image_embeddings, "image_embeddings", shape=(None, cfg.image_embed_dim), dtypes=[np.float32])
-        if (text_encodings is None) != (text_mask is None):
+        check_array(image_embeddings, "image_embeddings", shape=(None, self.embed_dim), dtypes=[np.float32])
+        if (call.text_encodings is None) != (call.text_mask is None):
             raise InvalidArgument("text_encodings and text_mask must be given together")
         scale = check_guidance(call.guidance_scale, self.config.sampling.guidance_scale)
         text_default = self.config.sampling.text_guidance_scale
@@ -76,43 +126,29 @@ class ImageDecoder(DiffusionEngine):
         )
         options = self.sampling_options(call.sampling)
 
-        with_text = text_encodings is not None and cfg.text_width > 0
+        with_text = self.check_text(call, batch)
         device = self.device
-        keep = torch.zeros(batch, dtype=torch.bool, device=device)
-        cond = dict(image_embed=embedding_to_model_space(torch.from_numpy(image_embeddings)).to(device), drop_image=keep)
-        if cfg.text_width > 0:
-            if text_encodings is None or text_mask is None:
-                text_encodings = np.zeros((batch, 1, cfg.text_width), np.float32)
-                text_mask = np.zeros((batch, 1), np.bool_)
-                text_dropped = ~keep
-            else:
-                check_array(text_encodings, "text_encodings", shape=(batch, None, cfg.text_width), dtypes=[np.float32])
-                check_array(text_mask, "text_mask", shape=text_encodings.shape[:2], dtypes=[np.bool_])
-                text_dropped = keep
-            cond |= dict(
-                text_encodings=torch.from_numpy(text_encodings).to(device),
-                text_mask=torch.from_numpy(text_mask).to(device),
-                drop_text=text_dropped,
-            )
-        # Unconditional for guidance: both the image embedding and the text dropped.
-        uncond = {**cond, "drop_image": ~keep}
-        if "drop_text" in cond:
-            uncond["drop_text"] = ~keep
+        text = None
+        if with_text:
+            assert call.text_encodings is not None and call.text_mask is not None
+            embeddings = None if call.text_embeddings is None else torch.from_numpy(call.text_embeddings).to(device)
+            text = (embeddings, torch.from_numpy(call.text_encodings).to(device), torch.from_numpy(call.text_mask).to(device))
+        both, image_only, uncond = self.conditions(self.model_embedding(image_embeddings).to(device), text)  # type: ignore[arg-type]
+        variance = self.diffusion.learned_variance
         if with_text and text_scale != scale:
             # The image embedding first, then the caption on top: a stronger pull toward the
             # caption's words helps where the embedding is ambiguous (colour-shape pairs the
             # decoder never saw). The image-only pass is one the decoder trained on often (45% of
             # rows); a text-only pass (5%) would be the weaker base.
-            image_only = {**cond, "drop_text": ~keep}
-            guidance = guided_two_conditions(cond, image_only, uncond, scale, text_scale)
+            guidance = guided_two_conditions(both, image_only, uncond, scale, text_scale, learned_variance=variance)
         else:
-            guidance = guided(cond, uncond, scale)
-        size = self.config.image_size
+            guidance = guided(both, uncond, scale, learned_variance=variance)
+        size = self.image_size
         run = self.sampling_run(
-            (batch, cfg.out_channels, size, size),
+            (batch, self.out_channels, size, size),
             row_generators(seeds, "decoder"),
             options,
-            denoised_fn=lambda x0: x0.clamp(-1, 1),
+            denoised_fn=self.denoise,
             known=self.inpaint_condition(call.inpaint, batch, size, size),
         )
         return Job(run, guidance, unit_to_images, cancel, progress)

@@ -95,7 +95,9 @@ def compute_device() -> torch.device:
 
 def build_diffusion(config: DiffusionConfig) -> GaussianDiffusion:
     """The diffusion process a stage config describes (sampling and training share it)."""
-    return GaussianDiffusion(make_betas(config.schedule, config.timesteps), parameterization=config.parameterization)
+    return GaussianDiffusion(
+        make_betas(config.schedule, config.timesteps), parameterization=config.parameterization, variance=config.variance
+    )
 
 
 class Engine:
@@ -291,7 +293,7 @@ class DiffusionEngine(Engine):
         """The sampler state of one call's rows, with resolved `options` (`sampling_options`)."""
         return SamplingRun(
             self.diffusion, shape, generators, steps=options.steps, sampler=options.sampler, eta=options.eta,
-            denoised_fn=denoised_fn, known=known, device=self.device,
+            denoised_fn=denoised_fn, known=known, device=self.device, spacing=self.config.diffusion.spacing,
         )  # fmt: skip
 
     def job(self, call: Any, cancel: CancelToken | None = None, progress: ProgressFn | None = None) -> Job:

@@ -42,22 +42,39 @@ def unguided(cond: dict[str, Tensor]) -> Guidance:
     return Guidance([cond], lambda outputs: outputs[0])
 
 
-def guided(cond: dict[str, Tensor], uncond: dict[str, Tensor], scale: float) -> Guidance:
+def _on_the_mean(
+    combine: Callable[[tuple[Tensor, ...]], Tensor], learned_variance: bool
+) -> Callable[[tuple[Tensor, ...]], Tensor]:
+    """With a learned variance (the second half of the channels) only the mean half is guided;
+    the variance is the fully conditioned pass's (the first), as Karlo samples."""
+    if not learned_variance:
+        return combine
+
+    def on_the_mean(outputs: tuple[Tensor, ...]) -> Tensor:
+        means = tuple(output.chunk(2, dim=1)[0] for output in outputs)
+        return torch.cat([combine(means), outputs[0].chunk(2, dim=1)[1]], dim=1)
+
+    return on_the_mean
+
+
+def guided(cond: dict[str, Tensor], uncond: dict[str, Tensor], scale: float, *, learned_variance: bool = False) -> Guidance:
     """Classifier-free guidance; with scale 1 the unconditional pass cannot change the result
     and is skipped."""
     if scale == 1.0:
         return unguided(cond)
-    return Guidance([cond, uncond], lambda outputs: classifier_free_guidance(outputs[0], outputs[1], scale))
+    combine = _on_the_mean(lambda outputs: classifier_free_guidance(outputs[0], outputs[1], scale), learned_variance)
+    return Guidance([cond, uncond], combine)
 
 
 def guided_two_conditions(
-    both: dict[str, Tensor], first_only: dict[str, Tensor], uncond: dict[str, Tensor], first_scale: float, second_scale: float
-) -> Guidance:
+    both: dict[str, Tensor], first_only: dict[str, Tensor], uncond: dict[str, Tensor], first_scale: float, second_scale: float,
+    *, learned_variance: bool = False,
+) -> Guidance:  # fmt: skip
     """A scale per condition (`two_condition_guidance`): three passes a step."""
-    return Guidance(
-        [both, first_only, uncond],
-        lambda outputs: two_condition_guidance(outputs[2], outputs[1], outputs[0], first_scale, second_scale),
+    combine = _on_the_mean(
+        lambda outputs: two_condition_guidance(outputs[2], outputs[1], outputs[0], first_scale, second_scale), learned_variance
     )
+    return Guidance([both, first_only, uncond], combine)
 
 
 def signature(inputs: NetworkInput) -> Hashable:

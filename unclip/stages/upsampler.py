@@ -26,8 +26,7 @@ class ImageUpsampler(DiffusionEngine):
 
     def __init__(self, config: UpsamplerStageConfig, model: torch.nn.Module, version: str = "unversioned", **options: int):
         super().__init__(config, model, version, **options)
-        # The network halves the resolution this many times, so output sides must divide by it.
-        self.size_multiple = 2 ** (len(config.model.channel_mult) - 1)
+        self.size_multiple = config.size_multiple
 
     @classmethod
     def build(cls, config: UpsamplerStageConfig) -> torch.nn.Module:
@@ -39,6 +38,19 @@ class ImageUpsampler(DiffusionEngine):
 
     def describe(self) -> dict[str, int]:
         return {**super().describe(), "scale_factor": self.scale_factor}
+
+    # What a model family changes (unclip/stages/diffusers_family.py overrides these).
+
+    @property
+    def out_channels(self) -> int:
+        return self.config.model.out_channels
+
+    def low_res(self, images: np.ndarray, height: int, width: int) -> torch.Tensor:
+        """The network's low-resolution conditioning for uint8 images, upsampled to height x width."""
+        return images_to_unit(images).to(self.device)
+
+    def denoise(self, x0: torch.Tensor) -> torch.Tensor:
+        return x0.clamp(-1, 1)
 
     def upsample(
         self,
@@ -76,10 +88,10 @@ class ImageUpsampler(DiffusionEngine):
         options = self.sampling_options(call.sampling)
         known = self.inpaint_condition(call.inpaint, batch, out_h, out_w)
         run = self.sampling_run(
-            (batch, self.config.model.out_channels, out_h, out_w),
+            (batch, self.out_channels, out_h, out_w),
             row_generators(seeds, f"upsampler/x{self.scale_factor}"),
             options,
-            denoised_fn=lambda x0: x0.clamp(-1, 1),
+            denoised_fn=self.denoise,
             known=known,
         )
-        return Job(run, unguided({"low_res": images_to_unit(images).to(self.device)}), unit_to_images, cancel, progress)
+        return Job(run, unguided({"low_res": self.low_res(images, out_h, out_w)}), unit_to_images, cancel, progress)
