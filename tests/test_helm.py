@@ -235,6 +235,37 @@ def test_gpu_preset_requests_gpus_and_mounts_weights():
         assert volumes["weights"]["persistentVolumeClaim"] == {"claimName": "unclip-weights", "readOnly": True}
 
 
+def test_weights_can_come_from_an_s3_prefix():
+    """weights.s3.prefix: every Ray pod pulls the folder into an emptyDir before Ray starts, and
+    Ray mounts it read-only where the applications' checkpoints point."""
+    import kubernetes_validate
+
+    docs = template("-f", str(CHART / "values-gpu.yaml"), "--set", "weights.existingClaim=", "--set",
+                    "weights.s3.prefix=weights/karlo", "--set", "weights.s3.bucket=models")  # fmt: skip
+    service = rayservice(docs)
+    errors = list(jsonschema.Draft7Validator(crd_schema()).iter_errors(service))
+    assert not errors, errors[0].message
+    pods = pod_templates([service])
+    assert len(pods) == 3  # the head and both worker groups
+    for where, pod in pods:
+        kubernetes_validate.validate(
+            {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, **pod}, K8S_VERSION, strict=True
+        )
+        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+        assert volumes["weights"] == {"name": "weights", "emptyDir": {"sizeLimit": "20Gi"}}, where
+        (init,) = pod["spec"]["initContainers"]
+        assert init["command"][-7:] == ["weights", "pull", "/models", "--prefix", "weights/karlo", "--bucket", "models"]
+        assert {"UNCLIP_S3_ENDPOINT", "UNCLIP_S3_ACCESS_KEY", "UNCLIP_S3_SECRET_KEY"} <= set(_env(init))
+        assert {"name": "weights", "mountPath": "/models"} in init["volumeMounts"]
+        ray = pod["spec"]["containers"][0]
+        assert {"name": "weights", "mountPath": "/models", "readOnly": True} in ray["volumeMounts"]
+    refused = helm("template", "rel", str(CHART), "--set", "weights.s3.prefix=w", "--set", "s3.enabled=false", check=False)
+    assert refused.returncode != 0 and "set s3.enabled" in refused.stderr
+    claim_wins = template("--set", "weights.existingClaim=pvc", "--set", "weights.s3.prefix=w")
+    for _, pod in pod_templates([rayservice(claim_wins)]):
+        assert "initContainers" not in pod["spec"]
+
+
 # -- labels, network policies, disruption budgets, security -----------------------------------
 
 

@@ -514,3 +514,24 @@ def test_bench_karlo_measures_unclip_beside_diffusers(karlo, tmp_path):
     for side in ("unclip", "diffusers"):
         assert report[side]["images_per_second"] > 0 and report[side]["network_seconds"]["decoder"] > 0
     assert report["ratio"] == pytest.approx(report["unclip"]["images_per_second"] / report["diffusers"]["images_per_second"])
+
+
+def test_sharded_and_pickled_components_import_the_same(karlo, tmp_path):
+    """Components saved as safetensors shards or as PyTorch .bin files (older Karlo downloads)
+    import to the very same checkpoints."""
+    src = _copy(karlo["src"], tmp_path, "src")
+    pipe = karlo["text"]
+    shutil.rmtree(src / "decoder")
+    pipe.decoder.save_pretrained(src / "decoder", max_shard_size="200KB")
+    assert len(list((src / "decoder").glob("*.safetensors"))) > 1
+    shutil.rmtree(src / "prior")
+    pipe.prior.save_pretrained(src / "prior", safe_serialization=False)
+    assert (src / "prior" / "diffusion_pytorch_model.bin").is_file()
+    out = import_pipeline(src, tmp_path / "out")
+    from safetensors.torch import load_file
+
+    for stage in ("prior", "decoder"):
+        ours = load_file(str(out / stage / "model.safetensors"))
+        reference = load_file(str(karlo["root"] / "text-only" / stage / "model.safetensors"))
+        assert ours.keys() == reference.keys(), stage
+        assert all(torch.equal(ours[key], reference[key]) for key in ours), stage

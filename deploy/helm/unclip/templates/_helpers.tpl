@@ -147,6 +147,46 @@ app.kubernetes.io/component: {{ .component }}
   persistentVolumeClaim:
     claimName: {{ .Values.weights.existingClaim }}
     readOnly: true
+{{- else if .Values.weights.s3.prefix }}
+- name: weights
+  emptyDir:
+    sizeLimit: {{ .Values.weights.s3.sizeLimit }}
+{{- end }}
+{{- end }}
+
+{{/* With weights.s3.prefix: an init container pulling the weights from the release's object store
+     into the pod's weights emptyDir before Ray starts (`unclip weights pull`). */}}
+{{- define "unclip.weightsInit" -}}
+{{- if and .Values.weights.s3.prefix (not .Values.weights.existingClaim) }}
+{{- if not .Values.s3.enabled }}
+{{- fail "weights.s3.prefix pulls from the release's object store: set s3.enabled (internal or external)" }}
+{{- end }}
+initContainers:
+  - name: pull-weights
+    image: {{ include "unclip.image" . }}
+    imagePullPolicy: {{ .Values.image.pullPolicy }}
+    command:
+      - python
+      - -m
+      - unclip
+      - weights
+      - pull
+      - {{ .Values.weights.mountPath | quote }}
+      - --prefix
+      - {{ .Values.weights.s3.prefix | quote }}
+      {{- with .Values.weights.s3.bucket }}
+      - --bucket
+      - {{ . | quote }}
+      {{- end }}
+    env:
+      {{- include "unclip.rayEnv" . | nindent 6 }}
+    securityContext:
+      {{- toYaml .Values.securityContext | nindent 6 }}
+    volumeMounts:
+      - name: tmp
+        mountPath: /tmp
+      - name: weights
+        mountPath: {{ .Values.weights.mountPath }}
 {{- end }}
 {{- end }}
 
@@ -162,6 +202,10 @@ app.kubernetes.io/component: {{ .component }}
   {{- with .Values.weights.subPath }}
   subPath: {{ . }}
   {{- end }}
+{{- else if .Values.weights.s3.prefix }}
+- name: weights
+  mountPath: {{ .Values.weights.mountPath }}
+  readOnly: true
 {{- end }}
 {{- end }}
 
