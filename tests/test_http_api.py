@@ -21,7 +21,7 @@ from PIL import Image
 
 from gateway.api import RequestOptions, Result, ResultImage
 from gateway.http_api import create_http_app
-from unclip.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+from unclip.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from unclip.parameters import GenerationParameters, parameters
 
 MAX_UPLOAD_BYTES = 32 * 1024
@@ -275,6 +275,15 @@ def test_image_api_errors(client, api, raised, exception, status, type_, code) -
     assert error["message"] == str(raised)
     assert (error["type"], error["code"]) == (type_, code)
     assert error["param"] == ("n" if status == 400 else None)
+
+
+def test_an_operation_the_weights_cannot_do_is_a_bad_request(client, api) -> None:
+    api.error = FailedPrecondition("these weights have no image encoder, so they cannot embed images")
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.images.create_variation(image=("a.png", png_bytes(32)), response_format="b64_json")
+    error = error_body(caught.value)
+    assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", "unsupported_operation", None)
+    assert "no image encoder" in error["message"]
 
 
 def test_unexpected_error_is_logged_not_answered(client, api, caplog) -> None:

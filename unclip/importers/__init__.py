@@ -1,0 +1,1 @@
+"""Importers: weights in other formats converted into unclip weights directories."""
