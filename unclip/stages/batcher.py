@@ -187,13 +187,9 @@ class Batcher:
 
     def _work_continuously(self, engine: DiffusionEngine) -> None:
         run = JointRun(engine)
-        held: deque[tuple[Job, Any]] = deque()  # admitted in order, each once it fits
+        held: deque[tuple[Job, Any]] = deque()  # validated, waiting in arrival order for room in the run
         closed = False
         while True:
-            joined = 0
-            while held and (not run or run.rows + held[0][0].rows <= engine.compute_batch):
-                run.add(*held.popleft())
-                joined += 1
             if not closed and not held and len(run) < self.settings.max_batch_size:
                 batch = self._take(self.settings.max_batch_size - len(run), self.settings.batch_wait_s, block=not run)
                 closed = batch is None or self._closed
@@ -203,12 +199,11 @@ class Batcher:
                     except Exception as error:  # noqa: BLE001 - a call refused as it is validated fails alone
                         self._deliver(waiting, error)
                         continue
-                    entry = (job, functools.partial(self._deliver, waiting))
-                    if not held and (not run or run.rows + job.rows <= engine.compute_batch):
-                        run.add(*entry)
-                        joined += 1
-                    else:
-                        held.append(entry)
+                    held.append((job, functools.partial(self._deliver, waiting)))
+            joined = 0
+            while held and (not run or run.rows + held[0][0].rows <= engine.compute_batch):
+                run.add(*held.popleft())
+                joined += 1
             if joined:
                 self.runs.append(joined)
             if run:

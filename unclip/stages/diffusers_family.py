@@ -12,14 +12,12 @@ What differs from unclip's own models is how they are conditioned:
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from unclip.checkpoint import load_weights
 from unclip.config import DiffusersDecoderStageConfig, DiffusersPriorStageConfig, DiffusersUpsamplerStageConfig
 from unclip.errors import InvalidArgument
 from unclip.stages.decoder import ImageDecoder
@@ -27,11 +25,6 @@ from unclip.stages.prior import PriorSampler
 from unclip.stages.tensors import images_to_unit
 from unclip.stages.upsampler import ImageUpsampler
 from unclip.validation import check_array
-
-
-def _load(module: torch.nn.Module, config: Any, directory: Path) -> torch.nn.Module:
-    module.load_state_dict(load_weights(directory, config), strict=True)
-    return module
 
 
 def _null_rows(network: Any, rows: int, device: torch.device) -> dict[str, Tensor]:
@@ -69,10 +62,10 @@ class DiffusersPrior(_TextConditioned, PriorSampler):
     config: DiffusersPriorStageConfig  # type: ignore[assignment]
 
     @classmethod
-    def network(cls, config: DiffusersPriorStageConfig, directory: Path) -> torch.nn.Module:
+    def build(cls, config: DiffusersPriorStageConfig) -> torch.nn.Module:  # type: ignore[override]
         from unclip.models.diffusers_unclip import PriorNetwork
 
-        return _load(PriorNetwork(config.prior, config.context_length), config, directory)
+        return PriorNetwork(config.prior, config.context_length)
 
     @property
     def context_length(self) -> int:
@@ -94,10 +87,10 @@ class DiffusersDecoder(_TextConditioned, ImageDecoder):
     config: DiffusersDecoderStageConfig  # type: ignore[assignment]
 
     @classmethod
-    def network(cls, config: DiffusersDecoderStageConfig, directory: Path) -> torch.nn.Module:
+    def build(cls, config: DiffusersDecoderStageConfig) -> torch.nn.Module:  # type: ignore[override]
         from unclip.models.diffusers_unclip import DecoderNetwork
 
-        return _load(DecoderNetwork(config.decoder, config.text_proj, config.context_length), config, directory)
+        return DecoderNetwork(config.decoder, config.text_proj, config.context_length)
 
     @property
     def out_channels(self) -> int:
@@ -138,10 +131,10 @@ class DiffusersUpsampler(_Clipped, ImageUpsampler):
     config: DiffusersUpsamplerStageConfig  # type: ignore[assignment]
 
     @classmethod
-    def network(cls, config: DiffusersUpsamplerStageConfig, directory: Path) -> torch.nn.Module:
+    def build(cls, config: DiffusersUpsamplerStageConfig) -> torch.nn.Module:  # type: ignore[override]
         from unclip.models.diffusers_unclip import SuperResNetwork
 
-        return _load(SuperResNetwork(config.super_res_first, config.super_res_last), config, directory)
+        return SuperResNetwork(config.super_res_first, config.super_res_last)
 
     @property
     def out_channels(self) -> int:
