@@ -116,9 +116,6 @@ def ray_serve(karlo):
     gRPC proxy's address."""
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
     config = load_config()
-    grpc_port = free_port()
-    config["grpc_options"]["port"] = grpc_port
-    config["http_options"]["port"] = free_port()
     for app in config["applications"]:
         for deployment in app["deployments"]:
             deployment["autoscaling_config"]["max_replicas"] = 1
@@ -126,7 +123,18 @@ def ray_serve(karlo):
     config["applications"] += batched_apps(config) + imported_apps(config, karlo["weights"])
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
     try:
-        deploy(config, timeout_s=240)
+        # A free port can be taken again before Serve's proxy binds it (Ray's own processes pick
+        # ports too): on that one error, shut Serve down and try other ports.
+        for attempt in range(3):
+            grpc_port = config["grpc_options"]["port"] = free_port()
+            config["http_options"]["port"] = free_port()
+            try:
+                deploy(config, timeout_s=240)
+                break
+            except Exception as error:
+                if "Failed to bind" not in str(error) or attempt == 2:
+                    raise
+                serve.shutdown()
         yield f"127.0.0.1:{grpc_port}"
     finally:
         serve.shutdown()
