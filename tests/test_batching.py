@@ -284,3 +284,27 @@ def test_stopping_a_gateway_leaves_the_in_process_stages_it_served_running(local
     stages.shutdown()
     with pytest.raises(Unavailable, match="shutting down"):
         asyncio.run(stages.run(call, deadline=None))
+
+
+def test_cpu_engines_compute_on_one_thread_of_the_process(local_stages):
+    """Every CPU network of the in-process stack runs on the one compute thread (not the
+    caller's, not a thread per stage): libgomp slows small ops down once several threads each
+    hold an OpenMP team (unclip/stages/compute.py)."""
+    from unclip.stages import compute
+
+    seen: dict[str, set[int]] = {}
+    hooks = []
+    for stage, engines in local_stages.engines.items():
+        for engine in engines:
+            record = seen.setdefault(stage.value, set())
+            network = engine.model.transformer if stage is Stage.ENCODER else engine.model  # open_clip's text tower
+            hooks.append(network.register_forward_hook(lambda *_, r=record: r.add(threading.get_ident())))
+    try:
+        params = GenerationParameters(prompt=PROMPTS[0], seed=2, prior_steps=2, decoder_steps=2, upsampler_steps=2)
+        asyncio.run(generate(local_stages, params))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert all(seen.values()) and len(seen) == len(Stage)
+    threads = set().union(*seen.values())
+    assert threads == {compute._ident} and threading.get_ident() not in threads

@@ -128,7 +128,7 @@ def test_config_json_layout(tmp_path):
     assert data["model"]["model_channels"] == 16
     assert data["family"] == "unclip"
     assert data["diffusion"] == {
-        "timesteps": 1000, "schedule": "cosine", "parameterization": "v", "variance": "fixed_small", "spacing": "even",
+        "timesteps": 1000, "schedule": "cosine", "parameterization": "v", "variance": "fixed_small", "spacing": "even", "arithmetic": "float64",
         "min_snr_gamma": 0.0,
     }  # fmt: skip
 

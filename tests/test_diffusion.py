@@ -83,6 +83,18 @@ def test_invalid_parameterization_and_betas_raise():
         GaussianDiffusion(torch.tensor([0.1, 1.0]))
     with pytest.raises(ValueError):
         GaussianDiffusion(cosine_betas(10), timestep_map=torch.arange(9))
+    with pytest.raises(ValueError, match="arithmetic"):
+        GaussianDiffusion(cosine_betas(10), arithmetic="float16")
+
+
+def test_float32_arithmetic_rounds_every_coefficient_to_float32():
+    """float32 arithmetic holds float32 values (as float64) that differ from the exact ones."""
+    exact, rounded = GaussianDiffusion(cosine_betas(1000)), GaussianDiffusion(cosine_betas(1000), arithmetic="float32")
+    for name in ("alphas_cumprod", "posterior_mean_coef_x0", "posterior_mean_coef_xt", "posterior_log_variance_clipped"):
+        ours = getattr(rounded, name)
+        assert torch.equal(ours, ours.float().double()), name
+        assert not torch.equal(ours, getattr(exact, name)), name
+        torch.testing.assert_close(ours, getattr(exact, name), rtol=1e-3, atol=1e-6)
 
 
 # -- forward process ------------------------------------------------------------------------------

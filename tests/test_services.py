@@ -384,24 +384,59 @@ def test_upsampler_valid_call_and_bad_input(services, local_stages):
     assert_invalid(stub.Upsample, upsampler_pb2.UpsampleRequest(images=codec.from_numpy(low), seeds=[], sampling=steps), "seed")
 
 
+def test_float_images_hand_on_what_uint8_rounds(services, local_stages):
+    """float_images: the decoder answers its images unrounded (their rounding is the uint8
+    answer), the upsampler takes them (shipped upsamplers round them to 8 bits as trained, so
+    the result equals the uint8 call's) and refuses non-finite ones."""
+    text = text_inputs(services)
+    request = decoder_pb2.DecodeRequest(
+        image_embeddings=codec.from_numpy(_unit_rows(2)), text_encodings=text.text_encodings, text_mask=text.text_mask,
+        seeds=[3, 4], sampling=sampling_pb2.SamplingOptions(steps=3), float_images=True,
+    )  # fmt: skip
+    floats = codec.to_numpy(services["decoder"].stub.Decode(request, timeout=60).images)
+    request.float_images = False
+    rounded = codec.to_numpy(services["decoder"].stub.Decode(request, timeout=60).images)
+    assert floats.dtype == np.float32 and floats.shape == rounded.shape
+    assert not np.array_equal(floats, np.round(floats))  # not levels in disguise
+    np.testing.assert_array_equal(np.round((floats.clip(-1, 1) + 1) * 127.5).astype(np.uint8), rounded)
+
+    stub, steps = services["upsampler"].stub, sampling_pb2.SamplingOptions(steps=2)
+    upsample = upsampler_pb2.UpsampleRequest(images=codec.from_numpy(floats), seeds=[9, 8], sampling=steps, float_images=True)
+    from_floats = codec.to_numpy(stub.Upsample(upsample, timeout=60).images)
+    upsample.images.CopyFrom(codec.from_numpy(rounded))
+    from_levels = codec.to_numpy(stub.Upsample(upsample, timeout=60).images)
+    assert from_floats.dtype == np.float32
+    np.testing.assert_array_equal(from_floats, from_levels)
+    floats[0, 0, 0, 0] = np.nan
+    upsample.images.CopyFrom(codec.from_numpy(floats))
+    assert_invalid(stub.Upsample, upsample, "NaN")
+
+
 def test_engines_compute_with_a_fixed_thread_count(monkeypatch):
-    """Images must not depend on the thread count a deployment happens to give a process."""
+    """Images must not depend on the thread count a deployment happens to give a process: the
+    compute thread (and the loading thread) take the configured count."""
     import torch
 
     from unclip.settings import TORCH_THREADS
     from unclip.stages import load_engine
+    from unclip.stages.compute import on_compute_thread
 
-    before = torch.get_num_threads()
+    def counts() -> tuple[int, int]:
+        return torch.get_num_threads(), on_compute_thread(torch.get_num_threads)
+
+    before = counts()
     try:
         monkeypatch.delenv(TORCH_THREADS.name, raising=False)  # whatever the suite runs with
         torch.set_num_threads(1)
+        on_compute_thread(torch.set_num_threads, 1)
         load_engine("upsampler")
-        assert torch.get_num_threads() == int(TORCH_THREADS.default) == 2
+        assert int(TORCH_THREADS.default) == 2 and counts() == (2, 2)
         monkeypatch.setenv(TORCH_THREADS.name, "3")
         load_engine("upsampler")
-        assert torch.get_num_threads() == 3
+        assert counts() == (3, 3)
         monkeypatch.setenv(TORCH_THREADS.name, "zero")
         with pytest.raises(ValueError, match=TORCH_THREADS.name):
             load_engine("upsampler")
     finally:
-        torch.set_num_threads(before)
+        torch.set_num_threads(before[0])
+        on_compute_thread(torch.set_num_threads, before[1])

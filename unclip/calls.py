@@ -139,10 +139,13 @@ class _RowsCall(StageCall[np.ndarray]):
 
 @dataclass(kw_only=True)
 class _InpaintingCall(_RowsCall):
-    """A call whose rows may keep part of an image: pixels where inpaint_mask is false."""
+    """A call that answers images, whose rows may keep part of an image: pixels where
+    inpaint_mask is false."""
 
     inpaint_images: np.ndarray | None = None
     inpaint_mask: np.ndarray | None = None
+    # Answer float32 images in [-1, 1], unrounded (for the next upsampler), instead of uint8.
+    float_images: bool = False
 
     @property
     def inpaint(self) -> tuple[np.ndarray, np.ndarray] | None:

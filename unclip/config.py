@@ -24,6 +24,9 @@ class DiffusionConfig:
     parameterization: str = "eps"  # eps | x0 | v
     variance: str = "fixed_small"  # fixed_small | learned_range (unclip.diffusion.gaussian.VARIANCES)
     spacing: str = "even"  # how sampling picks its timesteps (unclip.diffusion.respace.SPACINGS)
+    # The precision schedule buffers and step coefficients are computed in (held as float64
+    # either way): "float32" reproduces diffusers' UnCLIPScheduler exactly, for imported weights.
+    arithmetic: str = "float64"
     # Training only: Min-SNR-gamma loss weighting (0 = the plain loss of the parameterization).
     min_snr_gamma: float = 0.0
 
@@ -113,8 +116,8 @@ class UpsamplerStageConfig:
 
 
 def _karlo_diffusion(**fields: Any) -> DiffusionConfig:
-    # UnCLIPScheduler: the cosine schedule, timesteps rounded as Karlo rounds them.
-    return DiffusionConfig(schedule="squaredcos_cap_v2", spacing="karlo", **fields)
+    # UnCLIPScheduler: the cosine schedule, timesteps rounded as Karlo rounds them, float32 arithmetic.
+    return DiffusionConfig(schedule="squaredcos_cap_v2", spacing="karlo", arithmetic="float32", **fields)
 
 
 @dataclass

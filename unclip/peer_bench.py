@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from unclip.stage import Stage
+from unclip.stages.compute import on_compute_thread
 
 NETWORKS = ("text_encoder", "prior", "decoder", "super_res_first", "super_res_last")
 SCHEDULERS = ("prior_scheduler", "decoder_scheduler", "super_res_scheduler")
@@ -72,7 +73,9 @@ def compare(
     compute_batches: dict[Stage, int] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Images per second and network seconds per stage for both, as a dict. unclip evaluates its
-    networks at `compute_batches` (default: `same_batches`, the batch diffusers uses)."""
+    networks at `compute_batches` (default: `same_batches`, the batch diffusers uses). The two
+    take turns, run by run, so that a machine getting slower or faster mid-way weighs on both;
+    diffusers runs on the thread where unclip's networks run, so both have one OpenMP team."""
     from unclip.importers.diffusers_format import import_pipeline
     from unclip.local import LocalStages
     from unclip.parameters import GenerationParameters
@@ -80,41 +83,45 @@ def compare(
     from unclip.stages.batcher import BatchSettings
 
     batches = compute_batches or same_batches(n)
+    prior, decoder, super_res = steps
+    params = GenerationParameters(
+        prompt=prompt, n=n, seed=seed, prior_steps=prior, decoder_steps=decoder, upsampler_steps=super_res,
+        prior_candidates=1,
+    )  # fmt: skip
+    call = dict(
+        num_images_per_prompt=n, prior_num_inference_steps=prior, decoder_num_inference_steps=decoder,
+        super_res_num_inference_steps=super_res, output_type="np",
+    )  # fmt: skip
+    pipe = on_compute_thread(load_diffusers_pipeline, src)
+    pipe.set_progress_bar_config(disable=True)
+
+    def run_diffusers() -> float:
+        started = time.perf_counter()
+        pipe(prompt, generator=torch.Generator().manual_seed(seed), **call)
+        return time.perf_counter() - started
+
+    def run_unclip() -> float:
+        started = time.perf_counter()
+        asyncio.run(generate(stages, params))
+        return time.perf_counter() - started
 
     with tempfile.TemporaryDirectory() as scratch:
-        weights = weights or import_pipeline(src, Path(scratch) / "weights")
+        weights = weights or on_compute_thread(import_pipeline, src, Path(scratch) / "weights")
         stages = LocalStages.load(weights, settings={stage: BatchSettings(compute_batch=b) for stage, b in batches.items()})
         try:
-            prior, decoder, super_res = steps
-            params = GenerationParameters(
-                prompt=prompt, n=n, seed=seed, prior_steps=prior, decoder_steps=decoder, upsampler_steps=super_res,
-                prior_candidates=1,
-            )  # fmt: skip
-            asyncio.run(generate(stages, params))  # warm-up
+            run_unclip(), on_compute_thread(run_diffusers)  # warm-up
             before = {stage: sum(e.stats.network_seconds for e in engines) for stage, engines in stages.engines.items()}
-            started = time.perf_counter()
-            for _ in range(runs):
-                asyncio.run(generate(stages, params))
-            ours = time.perf_counter() - started
+            ours = theirs = 0.0
+            with _timed_networks(pipe) as theirs_network:
+                for _ in range(runs):
+                    ours += run_unclip()
+                    theirs += on_compute_thread(run_diffusers)
             network = {
                 stage.value: sum(e.stats.network_seconds for e in engines) - before[stage]
                 for stage, engines in stages.engines.items()
             }
         finally:
             stages.shutdown()
-
-    pipe = load_diffusers_pipeline(src)
-    pipe.set_progress_bar_config(disable=True)
-    call = dict(
-        num_images_per_prompt=n, prior_num_inference_steps=prior, decoder_num_inference_steps=decoder,
-        super_res_num_inference_steps=super_res, output_type="np",
-    )  # fmt: skip
-    pipe(prompt, generator=torch.Generator().manual_seed(seed), **call)  # warm-up
-    with _timed_networks(pipe) as theirs_network:
-        started = time.perf_counter()
-        for _ in range(runs):
-            pipe(prompt, generator=torch.Generator().manual_seed(seed), **call)
-        theirs = time.perf_counter() - started
     images = n * runs
     return {
         "settings": {

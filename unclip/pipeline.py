@@ -246,6 +246,7 @@ class Run:
             text_embeddings=None if text is None else text.embeddings,
             **self.params.stage_settings(Stage.DECODER),
             **({} if inpaint is None else inpaint.at_size(self.sizes[0], self.batch)),
+            float_images=self.upsamplers > 0,
         )
         images = await self.call(decode, on_preview=on_preview, preview_every=self.params.preview_every)
         await self.finished(Stage.DECODER)
@@ -255,6 +256,7 @@ class Run:
                 seeds=self.seeds,
                 **self.params.stage_settings(Stage.UPSAMPLER),
                 **({} if inpaint is None else inpaint.at_size(self.sizes[index + 1], self.batch)),
+                float_images=index + 1 < self.upsamplers,
             )
             images = await self.call(upsample, index=index)
             await self.finished(Stage.UPSAMPLER, index)

@@ -5,7 +5,10 @@ Pure tensor math; networks appear only as their outputs. The network may predict
 
 Schedule buffers are float64 on the CPU. Per-timestep coefficients are gathered and combined in
 float64 and only then cast to the sample's dtype and device, so half-precision sampling does not
-lose precision in the coefficients themselves.
+lose precision in the coefficients themselves. A process may instead compute its buffers in
+float32 (`arithmetic`), as diffusers' UnCLIPScheduler does: weights sampled with that scheduler
+(Karlo) then get its exact coefficients, since untrained or chaotic networks amplify even a
+1e-4 difference in one step.
 """
 
 import torch
@@ -16,6 +19,7 @@ PARAMETERIZATIONS = ("eps", "x0", "v")
 # between it and beta_t by a second half of the network's output channels ("learned_range",
 # Nichol & Dhariwal 2021; Karlo's decoder).
 VARIANCES = ("fixed_small", "learned_range")
+ARITHMETICS = {"float64": torch.float64, "float32": torch.float32}
 
 
 class GaussianDiffusion:
@@ -26,12 +30,25 @@ class GaussianDiffusion:
     """
 
     def __init__(
-        self, betas: Tensor, parameterization: str = "eps", timestep_map: Tensor | None = None, variance: str = "fixed_small"
+        self,
+        betas: Tensor,
+        parameterization: str = "eps",
+        timestep_map: Tensor | None = None,
+        variance: str = "fixed_small",
+        arithmetic: str = "float64",
+        alphas_cumprod: Tensor | None = None,
     ):
-        betas = torch.as_tensor(betas, dtype=torch.float64).cpu()
+        """`alphas_cumprod`, when given, are taken as they are rather than recomputed from the
+        betas (respacing keeps the base process's products exactly)."""
+        if arithmetic not in ARITHMETICS:
+            raise ValueError(f"arithmetic must be one of {tuple(ARITHMETICS)}, got {arithmetic!r}")
+        dtype = ARITHMETICS[arithmetic]
+        betas = torch.as_tensor(betas, dtype=torch.float64).cpu().to(dtype)
         if betas.ndim != 1 or betas.numel() == 0:
             raise ValueError(f"betas must be a non-empty 1-D tensor, got shape {tuple(betas.shape)}")
-        if not ((betas > 0) & (betas < 1)).all():
+        # A respaced step may jump straight from pure noise: in float32 its beta rounds to 1.
+        below_one = betas < 1 if alphas_cumprod is None else betas <= 1
+        if not ((betas > 0) & below_one).all():
             raise ValueError("betas must lie in the open interval (0, 1)")
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}")
@@ -47,23 +64,33 @@ class GaussianDiffusion:
         self.num_timesteps = num_timesteps
         self.parameterization = parameterization
         self.variance = variance
+        self.arithmetic = arithmetic
         self.timestep_map = timestep_map
-        self.betas = betas
 
+        # Computed in `dtype` in UnCLIPScheduler's order of operations, then held as float64.
         alphas = 1.0 - betas
-        self.alphas_cumprod = torch.cumprod(alphas, dim=0)
-        self.alphas_cumprod_prev = torch.cat([betas.new_ones(1), self.alphas_cumprod[:-1]])
-        self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
-        self.sqrt_one_minus_alphas_cumprod = (1.0 - self.alphas_cumprod).sqrt()
-        self.sqrt_recip_alphas_cumprod = self.alphas_cumprod.rsqrt()
-        self.sqrt_recipm1_alphas_cumprod = (1.0 / self.alphas_cumprod - 1.0).sqrt()
-
+        if alphas_cumprod is None:
+            acp = torch.cumprod(alphas, dim=0)
+        else:
+            acp = torch.as_tensor(alphas_cumprod, dtype=torch.float64).cpu().to(dtype)
+            if acp.shape != betas.shape:
+                raise ValueError(f"alphas_cumprod must have shape {tuple(betas.shape)}, got {tuple(acp.shape)}")
+        acp_prev = torch.cat([acp.new_ones(1), acp[:-1]])
+        one_minus_acp = 1.0 - acp
         # q(x_{t-1} | x_t, x_0) is Gaussian: Bayes' rule combining q(x_t | x_{t-1}) with q(x_{t-1} | x_0).
-        one_minus_acp = 1.0 - self.alphas_cumprod
-        self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / one_minus_acp
-        self.posterior_log_variance_clipped = _log_with_finite_start(self.posterior_variance)
-        self.posterior_mean_coef_x0 = betas * self.alphas_cumprod_prev.sqrt() / one_minus_acp
-        self.posterior_mean_coef_xt = (1.0 - self.alphas_cumprod_prev) * alphas.sqrt() / one_minus_acp
+        posterior_variance = (1.0 - acp_prev) / one_minus_acp * betas
+        self.betas = betas.double()
+        self.log_betas = betas.log().double()
+        self.alphas_cumprod = acp.double()
+        self.alphas_cumprod_prev = acp_prev.double()
+        self.sqrt_alphas_cumprod = acp.sqrt().double()
+        self.sqrt_one_minus_alphas_cumprod = one_minus_acp.sqrt().double()
+        self.sqrt_recip_alphas_cumprod = acp.rsqrt().double()
+        self.sqrt_recipm1_alphas_cumprod = (1.0 / acp - 1.0).sqrt().double()
+        self.posterior_variance = posterior_variance.double()
+        self.posterior_log_variance_clipped = _log_with_finite_start(posterior_variance).double()
+        self.posterior_mean_coef_x0 = (acp_prev.sqrt() * betas / one_minus_acp).double()
+        self.posterior_mean_coef_xt = (alphas.sqrt() * (1.0 - acp_prev) / one_minus_acp).double()
 
     # -- forward process ------------------------------------------------------------------------
 
@@ -74,16 +101,23 @@ class GaussianDiffusion:
 
     def q_posterior_mean_variance(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Mean, variance and (clipped) log-variance of q(x_{t-1} | x_t, x_0); the latter two broadcast to x_t."""
-        coef_x0 = _extract(self.posterior_mean_coef_x0, t, x_t)
-        coef_xt = _extract(self.posterior_mean_coef_xt, t, x_t)
-        mean = coef_x0 * x0 + coef_xt * x_t
+        mean = self.q_posterior_mean(x0, x_t, t)
         variance = _extract(self.posterior_variance, t, x_t)
         log_variance = _extract(self.posterior_log_variance_clipped, t, x_t)
         return mean, variance, log_variance
 
+    def q_posterior_mean(self, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """The mean of q(x_{t-1} | x_t, x_0)."""
+        coef_x0 = _extract(self.posterior_mean_coef_x0, t, x_t)
+        coef_xt = _extract(self.posterior_mean_coef_xt, t, x_t)
+        return coef_x0 * x0 + coef_xt * x_t
+
     # -- conversions between parameterizations, all from x_t = sqrt(acp) x_0 + sqrt(1 - acp) eps --
 
     def predict_x0_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        if self.arithmetic == "float32":  # UnCLIPScheduler's form, rounding as it rounds
+            signal_scale, noise_scale = self._scales(t, x_t)
+            return (x_t - noise_scale * eps) / signal_scale
         recip, recipm1 = self._reciprocal_scales(t, x_t)
         return recip * x_t - recipm1 * eps
 
@@ -133,7 +167,7 @@ class GaussianDiffusion:
         variance, v = 1 is beta_t, in between interpolated in log space."""
         fraction = (variance_output + 1) / 2
         min_log = _extract(self.posterior_log_variance_clipped, t, variance_output)
-        max_log = _extract(self.betas.log(), t, variance_output)
+        max_log = _extract(self.log_betas, t, variance_output)
         return fraction * max_log + (1 - fraction) * min_log
 
     def split_model_output(self, model_output: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -141,13 +175,23 @@ class GaussianDiffusion:
         (a learned variance half, if the output still has it, is dropped: `split_variance`)."""
         if self.learned_variance and model_output.ndim > 1 and model_output.shape[1] == 2 * x_t.shape[1]:
             model_output, _ = self.split_variance(model_output, x_t)
+        x0 = self.predict_x0(model_output, x_t, t)
+        if self.parameterization == "eps":
+            return x0, model_output
+        if self.parameterization == "x0":
+            return x0, self.predict_eps_from_x0(x_t, t, model_output)
+        return x0, self.predict_eps_from_v(x_t, t, model_output)
+
+    def predict_x0(self, model_output: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """Predicted x_0 alone from a network output in this process's parameterization (without
+        a learned variance half): what a DDPM step needs."""
         if model_output.shape != x_t.shape:
             raise ValueError(f"model output shape {tuple(model_output.shape)} != x_t shape {tuple(x_t.shape)}")
         if self.parameterization == "eps":
-            return self.predict_x0_from_eps(x_t, t, model_output), model_output
+            return self.predict_x0_from_eps(x_t, t, model_output)
         if self.parameterization == "x0":
-            return model_output, self.predict_eps_from_x0(x_t, t, model_output)
-        return self.predict_x0_from_v(x_t, t, model_output), self.predict_eps_from_v(x_t, t, model_output)
+            return model_output
+        return self.predict_x0_from_v(x_t, t, model_output)
 
     # -- training -------------------------------------------------------------------------------
 
@@ -198,7 +242,7 @@ class GaussianDiffusion:
         Rows with t == 0 get the posterior mean (the final sample, x0_pred); noise may be None only
         when every t is 0.
         """
-        mean, _, _ = self.q_posterior_mean_variance(x0_pred, x_t, t)
+        mean = self.q_posterior_mean(x0_pred, x_t, t)
         t_cpu = t.cpu()
         if log_variance is None:
             std = torch.where(t_cpu > 0, (0.5 * self.posterior_log_variance_clipped[t_cpu]).exp(), 0.0)

@@ -6,7 +6,7 @@ from weakref import WeakKeyDictionary
 
 import torch
 
-from unclip.diffusion.gaussian import GaussianDiffusion
+from unclip.diffusion.gaussian import ARITHMETICS, GaussianDiffusion
 
 SPACINGS = ("even", "karlo")
 
@@ -44,11 +44,19 @@ def respace(base: GaussianDiffusion, use_timesteps: Iterable[int]) -> GaussianDi
     if not kept or kept[0] < 0 or kept[-1] >= base.num_timesteps:
         raise ValueError(f"use_timesteps must be a non-empty subset of [0, {base.num_timesteps - 1}]")
     index = torch.tensor(kept)
-    alphas_cumprod = base.alphas_cumprod[index]
+    dtype = ARITHMETICS[base.arithmetic]
+    alphas_cumprod = base.alphas_cumprod[index].to(dtype)
     previous = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
     betas = 1.0 - alphas_cumprod / previous
+    # A step to the adjacent timestep is the base's own step: its beta as it is, which the
+    # ratio above only approximates in finite precision (UnCLIPScheduler does the same).
+    adjacent = index - torch.cat([index.new_full((1,), -1), index[:-1]]) == 1
+    betas = torch.where(adjacent, base.betas[index].to(dtype), betas)
     # Compose maps so that respacing an already respaced process still points at original timesteps.
-    return GaussianDiffusion(betas, base.parameterization, timestep_map=base.timestep_map[index], variance=base.variance)
+    return GaussianDiffusion(
+        betas, base.parameterization, timestep_map=base.timestep_map[index], variance=base.variance,
+        arithmetic=base.arithmetic, alphas_cumprod=alphas_cumprod,
+    )  # fmt: skip
 
 
 _respaced_cache: "WeakKeyDictionary[GaussianDiffusion, dict[tuple[int, str], GaussianDiffusion]]" = WeakKeyDictionary()

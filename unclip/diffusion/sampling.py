@@ -116,15 +116,19 @@ class SamplingRun:
         t = self._t()
         t_index = self.total - 1 - self.step
         prediction, variance_output = self.process.split_variance(model_output, self.x)
-        x0_pred, eps_pred = self.process.split_model_output(prediction, self.x, t)
-        if self.denoised_fn is not None:
-            x0_pred = self.denoised_fn(x0_pred)
-            eps_pred = self.process.predict_eps_from_x0(self.x, t, x0_pred)
-        noise = _step_noise(self.generators, self.x, self.sampler, self.eta, is_last_step=t_index == 0)
-        if self.sampler == "ddpm":
+        if self.sampler == "ddpm":  # needs no eps
+            x0_pred = self.process.predict_x0(prediction, self.x, t)
+            if self.denoised_fn is not None:
+                x0_pred = self.denoised_fn(x0_pred)
+            noise = _step_noise(self.generators, self.x, self.sampler, self.eta, is_last_step=t_index == 0)
             log_variance = None if variance_output is None else self.process.learned_log_variance(variance_output, t)
             self.x = self.process.ddpm_step(x0_pred, self.x, t, noise, log_variance)
         else:
+            x0_pred, eps_pred = self.process.split_model_output(prediction, self.x, t)
+            if self.denoised_fn is not None:
+                x0_pred = self.denoised_fn(x0_pred)
+                eps_pred = self.process.predict_eps_from_x0(self.x, t, x0_pred)
+            noise = _step_noise(self.generators, self.x, self.sampler, self.eta, is_last_step=t_index == 0)
             self.x = self.process.ddim_step(x0_pred, eps_pred, self.x, t, self.eta, noise)
         if self.known is not None:
             self.x = _impose_known(self.process, self.x, self.known, self.generators, t_index - 1)

@@ -182,7 +182,7 @@ def _diffusion(scheduler: dict[str, Any], name: str) -> tuple[DiffusionConfig, f
     clip = float(scheduler.get("clip_sample_range", 1.0)) if scheduler.get("clip_sample", True) else None
     config = DiffusionConfig(
         timesteps=int(scheduler.get("num_train_timesteps", 1000)), schedule=schedule, parameterization=prediction,
-        variance=variance, spacing="karlo",
+        variance=variance, spacing="karlo", arithmetic="float32",
     )  # fmt: skip
     return config, clip
 

@@ -61,8 +61,9 @@ class PriorNetwork(NullText):
 
 class DecoderNetwork(NullText):
     """UnCLIPTextProjModel + UNet2DConditionModel: noisy image + image embedding + caption ->
-    predicted noise and variance (2 x channels). A row without its image embedding (the
-    unconditional pass of guidance) passes `drop_image`: the learned null embedding replaces it."""
+    predicted noise and variance (2 x channels). `project` turns a row's image embedding and
+    caption into the UNet's conditioning once per call (it does not change between steps, and
+    UnCLIPPipeline projects once too); `forward` runs the UNet on it."""
 
     def __init__(self, decoder: dict[str, Any], text_proj: dict[str, Any], context_length: int):
         projection = _build(UnCLIPTextProjModel, text_proj)
@@ -70,19 +71,32 @@ class DecoderNetwork(NullText):
         self.decoder = _build(UNet2DConditionModel, decoder)
         self.text_proj = projection
 
-    def forward(
-        self, x: Tensor, t: Tensor, image_embed: Tensor, drop_image: Tensor, text_embed: Tensor, text_encodings: Tensor,
-        text_mask: Tensor,
-    ) -> Tensor:  # fmt: skip
+    def project(
+        self, image_embed: Tensor, drop_image: Tensor, text_embed: Tensor, text_encodings: Tensor, text_mask: Tensor
+    ) -> dict[str, Tensor]:
+        """The UNet's conditioning of each row. A row without its image embedding (the
+        unconditional pass of guidance) passes `drop_image`: the learned null embedding replaces it.
+        Each row is projected alone, so a row's conditioning never depends on its neighbours."""
         null = self.text_proj.learned_classifier_free_guidance_embeddings.to(image_embed.dtype)
         image_embed = torch.where(drop_image[:, None], null.expand_as(image_embed), image_embed)
-        # Guidance is the engine's, so the projection sees each row's own embedding.
-        hidden, additive = self.text_proj(
-            image_embeddings=image_embed, prompt_embeds=text_embed, text_encoder_hidden_states=text_encodings,
-            do_classifier_free_guidance=False,
-        )  # fmt: skip
+        rows = [
+            self.text_proj(
+                image_embeddings=image_embed[i : i + 1],
+                prompt_embeds=text_embed[i : i + 1],
+                text_encoder_hidden_states=text_encodings[i : i + 1],
+                do_classifier_free_guidance=False,
+            )
+            for i in range(image_embed.shape[0])
+        ]
         extra = self.text_proj.clip_extra_context_tokens
         mask = torch.cat([text_mask.new_ones((text_mask.shape[0], int(extra))), text_mask], dim=1)
+        return {
+            "hidden": torch.cat([hidden for hidden, _ in rows]),
+            "additive": torch.cat([additive for _, additive in rows]),
+            "mask": mask,
+        }
+
+    def forward(self, x: Tensor, t: Tensor, hidden: Tensor, additive: Tensor, mask: Tensor) -> Tensor:
         return self.decoder(x, t, encoder_hidden_states=hidden, class_labels=additive, attention_mask=mask).sample
 
 

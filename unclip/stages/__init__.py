@@ -41,6 +41,18 @@ def engine_class(stage: Stage | str, family: str = UNCLIP) -> Any:
 def load_engine(stage: Stage | str, directory: str | Path | None = None, *, compute_batch: int = 1) -> Any:
     """Build the engine of a stage (or a checkpoint kind) from a checkpoint directory (default:
     the shipped one), evaluating its network `compute_batch` rows at a time (1: row by row)."""
+    from unclip.checkpoint import read_config
+    from unclip.stages.compute import on_compute_thread
+
+    stage = _stage(stage)
+    path = Path(directory) if directory is not None else default_checkpoint(stage)
+    cls = engine_class(stage, read_config(path).family)
+    _fix_thread_count()  # for engines called directly on this thread (tests, training evals)
+    # Loaded where CPU engines compute, so no other thread starts an OpenMP team (stages/compute.py).
+    return on_compute_thread(_load, cls, path, compute_batch)
+
+
+def _fix_thread_count() -> None:
     import torch
 
     # CPU kernels split some matrix products differently for different intra-op thread counts,
@@ -48,8 +60,8 @@ def load_engine(stage: Stage | str, directory: str | Path | None = None, *, comp
     # Every process that runs an engine (in-process, a stage service, a Ray replica, whatever its
     # CPU allotment) therefore computes with the same thread count, so a seed gives the same image.
     torch.set_num_threads(settings.TORCH_THREADS.get())
-    from unclip.checkpoint import read_config
 
-    stage = _stage(stage)
-    path = Path(directory) if directory is not None else default_checkpoint(stage)
-    return engine_class(stage, read_config(path).family).from_checkpoint(path, compute_batch=compute_batch)
+
+def _load(cls: Any, path: Path, compute_batch: int) -> Any:
+    _fix_thread_count()
+    return cls.from_checkpoint(path, compute_batch=compute_batch)

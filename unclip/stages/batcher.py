@@ -30,6 +30,7 @@ from typing import Any
 from unclip.cancel import CancelToken
 from unclip.errors import Cancelled, ResourceExhausted, Unavailable
 from unclip.stage import Stage
+from unclip.stages.compute import inline, on_compute_thread
 from unclip.stages.engine import DiffusionEngine, Job, JointRun
 
 
@@ -97,6 +98,8 @@ class Batcher:
         self._pending = 0
         self._lock = threading.Lock()
         self._closed = False
+        on_gpu = getattr(engine, "device", None) is not None and engine.device.type != "cpu"
+        self._compute = inline if on_gpu else on_compute_thread
         self._thread = threading.Thread(target=self._work, name=f"{type(engine).__name__}-batcher", daemon=True)
         self._thread.start()
 
@@ -195,7 +198,7 @@ class Batcher:
                 closed = batch is None or self._closed
                 for waiting in self._live(batch or []):
                     try:
-                        job = engine.job(waiting.call, waiting.cancel, waiting.progress)
+                        job = self._compute(engine.job, waiting.call, waiting.cancel, waiting.progress)
                     except Exception as error:  # noqa: BLE001 - a call refused as it is validated fails alone
                         self._deliver(waiting, error)
                         continue
@@ -207,7 +210,7 @@ class Batcher:
             if joined:
                 self.runs.append(joined)
             if run:
-                run.step()
+                self._compute(run.step)
             elif closed and not held:
                 return
 
@@ -218,7 +221,7 @@ class Batcher:
                 continue
             self.runs.append(len(live))
             try:
-                results = self.engine.run_calls([(w.call, w.cancel, w.progress) for w in live])
+                results = self._compute(self.engine.run_calls, [(w.call, w.cancel, w.progress) for w in live])
             except BaseException as error:  # noqa: BLE001 - every call of the run gets it
                 results = [error] * len(live)
             for waiting, result in zip(live, results, strict=True):

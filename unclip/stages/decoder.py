@@ -14,7 +14,7 @@ from unclip.options import SamplingOptions
 from unclip.stage import Stage
 from unclip.stages.engine import DiffusionEngine, Job, ProgressFn, row_generators
 from unclip.stages.guidance import guided, guided_two_conditions
-from unclip.stages.tensors import embedding_to_model_space, unit_to_images
+from unclip.stages.tensors import embedding_to_model_space, image_finish
 from unclip.validation import check_array, check_guidance
 
 
@@ -151,4 +151,4 @@ class ImageDecoder(DiffusionEngine):
             denoised_fn=self.denoise,
             known=self.inpaint_condition(call.inpaint, batch, size, size),
         )
-        return Job(run, guidance, unit_to_images, cancel, progress)
+        return Job(run, guidance, image_finish(call.float_images), cancel, progress)

@@ -22,7 +22,7 @@ from unclip.config import DiffusersDecoderStageConfig, DiffusersPriorStageConfig
 from unclip.errors import InvalidArgument
 from unclip.stages.decoder import ImageDecoder
 from unclip.stages.prior import PriorSampler
-from unclip.stages.tensors import images_to_unit
+from unclip.stages.tensors import floats_to_unit, images_to_unit
 from unclip.stages.upsampler import ImageUpsampler
 from unclip.validation import check_array
 
@@ -118,9 +118,10 @@ class DiffusersDecoder(_TextConditioned, ImageDecoder):
         keep = torch.zeros(rows, dtype=torch.bool, device=self.device)
         null = _null_rows(self.model, rows, self.device)
         caption = null if text is None else dict(zip(("text_embed", "text_encodings", "text_mask"), text, strict=True))
-        both = dict(image_embed=image_embed, drop_image=keep, **caption)
-        image_only = dict(image_embed=image_embed, drop_image=keep, **null)
-        uncond = dict(image_embed=image_embed, drop_image=~keep, **null)
+        project: Any = self.model.project
+        both = project(image_embed=image_embed, drop_image=keep, **caption)
+        image_only = project(image_embed=image_embed, drop_image=keep, **null)
+        uncond = project(image_embed=image_embed, drop_image=~keep, **null)
         return both, image_only, uncond
 
     def model_embedding(self, embeddings: np.ndarray) -> Tensor:
@@ -140,7 +141,11 @@ class DiffusersUpsampler(_Clipped, ImageUpsampler):
     def out_channels(self) -> int:
         return self.config.channels
 
-    def low_res(self, images: np.ndarray, height: int, width: int) -> Tensor:
+    def input_images(self, images: np.ndarray) -> Tensor:
+        """Floats as they are: Karlo hands its decoder's images on unrounded."""
+        return floats_to_unit(images) if images.dtype == np.float32 else images_to_unit(images)
+
+    def low_res(self, images: Tensor, height: int, width: int) -> Tensor:
         from unclip.models.diffusers_unclip import upscale
 
-        return upscale(images_to_unit(images), (height, width)).to(self.device)
+        return upscale(images, (height, width)).to(self.device)

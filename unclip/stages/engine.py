@@ -96,8 +96,9 @@ def compute_device() -> torch.device:
 def build_diffusion(config: DiffusionConfig) -> GaussianDiffusion:
     """The diffusion process a stage config describes (sampling and training share it)."""
     return GaussianDiffusion(
-        make_betas(config.schedule, config.timesteps), parameterization=config.parameterization, variance=config.variance
-    )
+        make_betas(config.schedule, config.timesteps), parameterization=config.parameterization, variance=config.variance,
+        arithmetic=config.arithmetic,
+    )  # fmt: skip
 
 
 class Engine:

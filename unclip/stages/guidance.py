@@ -9,6 +9,7 @@ same batch shape, which is what keeps a row's result independent of what it is b
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
@@ -29,10 +30,16 @@ class Guidance:
     conditionings: Sequence[dict[str, Tensor]]
     combine: Callable[[tuple[Tensor, ...]], Tensor]
 
+    @functools.cached_property
+    def stacked(self) -> dict[str, Tensor]:
+        """The conditionings as one batch, pass-major (they stay the same every step)."""
+        return {key: torch.cat([c[key] for c in self.conditionings]) for key in self.conditionings[0]}
+
     def inputs(self, x_t: Tensor, t: Tensor) -> NetworkInput:
         copies = len(self.conditionings)
-        stacked = {key: torch.cat([c[key] for c in self.conditionings]) for key in self.conditionings[0]}
-        return torch.cat([x_t] * copies), torch.cat([t] * copies), stacked
+        if copies == 1:
+            return x_t, t, self.stacked
+        return torch.cat([x_t] * copies), torch.cat([t] * copies), self.stacked
 
     def output(self, network_output: Tensor) -> Tensor:
         return self.combine(network_output.chunk(len(self.conditionings)))
@@ -102,6 +109,8 @@ def in_compute_batches(
             chunk = [torch.cat([t, t[:1].expand(padding, *t.shape[1:])]) for t in chunk]
         output = function(*chunk)
         pieces.append(tuple(o[: end - start] for o in (output if isinstance(output, tuple) else (output,))))
+    if len(pieces) == 1:
+        return pieces[0], 1
     return tuple(torch.cat(parts) for parts in zip(*pieces, strict=True)), len(pieces)
 
 
@@ -109,9 +118,13 @@ def evaluate(network: Callable[..., Tensor], compute_batch: int, inputs: Sequenc
     """The network's output for each input (inputs of one `signature`), all their rows computed
     together `in_compute_batches`. Returns the outputs and the network calls made."""
     keys = list(inputs[0][2])
-    x = torch.cat([x for x, _, _ in inputs])
-    t = torch.cat([t for _, t, _ in inputs])
-    conditioning = [torch.cat([c[key] for _, _, c in inputs]) for key in keys]
+
+    def rows(tensors: list[Tensor]) -> Tensor:
+        return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+    x = rows([x for x, _, _ in inputs])
+    t = rows([t for _, t, _ in inputs])
+    conditioning = [rows([c[key] for _, _, c in inputs]) for key in keys]
 
     def call(x: Tensor, t: Tensor, *values: Tensor) -> Tensor:
         return network(x, t, **dict(zip(keys, values, strict=True)))

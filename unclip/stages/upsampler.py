@@ -14,7 +14,7 @@ from unclip.options import SamplingOptions
 from unclip.stage import Stage
 from unclip.stages.engine import DiffusionEngine, Job, ProgressFn, row_generators
 from unclip.stages.guidance import unguided
-from unclip.stages.tensors import images_to_unit, unit_to_images
+from unclip.stages.tensors import floats_to_unit, image_finish, images_to_unit, unit_to_images
 from unclip.validation import check_array
 
 MAX_OUTPUT_SIDE = 1024
@@ -45,9 +45,17 @@ class ImageUpsampler(DiffusionEngine):
     def out_channels(self) -> int:
         return self.config.model.out_channels
 
-    def low_res(self, images: np.ndarray, height: int, width: int) -> torch.Tensor:
-        """The network's low-resolution conditioning for uint8 images, upsampled to height x width."""
-        return images_to_unit(images).to(self.device)
+    def low_res(self, images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The network's conditioning for low-resolution images in [-1, 1] (`input_images`),
+        upsampled to height x width."""
+        return images.to(self.device)
+
+    def input_images(self, images: np.ndarray) -> torch.Tensor:
+        """A call's images in [-1, 1]. Floats are rounded to 8 bits as uint8 ones are: these
+        networks were trained on 8-bit images."""
+        if images.dtype == np.float32:
+            return images_to_unit(unit_to_images(floats_to_unit(images)))
+        return images_to_unit(images)
 
     def denoise(self, x0: torch.Tensor) -> torch.Tensor:
         return x0.clamp(-1, 1)
@@ -62,7 +70,7 @@ class ImageUpsampler(DiffusionEngine):
         progress: ProgressFn | None = None,
         inpaint: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> np.ndarray:
-        """uint8 [B, h, w, 3] -> uint8 [B, h*f, w*f, 3]; convolutional, so any size that fits.
+        """uint8 (or float32 in [-1, 1]) [B, h, w, 3] -> uint8 [B, h*f, w*f, 3]; convolutional, so any size that fits.
         `inpaint = (images, mask)` at the output size keeps the images' pixels where mask is False."""
         call = UpsampleCall(
             images, seeds=seeds, sampling=sampling, inpaint_images=None if inpaint is None else inpaint[0],
@@ -73,7 +81,7 @@ class ImageUpsampler(DiffusionEngine):
     @torch.no_grad()
     def job(self, call: UpsampleCall, cancel: CancelToken | None = None, progress: ProgressFn | None = None) -> Job:
         images = call.images
-        check_array(images, "images", shape=(None, None, None, 3), dtypes=[np.uint8])
+        check_array(images, "images", shape=(None, None, None, 3), dtypes=[np.uint8, np.float32])
         batch, height, width, _ = images.shape
         seeds = self.check_rows(batch, "images", call.seeds)
         out_h, out_w = height * self.scale_factor, width * self.scale_factor
@@ -94,4 +102,5 @@ class ImageUpsampler(DiffusionEngine):
             denoised_fn=self.denoise,
             known=known,
         )
-        return Job(run, unguided({"low_res": self.low_res(images, out_h, out_w)}), unit_to_images, cancel, progress)
+        low_res = self.low_res(self.input_images(images), out_h, out_w)
+        return Job(run, unguided({"low_res": low_res}), image_finish(call.float_images), cancel, progress)

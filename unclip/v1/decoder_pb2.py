@@ -27,7 +27,7 @@ from unclip.v1 import model_info_pb2 as unclip_dot_v1_dot_model__info__pb2
 from unclip.v1 import tensor_pb2 as unclip_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17unclip/v1/decoder.proto\x12\tunclip.v1\x1a\x18unclip/v1/sampling.proto\x1a\x1aunclip/v1/model_info.proto\x1a\x16unclip/v1/tensor.proto\"\xb4\x03\n\rDecodeRequest\x12+\n\x10image_embeddings\x18\x01 \x01(\x0b\x32\x11.unclip.v1.Tensor\x12)\n\x0etext_encodings\x18\x02 \x01(\x0b\x32\x11.unclip.v1.Tensor\x12$\n\ttext_mask\x18\x03 \x01(\x0b\x32\x11.unclip.v1.Tensor\x12\r\n\x05seeds\x18\x04 \x03(\x04\x12\x1b\n\x0eguidance_scale\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12,\n\x08sampling\x18\x06 \x01(\x0b\x32\x1a.unclip.v1.SamplingOptions\x12)\n\x0einpaint_images\x18\x07 \x01(\x0b\x32\x11.unclip.v1.Tensor\x12\'\n\x0cinpaint_mask\x18\x08 \x01(\x0b\x32\x11.unclip.v1.Tensor\x12 \n\x13text_guidance_scale\x18\t \x01(\x02H\x01\x88\x01\x01\x12*\n\x0ftext_embeddings\x18\n \x01(\x0b\x32\x11.unclip.v1.TensorB\x11\n\x0f_guidance_scaleB\x16\n\x14_text_guidance_scale\"3\n\x0e\x44\x65\x63odeResponse\x12!\n\x06images\x18\x01 \x01(\x0b\x32\x11.unclip.v1.Tensor\"\x17\n\x15GetDecoderInfoRequest\"<\n\x16GetDecoderInfoResponse\x12\"\n\x04info\x18\x01 \x01(\x0b\x32\x14.unclip.v1.ModelInfo\"W\n\x13\x44\x65\x63odeStreamRequest\x12)\n\x07request\x18\x01 \x01(\x0b\x32\x18.unclip.v1.DecodeRequest\x12\x15\n\rpreview_every\x18\x02 \x01(\r\"U\n\rDecodePreview\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x13\n\x0btotal_steps\x18\x02 \x01(\r\x12!\n\x06images\x18\x03 \x01(\x0b\x32\x11.unclip.v1.Tensor\"y\n\x14\x44\x65\x63odeStreamResponse\x12+\n\x07preview\x18\x01 \x01(\x0b\x32\x18.unclip.v1.DecodePreviewH\x00\x12+\n\x06result\x18\x02 \x01(\x0b\x32\x19.unclip.v1.DecodeResponseH\x00\x42\x07\n\x05\x65vent2\xf9\x01\n\x0e\x44\x65\x63oderService\x12U\n\x0eGetDecoderInfo\x12 .unclip.v1.GetDecoderInfoRequest\x1a!.unclip.v1.GetDecoderInfoResponse\x12=\n\x06\x44\x65\x63ode\x12\x18.unclip.v1.DecodeRequest\x1a\x19.unclip.v1.DecodeResponse\x12Q\n\x0c\x44\x65\x63odeStream\x12\x1e.unclip.v1.DecodeStreamRequest\x1a\x1f.unclip.v1.DecodeStreamResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17unclip/v1/decoder.proto\x12\tunclip.v1\x1a\x18unclip/v1/sampling.proto\x1a\x1aunclip/v1/model_info.proto\x1a\x16unclip/v1/tensor.proto\"\xca\x03\n\rDecodeRequest\x12+\n\x10image_embeddings\x18\x01 \x01(\x0b\x32\x11.unclip.v1.Tensor\x12)\n\x0etext_encodings\x18\x02 \x01(\x0b\x32\x11.unclip.v1.Tensor\x12$\n\ttext_mask\x18\x03 \x01(\x0b\x32\x11.unclip.v1.Tensor\x12\r\n\x05seeds\x18\x04 \x03(\x04\x12\x1b\n\x0eguidance_scale\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12,\n\x08sampling\x18\x06 \x01(\x0b\x32\x1a.unclip.v1.SamplingOptions\x12)\n\x0einpaint_images\x18\x07 \x01(\x0b\x32\x11.unclip.v1.Tensor\x12\'\n\x0cinpaint_mask\x18\x08 \x01(\x0b\x32\x11.unclip.v1.Tensor\x12 \n\x13text_guidance_scale\x18\t \x01(\x02H\x01\x88\x01\x01\x12*\n\x0ftext_embeddings\x18\n \x01(\x0b\x32\x11.unclip.v1.Tensor\x12\x14\n\x0c\x66loat_images\x18\x0b \x01(\x08\x42\x11\n\x0f_guidance_scaleB\x16\n\x14_text_guidance_scale\"3\n\x0e\x44\x65\x63odeResponse\x12!\n\x06images\x18\x01 \x01(\x0b\x32\x11.unclip.v1.Tensor\"\x17\n\x15GetDecoderInfoRequest\"<\n\x16GetDecoderInfoResponse\x12\"\n\x04info\x18\x01 \x01(\x0b\x32\x14.unclip.v1.ModelInfo\"W\n\x13\x44\x65\x63odeStreamRequest\x12)\n\x07request\x18\x01 \x01(\x0b\x32\x18.unclip.v1.DecodeRequest\x12\x15\n\rpreview_every\x18\x02 \x01(\r\"U\n\rDecodePreview\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x13\n\x0btotal_steps\x18\x02 \x01(\r\x12!\n\x06images\x18\x03 \x01(\x0b\x32\x11.unclip.v1.Tensor\"y\n\x14\x44\x65\x63odeStreamResponse\x12+\n\x07preview\x18\x01 \x01(\x0b\x32\x18.unclip.v1.DecodePreviewH\x00\x12+\n\x06result\x18\x02 \x01(\x0b\x32\x19.unclip.v1.DecodeResponseH\x00\x42\x07\n\x05\x65vent2\xf9\x01\n\x0e\x44\x65\x63oderService\x12U\n\x0eGetDecoderInfo\x12 .unclip.v1.GetDecoderInfoRequest\x1a!.unclip.v1.GetDecoderInfoResponse\x12=\n\x06\x44\x65\x63ode\x12\x18.unclip.v1.DecodeRequest\x1a\x19.unclip.v1.DecodeResponse\x12Q\n\x0c\x44\x65\x63odeStream\x12\x1e.unclip.v1.DecodeStreamRequest\x1a\x1f.unclip.v1.DecodeStreamResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,19 +35,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'unclip.v1.decoder_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DECODEREQUEST']._serialized_start=117
-  _globals['_DECODEREQUEST']._serialized_end=553
-  _globals['_DECODERESPONSE']._serialized_start=555
-  _globals['_DECODERESPONSE']._serialized_end=606
-  _globals['_GETDECODERINFOREQUEST']._serialized_start=608
-  _globals['_GETDECODERINFOREQUEST']._serialized_end=631
-  _globals['_GETDECODERINFORESPONSE']._serialized_start=633
-  _globals['_GETDECODERINFORESPONSE']._serialized_end=693
-  _globals['_DECODESTREAMREQUEST']._serialized_start=695
-  _globals['_DECODESTREAMREQUEST']._serialized_end=782
-  _globals['_DECODEPREVIEW']._serialized_start=784
-  _globals['_DECODEPREVIEW']._serialized_end=869
-  _globals['_DECODESTREAMRESPONSE']._serialized_start=871
-  _globals['_DECODESTREAMRESPONSE']._serialized_end=992
-  _globals['_DECODERSERVICE']._serialized_start=995
-  _globals['_DECODERSERVICE']._serialized_end=1244
+  _globals['_DECODEREQUEST']._serialized_end=575
+  _globals['_DECODERESPONSE']._serialized_start=577
+  _globals['_DECODERESPONSE']._serialized_end=628
+  _globals['_GETDECODERINFOREQUEST']._serialized_start=630
+  _globals['_GETDECODERINFOREQUEST']._serialized_end=653
+  _globals['_GETDECODERINFORESPONSE']._serialized_start=655
+  _globals['_GETDECODERINFORESPONSE']._serialized_end=715
+  _globals['_DECODESTREAMREQUEST']._serialized_start=717
+  _globals['_DECODESTREAMREQUEST']._serialized_end=804
+  _globals['_DECODEPREVIEW']._serialized_start=806
+  _globals['_DECODEPREVIEW']._serialized_end=891
+  _globals['_DECODESTREAMRESPONSE']._serialized_start=893
+  _globals['_DECODESTREAMRESPONSE']._serialized_end=1014
+  _globals['_DECODERSERVICE']._serialized_start=1017
+  _globals['_DECODERSERVICE']._serialized_end=1266
 # @@protoc_insertion_point(module_scope)

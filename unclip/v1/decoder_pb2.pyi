@@ -10,7 +10,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("image_embeddings", "text_encodings", "text_mask", "seeds", "guidance_scale", "sampling", "inpaint_images", "inpaint_mask", "text_guidance_scale", "text_embeddings")
+    __slots__ = ("image_embeddings", "text_encodings", "text_mask", "seeds", "guidance_scale", "sampling", "inpaint_images", "inpaint_mask", "text_guidance_scale", "text_embeddings", "float_images")
     IMAGE_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     TEXT_ENCODINGS_FIELD_NUMBER: _ClassVar[int]
     TEXT_MASK_FIELD_NUMBER: _ClassVar[int]
@@ -21,6 +21,7 @@ class DecodeRequest(_message.Message):
     INPAINT_MASK_FIELD_NUMBER: _ClassVar[int]
     TEXT_GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
     TEXT_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    FLOAT_IMAGES_FIELD_NUMBER: _ClassVar[int]
     image_embeddings: _tensor_pb2.Tensor
     text_encodings: _tensor_pb2.Tensor
     text_mask: _tensor_pb2.Tensor
@@ -31,7 +32,8 @@ class DecodeRequest(_message.Message):
     inpaint_mask: _tensor_pb2.Tensor
     text_guidance_scale: float
     text_embeddings: _tensor_pb2.Tensor
-    def __init__(self, image_embeddings: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., text_encodings: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., text_mask: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., seeds: _Optional[_Iterable[int]] = ..., guidance_scale: _Optional[float] = ..., sampling: _Optional[_Union[_sampling_pb2.SamplingOptions, _Mapping]] = ..., inpaint_images: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., inpaint_mask: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., text_guidance_scale: _Optional[float] = ..., text_embeddings: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    float_images: bool
+    def __init__(self, image_embeddings: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., text_encodings: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., text_mask: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., seeds: _Optional[_Iterable[int]] = ..., guidance_scale: _Optional[float] = ..., sampling: _Optional[_Union[_sampling_pb2.SamplingOptions, _Mapping]] = ..., inpaint_images: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., inpaint_mask: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., text_guidance_scale: _Optional[float] = ..., text_embeddings: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., float_images: _Optional[bool] = ...) -> None: ...
 
 class DecodeResponse(_message.Message):
     __slots__ = ("images",)

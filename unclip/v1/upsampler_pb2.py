@@ -27,7 +27,7 @@ from unclip.v1 import model_info_pb2 as unclip_dot_v1_dot_model__info__pb2
 from unclip.v1 import tensor_pb2 as unclip_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19unclip/v1/upsampler.proto\x12\tunclip.v1\x1a\x18unclip/v1/sampling.proto\x1a\x1aunclip/v1/model_info.proto\x1a\x16unclip/v1/tensor.proto\"\xc5\x01\n\x0fUpsampleRequest\x12!\n\x06images\x18\x01 \x01(\x0b\x32\x11.unclip.v1.Tensor\x12\r\n\x05seeds\x18\x02 \x03(\x04\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.unclip.v1.SamplingOptions\x12)\n\x0einpaint_images\x18\x04 \x01(\x0b\x32\x11.unclip.v1.Tensor\x12\'\n\x0cinpaint_mask\x18\x05 \x01(\x0b\x32\x11.unclip.v1.Tensor\"5\n\x10UpsampleResponse\x12!\n\x06images\x18\x01 \x01(\x0b\x32\x11.unclip.v1.Tensor\"\x19\n\x17GetUpsamplerInfoRequest\">\n\x18GetUpsamplerInfoResponse\x12\"\n\x04info\x18\x01 \x01(\x0b\x32\x14.unclip.v1.ModelInfo2\xb4\x01\n\x10UpsamplerService\x12[\n\x10GetUpsamplerInfo\x12\".unclip.v1.GetUpsamplerInfoRequest\x1a#.unclip.v1.GetUpsamplerInfoResponse\x12\x43\n\x08Upsample\x12\x1a.unclip.v1.UpsampleRequest\x1a\x1b.unclip.v1.UpsampleResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19unclip/v1/upsampler.proto\x12\tunclip.v1\x1a\x18unclip/v1/sampling.proto\x1a\x1aunclip/v1/model_info.proto\x1a\x16unclip/v1/tensor.proto\"\xdb\x01\n\x0fUpsampleRequest\x12!\n\x06images\x18\x01 \x01(\x0b\x32\x11.unclip.v1.Tensor\x12\r\n\x05seeds\x18\x02 \x03(\x04\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.unclip.v1.SamplingOptions\x12)\n\x0einpaint_images\x18\x04 \x01(\x0b\x32\x11.unclip.v1.Tensor\x12\'\n\x0cinpaint_mask\x18\x05 \x01(\x0b\x32\x11.unclip.v1.Tensor\x12\x14\n\x0c\x66loat_images\x18\x06 \x01(\x08\"5\n\x10UpsampleResponse\x12!\n\x06images\x18\x01 \x01(\x0b\x32\x11.unclip.v1.Tensor\"\x19\n\x17GetUpsamplerInfoRequest\">\n\x18GetUpsamplerInfoResponse\x12\"\n\x04info\x18\x01 \x01(\x0b\x32\x14.unclip.v1.ModelInfo2\xb4\x01\n\x10UpsamplerService\x12[\n\x10GetUpsamplerInfo\x12\".unclip.v1.GetUpsamplerInfoRequest\x1a#.unclip.v1.GetUpsamplerInfoResponse\x12\x43\n\x08Upsample\x12\x1a.unclip.v1.UpsampleRequest\x1a\x1b.unclip.v1.UpsampleResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,13 +35,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'unclip.v1.upsampler_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_UPSAMPLEREQUEST']._serialized_start=119
-  _globals['_UPSAMPLEREQUEST']._serialized_end=316
-  _globals['_UPSAMPLERESPONSE']._serialized_start=318
-  _globals['_UPSAMPLERESPONSE']._serialized_end=371
-  _globals['_GETUPSAMPLERINFOREQUEST']._serialized_start=373
-  _globals['_GETUPSAMPLERINFOREQUEST']._serialized_end=398
-  _globals['_GETUPSAMPLERINFORESPONSE']._serialized_start=400
-  _globals['_GETUPSAMPLERINFORESPONSE']._serialized_end=462
-  _globals['_UPSAMPLERSERVICE']._serialized_start=465
-  _globals['_UPSAMPLERSERVICE']._serialized_end=645
+  _globals['_UPSAMPLEREQUEST']._serialized_end=338
+  _globals['_UPSAMPLERESPONSE']._serialized_start=340
+  _globals['_UPSAMPLERESPONSE']._serialized_end=393
+  _globals['_GETUPSAMPLERINFOREQUEST']._serialized_start=395
+  _globals['_GETUPSAMPLERINFOREQUEST']._serialized_end=420
+  _globals['_GETUPSAMPLERINFORESPONSE']._serialized_start=422
+  _globals['_GETUPSAMPLERINFORESPONSE']._serialized_end=484
+  _globals['_UPSAMPLERSERVICE']._serialized_start=487
+  _globals['_UPSAMPLERSERVICE']._serialized_end=667
 # @@protoc_insertion_point(module_scope)

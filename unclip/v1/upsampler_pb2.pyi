@@ -10,18 +10,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class UpsampleRequest(_message.Message):
-    __slots__ = ("images", "seeds", "sampling", "inpaint_images", "inpaint_mask")
+    __slots__ = ("images", "seeds", "sampling", "inpaint_images", "inpaint_mask", "float_images")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     SEEDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     INPAINT_IMAGES_FIELD_NUMBER: _ClassVar[int]
     INPAINT_MASK_FIELD_NUMBER: _ClassVar[int]
+    FLOAT_IMAGES_FIELD_NUMBER: _ClassVar[int]
     images: _tensor_pb2.Tensor
     seeds: _containers.RepeatedScalarFieldContainer[int]
     sampling: _sampling_pb2.SamplingOptions
     inpaint_images: _tensor_pb2.Tensor
     inpaint_mask: _tensor_pb2.Tensor
-    def __init__(self, images: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., seeds: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_sampling_pb2.SamplingOptions, _Mapping]] = ..., inpaint_images: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., inpaint_mask: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    float_images: bool
+    def __init__(self, images: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., seeds: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_sampling_pb2.SamplingOptions, _Mapping]] = ..., inpaint_images: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., inpaint_mask: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., float_images: _Optional[bool] = ...) -> None: ...
 
 class UpsampleResponse(_message.Message):
     __slots__ = ("images",)
