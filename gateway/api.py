@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import unclip
+from unclip import metrics
 from unclip.errors import InvalidArgument
 from unclip.images import edit_inputs, frames_to_gif, upload_to_rgb
 from unclip.manipulations import interpolate, text_diff, variations
@@ -214,6 +215,7 @@ class ImageAPI:
         started = time.perf_counter()
         images, gif = await produce(on_stage_timed)
         timings["total"] = round(time.perf_counter() - started, 4)
+        metrics.IMAGES.labels(operation).inc(len(images))
         created = int(time.time())
         result = Result(request_id, created, [ResultImage(i.png, i.seed, i.width, i.height) for i in images], gif=gif)
         if self.store is None:

@@ -4,6 +4,7 @@
     POST /v1/images/variations    multipart  image, n, size, response_format (+ model, user: ignored)
     POST /v1/images/edits         multipart  image, mask, prompt, n, size, response_format (+ model, user: ignored)
     GET  /healthz
+    GET  /metrics                 Prometheus text exposition of the gateway process (unclip.metrics)
 
 so the official `openai` SDKs work against a gateway by changing their base URL. Every other
 generation parameter the operation takes (`unclip.parameters`: seed, the guidance scales,
@@ -38,6 +39,7 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import BadHttpMessage
 
 from gateway.api import ImageAPI, RequestOptions, Result
+from unclip import metrics
 from unclip.errors import UnclipError
 from unclip.parameters import OPERATIONS, GenerationParameters, Group, parameters, value_type
 
@@ -148,6 +150,24 @@ async def _errors_middleware(request: web.Request, handler) -> web.StreamRespons
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
         return HTTPAPIError(500, INTERNAL_ERROR_MESSAGE, type="server_error").response()
+
+
+@web.middleware
+async def _metrics_middleware(request: web.Request, handler) -> web.StreamResponse:
+    """Count and time every request by route (unknown paths as one label, so a scanner cannot
+    grow the label set) and the status it got, errors included (this runs outside
+    _errors_middleware, which turns them into responses)."""
+    resource = request.match_info.route.resource
+    route = f"{request.method} {resource.canonical}" if resource is not None else "unmatched"
+    with metrics.measured_request("http", route) as code:
+        response = await handler(request)
+        code.append(str(response.status))
+        return response
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body, content_type = metrics.exposition()
+    return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 def _reject_unknown(fields: dict[str, object], allowed: frozenset[str]) -> None:
@@ -331,9 +351,10 @@ def create_http_app(api: ImageAPI, *, max_upload_bytes: int = 4 * 1024 * 1024, r
     uploaded files may be at most `max_upload_bytes` each (OpenAI's limit is 4 MB)."""
     handlers = _Handlers(api, max_upload_bytes, request_timeout)
     # client_max_size bounds the JSON body; multipart parts are bounded one by one in _read_form.
-    app = web.Application(middlewares=[_errors_middleware], client_max_size=MAX_JSON_BYTES)
+    app = web.Application(middlewares=[_metrics_middleware, _errors_middleware], client_max_size=MAX_JSON_BYTES)
     app.router.add_post("/v1/images/generations", handlers.generations)
     app.router.add_post("/v1/images/variations", handlers.variations)
     app.router.add_post("/v1/images/edits", handlers.edits)
     app.router.add_get("/healthz", handlers.healthz)
+    app.router.add_get("/metrics", _metrics)
     return app

@@ -19,11 +19,13 @@ import numpy as np
 import pytest
 from conftest import FAST_STEPS
 from parameter_cases import BASE, BATCHED, PARAMETER_NAMES, SENDS_PREVIEWS, as_keyword_arguments, generate_in_process, varied
+from scrape import scrape, value
 
 from unclip.client import AsyncClient, Client, Preview, StageProgress, UnclipError
 from unclip.launcher import check_health
 from unclip.parameters import GenerationParameters
 from unclip.pipeline import generate
+from unclip.stage import Stage
 
 # Starts `unclip serve all`: five processes.
 pytestmark = pytest.mark.slow
@@ -51,7 +53,8 @@ def _free_port_block(size: int = 5) -> int:
 
 @pytest.fixture(scope="module")
 def serve_all():
-    port = _free_port_block(6)  # the gateway, four stages, and the gateway's HTTP API
+    # The gateway, four stages, the gateway's HTTP API, and the stages' metrics ports (+6 .. +9).
+    port = _free_port_block(10)
     process = subprocess.Popen(
         # Batched here (Ray Serve's tests use 1 as well): in-process equality must hold at both.
         [
@@ -66,6 +69,8 @@ def serve_all():
             str(port + 5),
             "--compute-batch",
             BATCHED,
+            "--metrics-port",
+            str(port + 5),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -181,6 +186,31 @@ def test_http_api_is_served_next_to_grpc(serve_all):
     with urllib.request.urlopen(request, timeout=120) as response:
         data = json.loads(response.read())["data"]
     assert len(data) == 1 and base64.b64decode(data[0]["b64_json"]).startswith(b"\x89PNG")
+
+
+def test_every_process_counts_its_part_of_a_generation(serve_all):
+    """One generation through serve all, seen in each process's metrics: the gateway's (at
+    /metrics on its HTTP port) and each stage's (on its metrics port)."""
+    _, address, port = serve_all
+    processes = {"gateway": f"127.0.0.1:{port + 5}"}
+    processes |= {stage.value: f"127.0.0.1:{stage.port_next_to(port + 5)}" for stage in Stage}
+    before = {name: scrape(where) for name, where in processes.items()}
+    with Client(address, timeout=120) as client:
+        client.generate(PROMPT, seed=5, **FAST_STEPS)
+    after = {name: scrape(where) for name, where in processes.items()}
+    methods = {"gateway": "Generate", "encoder": "EncodeText", "prior": "Sample", "decoder": "Decode", "upsampler": "Upsample"}
+    for name, method in methods.items():
+        labels = dict(protocol="grpc", method=method, code="OK")
+        assert value(after[name], "unclip_requests_total", **labels) - value(before[name], "unclip_requests_total", **labels) == 1
+    for stage in Stage:
+        samples = after[stage.value]
+        assert value(samples, "unclip_model_load_seconds", stage=stage.value) > 0
+        assert any(name == "unclip_build_info" and ("stage", stage.value) in labels for name, labels in samples)
+    assert (
+        value(after["gateway"], "unclip_images_generated_total", operation="generate")
+        - value(before["gateway"], "unclip_images_generated_total", operation="generate")
+        == 1
+    )
 
 
 def test_ctrl_c_stops_every_service(serve_all):

@@ -3,6 +3,7 @@
 docs/api.md: the gRPC API from the protos' comments, the generation parameters from
 unclip.parameters, the Python SDK from its docstrings, the errors from unclip.errors.
 docs/configuration.md: every UNCLIP_* environment variable, from unclip.settings.
+docs/operations.md: the Prometheus metrics, from unclip.metrics.
 
 python tools/gen_docs.py          # write them
 python tools/gen_docs.py --check  # exit 1 if a committed file is stale
@@ -19,11 +20,12 @@ from pathlib import Path
 
 from google.protobuf import descriptor_pb2
 from grpc_tools import protoc
+from prometheus_client.metrics import MetricWrapperBase
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from unclip import errors, settings
+from unclip import errors, metrics, settings
 from unclip.client import AsyncClient, Client
 from unclip.client.operations import Operations
 from unclip.parameters import OPERATIONS, parameters, spec_of, value_type
@@ -181,7 +183,42 @@ def configuration_md() -> str:
     )
 
 
-DOCS = {ROOT / "docs" / "api.md": api_md, ROOT / "docs" / "configuration.md": configuration_md}
+def metrics_table() -> list[str]:
+    lines = ["| metric | type | what it measures |", "|---|---|---|"]
+    for collector in vars(metrics).values():
+        if not isinstance(collector, MetricWrapperBase):
+            continue
+        for family in collector.describe():
+            suffix = "_total" if family.type == "counter" else ""
+            lines.append(f"| `{family.name}{suffix}` | {family.type} | {family.documentation} |")
+    return lines
+
+
+def operations_md() -> str:
+    return "\n".join(
+        [
+            GENERATED + "# Operating unclip",
+            "",
+            "## Metrics",
+            "",
+            "Every unclip server process keeps Prometheus metrics (`unclip/metrics.py`). The gateway serves its own at",
+            "`GET /metrics` on its HTTP port. A stage service serves them on its metrics port: `unclip serve STAGE",
+            "--metrics-port N`, or `unclip serve all --metrics-port N`, which puts the encoder's, prior's, decoder's",
+            "and upsampler's on N + 1 to N + 4. Request counts and latencies are labelled `protocol` (`grpc` or",
+            "`http`), `method` (the RPC, or the HTTP route; `unmatched` for unknown paths) and `code` (the gRPC",
+            "status name or the HTTP status).",
+            "",
+            *metrics_table(),
+            "",
+        ]
+    )
+
+
+DOCS = {
+    ROOT / "docs" / "api.md": api_md,
+    ROOT / "docs" / "configuration.md": configuration_md,
+    ROOT / "docs" / "operations.md": operations_md,
+}
 
 
 def main() -> int:

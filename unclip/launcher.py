@@ -64,6 +64,9 @@ class LocalCluster:
     gateway_port: int = DEFAULT_GATEWAY_PORT
     stage_ports: dict[Stage, int] | None = None  # default: gateway_port + 1 .. + 4, as Stage.port
     http_port: int = 0  # the gateway's OpenAI-compatible HTTP API; 0: off
+    # The stages' Prometheus metrics on metrics_port + 1 .. + 4, as Stage.port_next_to; 0: off
+    # (the gateway's are at /metrics on its HTTP port).
+    metrics_port: int = 0
     weights: Path | None = None
     settings: dict[Stage, BatchSettings] | None = None  # each stage's compute batch and batching
     quiet: bool = False
@@ -74,6 +77,8 @@ class LocalCluster:
         addresses = {stage: f"{self.host}:{ports[stage]}" for stage in Stage}
         for stage in Stage:
             args = ["serve", stage.value, "--host", self.host, "--port", str(ports[stage])]
+            if self.metrics_port:
+                args += ["--metrics-port", str(stage.port_next_to(self.metrics_port))]
             if self.weights is not None:
                 args += ["--checkpoint", str(Path(self.weights) / stage.kind)]
             if self.settings is not None and stage in self.settings:

@@ -18,6 +18,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 import unclip
+from unclip import metrics
 from unclip.calls import DecodeCall, EncodeImageCall, EncodeTextCall, ModelInfo, SampleCall, StageCall, TextEncoding, UpsampleCall
 from unclip.errors import InvalidArgument
 from unclip.parameters import GenerationParameters
@@ -203,7 +204,10 @@ class Run:
         )
 
     async def call(self, call: StageCall[R], *, index: int = 0, **preview: Any) -> R:
-        return await self.backend.run(call, index=index, deadline=self.deadline, **preview)
+        started = time.perf_counter()
+        result = await self.backend.run(call, index=index, deadline=self.deadline, **preview)
+        metrics.STAGE_SECONDS.labels(call.STAGE.value).observe(time.perf_counter() - started)
+        return result
 
     async def finished(self, stage: Stage, index: int = 0) -> None:
         self.completed += 1

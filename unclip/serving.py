@@ -21,6 +21,7 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from unclip import metrics
 from unclip.calls import StageCall, grpc_module, service_full_name
 from unclip.cancel import CancelToken
 from unclip.errors import Unavailable, UnclipError, error_for_status
@@ -42,17 +43,33 @@ async def abort_with(context: grpc.aio.ServicerContext, error: Exception) -> Non
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}")
 
 
+def _status_name(error: BaseException, context: Any) -> str:
+    """The status code an RPC that raised `error` answers with, for metrics."""
+    if isinstance(error, asyncio.CancelledError):
+        return "CANCELLED"
+    if isinstance(error, UnclipError):
+        return error.status_name
+    code = getattr(context, "code", lambda: None)()  # set by context.abort
+    return code.name if isinstance(code, grpc.StatusCode) else "INTERNAL"
+
+
 def rpc(method):
-    """Map unclip errors raised by a unary servicer method to gRPC status codes."""
+    """Map unclip errors raised by a unary servicer method to gRPC status codes, counted and
+    timed in the process's metrics under the method's name."""
 
     @functools.wraps(method)
     async def wrapper(self, request, context):
-        try:
-            return await method(self, request, context)
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as error:  # noqa: BLE001 - every error becomes a status, never a crash
-            await abort_with(context, error)
+        with metrics.measured_request("grpc", wrapper.__name__) as code:
+            try:
+                reply = await method(self, request, context)
+            except (asyncio.CancelledError, grpc.aio.AbortError) as error:
+                code.append(_status_name(error, context))
+                raise
+            except Exception as error:  # noqa: BLE001 - every error becomes a status, never a crash
+                code.append(_status_name(error, context))
+                await abort_with(context, error)
+            code.append("OK")
+            return reply
 
     return wrapper
 
@@ -62,13 +79,17 @@ def streaming_rpc(method):
 
     @functools.wraps(method)
     async def wrapper(self, request, context):
-        try:
-            async for item in method(self, request, context):
-                yield item
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as error:  # noqa: BLE001
-            await abort_with(context, error)
+        with metrics.measured_request("grpc", wrapper.__name__) as code:
+            try:
+                async for item in method(self, request, context):
+                    yield item
+            except (asyncio.CancelledError, grpc.aio.AbortError) as error:
+                code.append(_status_name(error, context))
+                raise
+            except Exception as error:  # noqa: BLE001
+                code.append(_status_name(error, context))
+                await abort_with(context, error)
+            code.append("OK")
 
     return wrapper
 
@@ -174,9 +195,14 @@ def stage_server(
     host: str = "127.0.0.1",
     port: int = 0,
     settings: BatchSettings = BatchSettings(),
+    metrics_port: int | None = None,
 ) -> Server:
-    """A Server for one stage's service (build it inside the running loop)."""
-    return Server(servicer_class(stage)(checkpoint, settings=settings), [ServiceSpec.of_stage(stage)], host=host, port=port)
+    """A Server for one stage's service (build it inside the running loop), with its metrics
+    over HTTP on `metrics_port` when given (0: any free port)."""
+    server = Server(servicer_class(stage)(checkpoint, settings=settings), [ServiceSpec.of_stage(stage)], host=host, port=port)
+    if metrics_port is not None:
+        server.serve_metrics(host, metrics_port)
+    return server
 
 
 def call_rpc(call_class: type[StageCall[Any]]) -> Callable[..., Awaitable[Message]]:
@@ -225,6 +251,28 @@ class Server:
         self.ready = asyncio.Event()
         # Companion servers sharing this process and loop (the gateway's HTTP API): (start, stop).
         self.companions: list[tuple[Callable[[], Awaitable[None]], Callable[[], Awaitable[None]]]] = []
+        self.metrics_address: str | None = None
+
+    def serve_metrics(self, host: str, port: int) -> None:
+        """Answer GET /metrics on host:port (the process's `unclip.metrics`) while serving;
+        `metrics_address` is where, once started."""
+        from aiohttp import web
+
+        async def exposition(request: web.Request) -> web.Response:
+            body, content_type = metrics.exposition()
+            return web.Response(body=body, headers={"Content-Type": content_type})
+
+        app = web.Application()
+        app.router.add_get("/metrics", exposition)
+        runner = web.AppRunner(app, access_log=None)
+
+        async def start() -> None:
+            await runner.setup()
+            await web.TCPSite(runner, host, port).start()
+            self.metrics_address = f"{host}:{runner.addresses[0][1]}"
+            log.info("metrics on http://%s/metrics", self.metrics_address)
+
+        self.companions.append((start, runner.cleanup))
 
     async def _set_all(self, status: int) -> None:
         for name in ["", *(spec.full_name for spec in self.services)]:

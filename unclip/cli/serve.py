@@ -32,6 +32,12 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         help="stage, all: seconds a run's first request waits for company (default 0)",
     )
     parser.add_argument("--max-pending", type=int, help="stage, all: requests accepted before RESOURCE_EXHAUSTED (default 32)")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        help="stage: serve Prometheus metrics at /metrics on this port; all: the stages' on this port + 1 .. + 4 "
+        "(the gateway's are at /metrics on its HTTP port)",
+    )
     parser.add_argument("--config", type=Path, help="ray: Ray Serve config (default: the one in the package, unclip/serve.yaml)")
     for stage in (Stage.ENCODER, Stage.PRIOR, Stage.DECODER):
         parser.add_argument(f"--{stage.value}", metavar="HOST:PORT", help=f"gateway: the {stage.value} service")
@@ -50,6 +56,10 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     if args.target != "all":
         logging.getLogger("unclip").setLevel(logging.INFO)
+    if args.metrics_port is not None and args.target in ("ray", GATEWAY):
+        print(f"unclip serve {args.target}: --metrics-port is for the stages and all; the gateway's metrics are at "
+              "/metrics on its HTTP port", file=sys.stderr)  # fmt: skip
+        return 2
     if args.target == "all":
         return _serve_all(args)
     if args.target == "ray":
@@ -61,7 +71,13 @@ def run(args: argparse.Namespace) -> int:
     stage = Stage(args.target)
     port = stage.port if args.port is None else args.port
     settings = batch_settings(args)[stage]
-    asyncio.run(serve_forever(lambda: stage_server(stage, args.checkpoint, host=args.host, port=port, settings=settings)))
+    asyncio.run(
+        serve_forever(
+            lambda: stage_server(
+                stage, args.checkpoint, host=args.host, port=port, settings=settings, metrics_port=args.metrics_port
+            )
+        )
+    )
     return 0
 
 
@@ -102,6 +118,7 @@ def _serve_all(args: argparse.Namespace) -> int:
         host=args.host,
         gateway_port=args.port or DEFAULT_GATEWAY_PORT,
         http_port=args.http_port,
+        metrics_port=args.metrics_port or 0,
         weights=args.weights,
         settings=settings,
     )

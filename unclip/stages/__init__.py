@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import importlib
+import time
 from pathlib import Path
 from typing import Any
 
-from unclip import settings
+from unclip import metrics, settings
 from unclip.stage import DIFFUSERS, UNCLIP, Stage
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
@@ -48,8 +49,12 @@ def load_engine(stage: Stage | str, directory: str | Path | None = None, *, comp
     path = Path(directory) if directory is not None else default_checkpoint(stage)
     cls = engine_class(stage, read_config(path).family)
     _fix_thread_count()  # for engines called directly on this thread (tests, training evals)
+    started = time.perf_counter()
     # Loaded where CPU engines compute, so no other thread starts an OpenMP team (stages/compute.py).
-    return on_compute_thread(_load, cls, path, compute_batch)
+    engine = on_compute_thread(_load, cls, path, compute_batch)
+    metrics.MODEL_LOAD_SECONDS.labels(stage.value).set(time.perf_counter() - started)
+    metrics.set_build_info(stage.value, engine.version)
+    return engine
 
 
 def _fix_thread_count() -> None:

@@ -27,6 +27,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from unclip import metrics
 from unclip.cancel import CancelToken
 from unclip.errors import Cancelled, ResourceExhausted, Unavailable
 from unclip.stage import Stage
@@ -100,6 +101,8 @@ class Batcher:
         self._closed = False
         on_gpu = getattr(engine, "device", None) is not None and engine.device.type != "cpu"
         self._compute = inline if on_gpu else on_compute_thread
+        stage = getattr(engine, "STAGE", None)
+        self._queue_depth = metrics.QUEUE_DEPTH.labels(stage.value if stage is not None else type(engine).__name__)
         self._thread = threading.Thread(target=self._work, name=f"{type(engine).__name__}-batcher", daemon=True)
         self._thread.start()
 
@@ -122,6 +125,7 @@ class Batcher:
                     f"{self._pending} requests are already queued (limit {self.settings.max_pending}); retry later"
                 )
             self._pending += 1
+            self._queue_depth.set(self._pending)
         waiting = _Waiting(call, cancel, progress)
         waiting.future.add_done_callback(self._done)
         self._queue.put(waiting)
@@ -130,6 +134,7 @@ class Batcher:
     def _done(self, _: concurrent.futures.Future) -> None:
         with self._lock:
             self._pending -= 1
+            self._queue_depth.set(self._pending)
 
     def close(self, timeout: float | None = None) -> None:
         """Stop taking calls; the calls already running finish, those still waiting fail with

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from unclip import settings
+from unclip import metrics, settings
 from unclip.calls import ModelInfo
 from unclip.cancel import CancelToken
 from unclip.checkpoint import CheckpointError, load_weights, read_config, weights_version
@@ -140,7 +140,11 @@ class Engine:
         """`guidance.evaluate` at this engine's compute batch, counted in `stats`."""
         started = time.perf_counter()
         outputs, calls = evaluate(network, self.compute_batch, inputs)
-        self.stats.add_network_calls(calls, sum(x.shape[0] for x, _, _ in inputs), time.perf_counter() - started)
+        rows = sum(x.shape[0] for x, _, _ in inputs)
+        self.stats.add_network_calls(calls, rows, time.perf_counter() - started)
+        observe = metrics.NETWORK_ROWS.labels(self.STAGE.value).observe
+        for call in range(calls):  # every call but the last is full; the last holds the rest
+            observe(min(self.compute_batch, rows - call * self.compute_batch))
         return outputs
 
     def run_calls(self, calls: Sequence[tuple[Any, CancelToken | None, ProgressFn | None]]) -> list[Any]:
