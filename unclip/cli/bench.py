@@ -1,4 +1,4 @@
-"""`unclip bench pipeline|throughput|karlo`: benchmarks that print figures."""
+"""`unclip bench pipeline|throughput|karlo|load`: benchmarks that print figures."""
 
 from __future__ import annotations
 
@@ -29,9 +29,10 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         help="benchmarks that print figures",
         description="pipeline: latency in-process against the local services. throughput: images per second, "
         "latency and peak memory under concurrent load, row by row against each --compute-batch. karlo: unclip "
-        "in-process against diffusers' UnCLIPPipeline on the same diffusers-format weights.",
+        "in-process against diffusers' UnCLIPPipeline on the same diffusers-format weights. load: a bounded load "
+        "generator against a running gateway (--server), through the SDK.",
     )
-    parser.add_argument("what", choices=("pipeline", "throughput", "karlo"))
+    parser.add_argument("what", choices=("pipeline", "throughput", "karlo", "load"))
     parser.add_argument("--prompts", type=int, default=3, help="pipeline: number of prompts")
     parser.add_argument("--seed", type=int, default=0, help="pipeline: seed of the first prompt; prompt i uses seed + i")
     parser.add_argument("--repeats", type=int, default=1, help="pipeline: runs per prompt (the median is reported)")
@@ -61,7 +62,11 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     karlo.add_argument("--src", type=Path, help="a diffusers UnCLIPPipeline directory")
     karlo.add_argument("--imported", type=Path, help="its `unclip import diffusers` output (default: imported afresh)")
     karlo.add_argument("--runs", type=int, default=3, help="timed requests per side, after one untimed")
-    karlo.add_argument("--images", type=int, default=1, help="images per request")
+    karlo.add_argument("--images", type=int, default=1, help="karlo, load: images per request")
+    load = parser.add_argument_group("load (also --concurrency C, --requests N, --images, --json)")
+    load.add_argument("--server", metavar="HOST:PORT", help="the gateway to load")
+    load.add_argument("--rate", type=float, help="requests started per second (default: each client sends back to back)")
+    load.add_argument("--size", type=int, help="image side (default: the server's)")
     add_parameter_flags(parser, OPERATION, skip=NOT_SAMPLING)
     return parser
 
@@ -81,6 +86,18 @@ def run(args: argparse.Namespace) -> int:
         batches = compute_batches(args.compute_batch[-1]) if args.compute_batch else None  # default: diffusers' batch
         return run_peer_benchmark(
             args.src, args.imported, n=args.images, steps=steps, runs=args.runs, out=out, compute_batches=batches
+        )
+    if args.what == "load":
+        from unclip.load_bench import run_load_benchmark
+
+        if args.server is None:
+            raise SystemExit("unclip bench load: --server HOST:PORT (a running gateway) is required")
+        if len(args.concurrency) != 1:
+            raise SystemExit("unclip bench load: give one --concurrency")
+        size = {} if args.size is None else {"size": args.size}
+        out = args.json if args.json != Path("bench-throughput.json") else Path("bench-load.json")
+        return run_load_benchmark(
+            args.server, args.concurrency[0], args.requests, args.rate, {**parameters, "n": args.images, **size}, out
         )
     if args.what == "pipeline":
         from unclip.bench import run_pipeline_benchmark

@@ -1,0 +1,120 @@
+"""`unclip bench load`: a bounded load generator against a running gateway, through the SDK.
+
+C clients send N generate requests in all, back to back (closed loop), or started at R per
+second (open loop: a request waits only for a free client, so a slow server shows up as
+latency and as errors, not as a lower offered rate). It stops by itself after the N answers
+and reports throughput, latency percentiles of the answered requests, and the failures by
+status code. Torch-free: it needs only the SDK.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+PERCENTILES = (50, 95, 99)
+
+
+@dataclass
+class LoadReport:
+    server: str
+    concurrency: int
+    requests: int
+    rate: float | None
+    parameters: dict[str, Any]
+    seconds: float = 0.0
+    answered: int = 0
+    images: int = 0
+    errors: dict[str, int] = field(default_factory=dict)  # status code -> count
+    latencies_s: list[float] = field(default_factory=list)  # answered requests, in completion order
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds else 0.0
+
+    def percentile(self, p: int) -> float | None:
+        """The p-th percentile latency of the answered requests (nearest rank); None if none."""
+        if not self.latencies_s:
+            return None
+        ordered = sorted(self.latencies_s)
+        return ordered[max(0, -(-p * len(ordered) // 100) - 1)]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "images_per_second": self.images_per_second,
+            "latency_s": {f"p{p}": self.percentile(p) for p in PERCENTILES},
+        }
+
+    def table(self) -> str:
+        rate = "closed loop" if self.rate is None else f"{self.rate:g} req/s offered"
+        latency = "  ".join(
+            f"p{p} {value:.2f} s" if (value := self.percentile(p)) is not None else f"p{p} -" for p in PERCENTILES
+        )
+        errors = ", ".join(f"{code} {count}" for code, count in sorted(self.errors.items())) or "none"
+        return "\n".join(
+            [
+                f"server {self.server}: {self.requests} requests, concurrency {self.concurrency}, {rate}",
+                f"answered   {self.answered} of {self.requests} in {self.seconds:.2f} s",
+                f"throughput {self.images_per_second:.3f} img/s, {self.answered / self.seconds if self.seconds else 0:.3f} req/s",
+                f"latency    {latency}",
+                f"errors     {errors}",
+            ]
+        )
+
+
+async def run_load(
+    server: str,
+    *,
+    concurrency: int,
+    requests: int,
+    rate: float | None = None,
+    prompt: str = "a red circle in the top left corner",
+    timeout: float = 600.0,
+    **parameters: Any,
+) -> LoadReport:
+    """Send `requests` generate calls from `concurrency` clients and measure them."""
+    from unclip.client import AsyncClient, UnclipError
+
+    if concurrency < 1 or requests < 1:
+        raise ValueError("concurrency and requests must be at least 1")
+    if rate is not None and rate <= 0:
+        raise ValueError("rate must be positive")
+    report = LoadReport(server, concurrency, requests, rate, dict(parameters, prompt=prompt))
+    clients = asyncio.Semaphore(concurrency)
+    started = time.perf_counter()
+
+    async def one(index: int, client: AsyncClient) -> None:
+        if rate is not None:
+            await asyncio.sleep(max(0.0, started + index / rate - time.perf_counter()))
+        async with clients:
+            sent = time.perf_counter()
+            try:
+                # Seeds differ per request: a cache of identical requests would measure nothing.
+                images = await client.generate(prompt, seed=index, timeout=timeout, **parameters)
+            except UnclipError as error:
+                report.errors[error.status_name] = report.errors.get(error.status_name, 0) + 1
+                return
+            report.latencies_s.append(time.perf_counter() - sent)
+            report.answered += 1
+            report.images += len(images)
+
+    async with AsyncClient(server) as client:
+        await asyncio.gather(*(one(i, client) for i in range(requests)))
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def run_load_benchmark(
+    server: str, concurrency: int, requests: int, rate: float | None, parameters: dict[str, Any], out: Path
+) -> int:
+    report = asyncio.run(run_load(server, concurrency=concurrency, requests=requests, rate=rate, **parameters))
+    print(report.table())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report.as_dict(), indent=2) + "\n")
+    print(f"JSON: {out}")
+    return 0 if report.answered else 1
