@@ -88,8 +88,14 @@ def serve_all():
         yield process, address, port
     finally:
         if process.poll() is None:
-            process.kill()
-            process.wait()
+            # SIGTERM first: the launcher stops its services (they run in sessions of their own,
+            # so killing the launcher alone would leave them running).
+            process.terminate()
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 def test_distributed_images_equal_in_process_images(serve_all, local_stages_batched):

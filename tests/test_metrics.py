@@ -98,3 +98,16 @@ def test_metrics_port_is_refused_where_it_would_be_ignored():
         [sys.executable, "-m", "unclip", "serve", "gateway", "--metrics-port", "9100"], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 2 and "/metrics on its HTTP port" in done.stderr
+
+
+def test_processes_sharing_cores_spin_briefly(monkeypatch):
+    from unclip.launcher import shared_cores_environment
+
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert shared_cores_environment()["GOMP_SPINCOUNT"] == "1000"
+    monkeypatch.setenv("GOMP_SPINCOUNT", "50")
+    assert shared_cores_environment()["GOMP_SPINCOUNT"] == "50"
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    assert "GOMP_SPINCOUNT" not in shared_cores_environment()

@@ -75,9 +75,11 @@ async def run_load(
     rate: float | None = None,
     prompt: str = "a red circle in the top left corner",
     timeout: float = 600.0,
+    application: str | None = None,
     **parameters: Any,
 ) -> LoadReport:
-    """Send `requests` generate calls from `concurrency` clients and measure them."""
+    """Send `requests` generate calls from `concurrency` clients and measure them; `application`
+    names the Ray Serve application behind a Ray gRPC proxy ("gateway")."""
     from unclip.client import AsyncClient, UnclipError
 
     if concurrency < 1 or requests < 1:
@@ -103,16 +105,19 @@ async def run_load(
             report.answered += 1
             report.images += len(images)
 
-    async with AsyncClient(server) as client:
+    async with AsyncClient(server, application=application) as client:
         await asyncio.gather(*(one(i, client) for i in range(requests)))
     report.seconds = time.perf_counter() - started
     return report
 
 
 def run_load_benchmark(
-    server: str, concurrency: int, requests: int, rate: float | None, parameters: dict[str, Any], out: Path
-) -> int:
-    report = asyncio.run(run_load(server, concurrency=concurrency, requests=requests, rate=rate, **parameters))
+    server: str, concurrency: int, requests: int, rate: float | None, parameters: dict[str, Any], out: Path,
+    application: str | None = None,
+) -> int:  # fmt: skip
+    report = asyncio.run(
+        run_load(server, concurrency=concurrency, requests=requests, rate=rate, application=application, **parameters)
+    )
     print(report.table())
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report.as_dict(), indent=2) + "\n")

@@ -65,6 +65,7 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     karlo.add_argument("--images", type=int, default=1, help="karlo, load: images per request")
     load = parser.add_argument_group("load (also --concurrency C, --requests N, --images, --json)")
     load.add_argument("--server", metavar="HOST:PORT", help="the gateway to load")
+    load.add_argument("--application", help="the Ray Serve application behind a Ray gRPC proxy (gateway)")
     load.add_argument("--rate", type=float, help="requests started per second (default: each client sends back to back)")
     load.add_argument("--size", type=int, help="image side (default: the server's)")
     add_parameter_flags(parser, OPERATION, skip=NOT_SAMPLING)
@@ -96,8 +97,9 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit("unclip bench load: give one --concurrency")
         size = {} if args.size is None else {"size": args.size}
         out = args.json if args.json != Path("bench-throughput.json") else Path("bench-load.json")
+        parameters = {**parameters, "n": args.images, **size}
         return run_load_benchmark(
-            args.server, args.concurrency[0], args.requests, args.rate, {**parameters, "n": args.images, **size}, out
+            args.server, args.concurrency[0], args.requests, args.rate, parameters, out, application=args.application
         )
     if args.what == "pipeline":
         from unclip.bench import run_pipeline_benchmark

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -156,9 +157,12 @@ def _serve_ray(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
+    from unclip.launcher import shared_cores_environment
     from unclip.ray_apps import APP_NAMES, DEFAULT_CONFIG, deploy, grpc_proxy_address, load_config
 
     config = load_config(args.config or DEFAULT_CONFIG)
+    # Every replica shares this machine's cores; Ray's workers inherit this process's environment.
+    os.environ.update(shared_cores_environment())
     # A fresh local cluster (never one already running on this host), without the dashboard.
     ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
     try:

@@ -106,6 +106,9 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "unclip.rayEnv" -}}
 - name: HOME
   value: /tmp
+# A pod runs several replicas: idle OpenMP threads spin briefly, then sleep (unclip/launcher.py).
+- name: GOMP_SPINCOUNT
+  value: "1000"
 {{- if .Values.s3.enabled }}
 - name: UNCLIP_S3_ENDPOINT
   value: {{ include "unclip.s3Endpoint" . | quote }}
