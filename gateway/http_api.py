@@ -165,11 +165,6 @@ async def _metrics_middleware(request: web.Request, handler) -> web.StreamRespon
         return response
 
 
-async def _metrics(request: web.Request) -> web.Response:
-    body, content_type = metrics.exposition()
-    return web.Response(body=body, headers={"Content-Type": content_type})
-
-
 def _reject_unknown(fields: dict[str, object], allowed: frozenset[str]) -> None:
     for name in fields:
         if name not in allowed:
@@ -356,5 +351,5 @@ def create_http_app(api: ImageAPI, *, max_upload_bytes: int = 4 * 1024 * 1024, r
     app.router.add_post("/v1/images/variations", handlers.variations)
     app.router.add_post("/v1/images/edits", handlers.edits)
     app.router.add_get("/healthz", handlers.healthz)
-    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/metrics", metrics.scrape)
     return app

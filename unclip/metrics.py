@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
 
@@ -63,6 +64,8 @@ def measured_request(protocol: str, method: str) -> Iterator[list[str]]:
         REQUESTS.labels(protocol, method, code[-1] if code else ("INTERNAL" if protocol == "grpc" else "500")).inc()
 
 
-def exposition() -> tuple[bytes, str]:
-    """The text exposition of every metric of this process, and its content type."""
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+async def scrape(request: Any) -> Any:
+    """aiohttp handler of GET /metrics: every metric of this process, as Prometheus text."""
+    from aiohttp import web
+
+    return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -5,6 +5,7 @@ reflection, model loading in the background, bounded work queue, cancellation, s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import importlib
 import inspect
@@ -53,23 +54,30 @@ def _status_name(error: BaseException, context: Any) -> str:
     return code.name if isinstance(code, grpc.StatusCode) else "INTERNAL"
 
 
+@contextlib.asynccontextmanager
+async def _answering(method: str, context: Any) -> AsyncIterator[None]:
+    """An RPC's body: unclip errors become its status code (`abort_with`), and the call is
+    counted and timed in the process's metrics under `method` with the code it ends with."""
+    with metrics.measured_request("grpc", method) as code:
+        try:
+            yield
+        except (asyncio.CancelledError, grpc.aio.AbortError) as error:
+            code.append(_status_name(error, context))
+            raise
+        except Exception as error:
+            code.append(_status_name(error, context))
+            await abort_with(context, error)
+            raise  # abort_with always raises; never swallow the error
+        code.append("OK")
+
+
 def rpc(method):
-    """Map unclip errors raised by a unary servicer method to gRPC status codes, counted and
-    timed in the process's metrics under the method's name."""
+    """A unary servicer method answering through `_answering`, under its (final) name."""
 
     @functools.wraps(method)
     async def wrapper(self, request, context):
-        with metrics.measured_request("grpc", wrapper.__name__) as code:
-            try:
-                reply = await method(self, request, context)
-            except (asyncio.CancelledError, grpc.aio.AbortError) as error:
-                code.append(_status_name(error, context))
-                raise
-            except Exception as error:  # noqa: BLE001 - every error becomes a status, never a crash
-                code.append(_status_name(error, context))
-                await abort_with(context, error)
-            code.append("OK")
-            return reply
+        async with _answering(wrapper.__name__, context):
+            return await method(self, request, context)
 
     return wrapper
 
@@ -79,17 +87,9 @@ def streaming_rpc(method):
 
     @functools.wraps(method)
     async def wrapper(self, request, context):
-        with metrics.measured_request("grpc", wrapper.__name__) as code:
-            try:
-                async for item in method(self, request, context):
-                    yield item
-            except (asyncio.CancelledError, grpc.aio.AbortError) as error:
-                code.append(_status_name(error, context))
-                raise
-            except Exception as error:  # noqa: BLE001
-                code.append(_status_name(error, context))
-                await abort_with(context, error)
-            code.append("OK")
+        async with _answering(wrapper.__name__, context):
+            async for item in method(self, request, context):
+                yield item
 
     return wrapper
 
@@ -258,12 +258,8 @@ class Server:
         `metrics_address` is where, once started."""
         from aiohttp import web
 
-        async def exposition(request: web.Request) -> web.Response:
-            body, content_type = metrics.exposition()
-            return web.Response(body=body, headers={"Content-Type": content_type})
-
         app = web.Application()
-        app.router.add_get("/metrics", exposition)
+        app.router.add_get("/metrics", metrics.scrape)
         runner = web.AppRunner(app, access_log=None)
 
         async def start() -> None:

@@ -22,7 +22,6 @@ from unclip.config import DiffusersDecoderStageConfig, DiffusersPriorStageConfig
 from unclip.errors import InvalidArgument
 from unclip.stages.decoder import ImageDecoder
 from unclip.stages.prior import PriorSampler
-from unclip.stages.tensors import floats_to_unit, images_to_unit
 from unclip.stages.upsampler import ImageUpsampler
 from unclip.validation import check_array
 
@@ -141,9 +140,7 @@ class DiffusersUpsampler(_Clipped, ImageUpsampler):
     def out_channels(self) -> int:
         return self.config.channels
 
-    def input_images(self, images: np.ndarray) -> Tensor:
-        """Floats as they are: Karlo hands its decoder's images on unrounded."""
-        return floats_to_unit(images) if images.dtype == np.float32 else images_to_unit(images)
+    takes_float_images = True  # Karlo hands its decoder's images on unrounded
 
     def low_res(self, images: Tensor, height: int, width: int) -> Tensor:
         from unclip.models.diffusers_unclip import upscale

@@ -50,12 +50,16 @@ class ImageUpsampler(DiffusionEngine):
         upsampled to height x width."""
         return images.to(self.device)
 
+    # Whether float32 images are taken as they are; unclip's upsamplers were trained on 8-bit
+    # images, so theirs are rounded to 8 bits first.
+    takes_float_images = False
+
     def input_images(self, images: np.ndarray) -> torch.Tensor:
-        """A call's images in [-1, 1]. Floats are rounded to 8 bits as uint8 ones are: these
-        networks were trained on 8-bit images."""
-        if images.dtype == np.float32:
-            return images_to_unit(unit_to_images(floats_to_unit(images)))
-        return images_to_unit(images)
+        """A call's images (uint8, or float32 in [-1, 1]) in [-1, 1]."""
+        if images.dtype != np.float32:
+            return images_to_unit(images)
+        unit = floats_to_unit(images)
+        return unit if self.takes_float_images else images_to_unit(unit_to_images(unit))
 
     def denoise(self, x0: torch.Tensor) -> torch.Tensor:
         return x0.clamp(-1, 1)
