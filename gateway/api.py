@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import unclip
-from unclip import metrics
+from unclip import metrics, observe, tracing
 from unclip.errors import InvalidArgument
 from unclip.images import edit_inputs, frames_to_gif, upload_to_rgb
 from unclip.manipulations import interpolate, text_diff, variations
@@ -233,6 +233,9 @@ class ImageAPI:
             "compute_batch": info.compute_batches,
             "timings": timings,
             "software": f"unclip {unclip.__version__}",
+            # The request that made it, to find its log lines and trace.
+            "x_request_id": observe.current_request_id(),
+            "trace_id": tracing.trace_id(),
         }
         extras = {GIF_NAME: (gif, "image/gif")} if gif is not None else None
         keys = await self.store.save(request_id, [i.png for i in images], record, extras)

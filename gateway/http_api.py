@@ -4,7 +4,11 @@
     POST /v1/images/variations    multipart  image, n, size, response_format (+ model, user: ignored)
     POST /v1/images/edits         multipart  image, mask, prompt, n, size, response_format (+ model, user: ignored)
     GET  /healthz
-    GET  /metrics                 Prometheus text exposition of the gateway process (unclip.metrics)
+    GET  /metrics                 Prometheus text exposition of the gateway process (unclip.metrics);
+                                  not mounted under Ray Serve, which exports metrics on its own port
+
+Every response carries `x-request-id` (the caller's, or one made up: unclip.observe); one that
+returns images also `x-unclip-result-id`, the stored result's id (its folder in the object store).
 
 so the official `openai` SDKs work against a gateway by changing their base URL. Every other
 generation parameter the operation takes (`unclip.parameters`: seed, the guidance scales,
@@ -24,31 +28,58 @@ errors become OpenAI-shaped error bodies:
     503 server_error, code service_unavailable  UNAVAILABLE
     504 server_error, code timeout              DEADLINE_EXCEEDED
     500 server_error                            anything else; logged, never detailed in the body
+
+`create_http_app` returns an ASGI app (Starlette): `unclip serve gateway` serves it with uvicorn
+next to the gRPC server (gateway.app), and under Ray Serve the gateway deployment serves it
+through Serve's HTTP proxy (unclip.ray_apps.GatewayDeployment). Bodies are read as they stream
+in and never buffered past their limits: a JSON body past 1 MiB, an uploaded file past
+`max_upload_bytes` or a multipart text field past 64 KiB is refused with 413 as soon as it
+gets there; the rest is read and dropped (for up to LINGER_SECONDS), then the connection closes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
+import functools
 import json
 import logging
 import re
 import time
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
-from aiohttp import BodyPartReader, web
-from aiohttp.http_exceptions import BadHttpMessage
+from python_multipart import MultipartParser
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import parse_options_header
+from starlette.applications import Starlette
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Match, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.api import ImageAPI, RequestOptions, Result
-from unclip import metrics
+from unclip import metrics, observe
 from unclip.errors import UnclipError
 from unclip.parameters import OPERATIONS, GenerationParameters, Group, parameters, value_type
+from unclip.transport import REQUEST_ID_HEADER
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
 
 log = logging.getLogger("unclip.gateway.http")
 
 MAX_JSON_BYTES = 1024 * 1024
 MAX_TEXT_FIELD_BYTES = 64 * 1024  # a multipart text field (the prompt is the longest)
+MALFORMED_FORM_MESSAGE = "The multipart/form-data body is malformed"
 MAX_IDEMPOTENCY_KEY_CHARS = 255
+RESULT_ID_HEADER = "x-unclip-result-id"  # the stored result's id: its folder in the object store
 INTERNAL_ERROR_MESSAGE = "The server had an error while processing your request."
+LINGER_SECONDS = 10.0  # how long the rest of a refused (413) body is read and dropped (as aiohttp's lingering_time)
 
 _IGNORED = frozenset({"model", "user"})  # accepted for compatibility, not used
 # What each route takes besides its operation's generation parameters.
@@ -92,9 +123,12 @@ class HTTPAPIError(Exception):
         self.param = param
         self.code = code
 
-    def response(self, headers: dict[str, str] | None = None) -> web.Response:
+    def response(self, headers: dict[str, str] | None = None) -> Response:
         error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
-        return web.json_response({"error": error}, status=self.status, headers=headers)
+        headers = dict(headers or {})
+        if self.status == 413:
+            headers["Connection"] = "close"  # what is left of a refused body may be unread: don't reuse the connection
+        return JSONResponse({"error": error}, status_code=self.status, headers=headers)
 
 
 def _invalid(message: str, param: str | None = None) -> HTTPAPIError:
@@ -125,44 +159,78 @@ def error_from_unclip(error: UnclipError) -> HTTPAPIError:
     return HTTPAPIError(status, message, type=type_, param=param, code=code)
 
 
-@web.middleware
-async def _errors_middleware(request: web.Request, handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except HTTPAPIError as error:
-        response = error.response()
-        if error.status == 413:
-            response.force_close()  # the rest of the body is unread: don't reuse the connection
-        return response
-    except UnclipError as error:
-        return error_from_unclip(error).response()
-    except web.HTTPException as error:  # raised by aiohttp itself: routing, client_max_size
-        if error.status < 400:
-            raise
-        if isinstance(error, web.HTTPNotFound):
-            message = f"Invalid URL ({request.method} {request.path})"
-        elif isinstance(error, web.HTTPMethodNotAllowed):
-            message = f"Method {request.method} is not allowed for {request.path}"
-        else:
-            message = error.text or error.reason
-        headers = {"Allow": error.headers["Allow"]} if "Allow" in error.headers else None
-        return HTTPAPIError(error.status, message).response(headers)
-    except Exception:
-        log.exception("%s %s failed", request.method, request.path)
-        return HTTPAPIError(500, INTERNAL_ERROR_MESSAGE, type="server_error").response()
+def _openai_errors(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """An endpoint whose errors are answered as OpenAI shapes them: its own, the image API's
+    (by status) and anything unexpected (500, logged, never detailed in the body)."""
+
+    @functools.wraps(handler)
+    async def endpoint(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except HTTPAPIError as error:
+            return error.response()
+        except UnclipError as error:
+            return error_from_unclip(error).response()
+        except ClientDisconnect:
+            # Nobody is left to read the answer; a client's hang-up is not a server error.
+            log.info("%s %s: the client disconnected before its body was read", request.method, request.scope["path"])
+            return _invalid("The client closed the connection before the request body was read").response()
+        except Exception:
+            log.exception("%s %s failed", request.method, request.scope["path"])
+            return HTTPAPIError(500, INTERNAL_ERROR_MESSAGE, type="server_error").response()
+
+    return endpoint
 
 
-@web.middleware
-async def _metrics_middleware(request: web.Request, handler) -> web.StreamResponse:
-    """Count and time every request by route (unknown paths as one label, so a scanner cannot
-    grow the label set) and the status it got, errors included (this runs outside
-    _errors_middleware, which turns them into responses)."""
-    resource = request.match_info.route.resource
-    route = f"{request.method} {resource.canonical}" if resource is not None else "unmatched"
-    with metrics.measured_request("http", route) as code:
-        response = await handler(request)
-        code.append(str(response.status))
-        return response
+async def _routing_error(request: Request, error: Exception) -> Response:
+    """Starlette's own errors (no route: 404, a route without the method: 405) as OpenAI's."""
+    assert isinstance(error, HTTPException)
+    path = request.scope["path"]
+    if error.status_code == 404:
+        message = f"Invalid URL ({request.method} {path})"
+    elif error.status_code == 405:
+        message = f"Method {request.method} is not allowed for {path}"
+    else:
+        message = error.detail
+    allow = (error.headers or {}).get("Allow")
+    headers = {"Allow": ", ".join(sorted(allow.split(", ")))} if allow else None  # Starlette's order is a set's
+    return HTTPAPIError(error.status_code, message).response(headers)
+
+
+def _route_name(routes: Sequence[BaseRoute], scope: Scope) -> str:
+    """The route template a request matches, as "METHOD /path"; "unmatched" for unknown paths
+    and methods, so a scanner cannot grow the label set."""
+    for route in routes:
+        match, _ = route.matches(scope)
+        if match is Match.FULL and isinstance(route, Route):
+            return f"{scope['method']} {route.path}"
+    return "unmatched"
+
+
+class _ObservingMiddleware:
+    """Every request observed (`unclip.observe`: request id, span, metrics, log line) by route
+    and the status it got, errors included (it wraps the routing and the endpoints, which
+    answer every error with a response); every response carries the request id."""
+
+    def __init__(self, app: ASGIApp, routes: Sequence[BaseRoute], answer_request_id: bool) -> None:
+        self.app = app
+        self.routes = routes
+        self.answer_request_id = answer_request_id
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":  # lifespan
+            await self.app(scope, receive, send)
+            return
+        with observe.observed_request("http", _route_name(self.routes, scope), Headers(scope=scope)) as observed:
+
+            async def send_observed(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    observed.finish(str(message["status"]))
+                    if self.answer_request_id:
+                        MutableHeaders(scope=message)[REQUEST_ID_HEADER] = observed.request_id
+                await send(message)
+
+            await self.app(scope, receive, send_observed)
 
 
 def _reject_unknown(fields: dict[str, object], allowed: frozenset[str]) -> None:
@@ -225,16 +293,107 @@ def _options(fields: dict[str, object], deadline: float, idempotency_key: str | 
     return RequestOptions(want_url=response_format == "url", idempotency_key=idempotency_key, deadline=deadline)
 
 
-async def _read_part(part: BodyPartReader, name: str, limit: int) -> bytes:
-    data = bytearray()
-    while not part.at_eof():
-        data += await part.read_chunk()
-        if len(data) > limit:
-            raise HTTPAPIError(413, f"{name}: larger than the limit of {limit} bytes", param=name)
-    return bytes(data)
+async def _discard_rest(chunks: AsyncIterator[bytes]) -> None:
+    """Read and drop the rest of a refused body, for up to LINGER_SECONDS: the 413 closes the
+    connection, and a socket closed with unread data resets it, so the client would see a reset
+    instead of the answer (aiohttp lingers like this on its own; uvicorn does not)."""
+    with contextlib.suppress(TimeoutError, ClientDisconnect):
+        async with asyncio.timeout(LINGER_SECONDS):
+            async for _ in chunks:
+                pass
 
 
-def _images_response(result: Result, want_url: bool) -> web.Response:
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refused (413) as soon as it is declared or streams in past `limit` bytes."""
+    too_large = HTTPAPIError(413, f"The request body is larger than the limit of {limit} bytes")
+    declared = request.headers.get("content-length", "")
+    body = bytearray()
+    async with contextlib.aclosing(request.stream()) as chunks:
+        if declared.isdigit() and int(declared) > limit:
+            await _discard_rest(chunks)
+            raise too_large
+        async for chunk in chunks:
+            if len(body) + len(chunk) > limit:
+                await _discard_rest(chunks)
+                raise too_large
+            body += chunk
+    return bytes(body)
+
+
+class _FormReader:
+    """The parts of a multipart/form-data body as python-multipart streams them in: each named
+    part checked against the route's fields before its data is read, and each kept under its
+    own limit (files: max_upload_bytes, text fields: MAX_TEXT_FIELD_BYTES)."""
+
+    def __init__(self, allowed: frozenset[str], max_upload_bytes: int) -> None:
+        self.allowed = allowed
+        self.max_upload_bytes = max_upload_bytes
+        self.texts: dict[str, bytes] = {}
+        self.files: dict[str, bytes] = {}
+        self.complete = False  # the closing boundary was seen
+        self._headers: dict[bytes, bytes] = {}
+        self._header_name = bytearray()
+        self._header_value = bytearray()
+        self._name = ""
+        self._limit = 0
+        self._data = bytearray()
+
+    def callbacks(self) -> MultipartCallbacks:
+        return {
+            "on_part_begin": self._part_begin,
+            "on_header_field": self._header_name_data,
+            "on_header_value": self._header_value_data,
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": self._part_data,
+            "on_part_end": self._part_end,
+            "on_end": self._end,
+        }
+
+    # Header lines are bounded by the parser (size and count per part).
+    def _part_begin(self) -> None:
+        self._headers = {}
+        self._data = bytearray()
+
+    def _header_name_data(self, data: bytes, start: int, end: int) -> None:
+        self._header_name += data[start:end]
+
+    def _header_value_data(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def _header_end(self) -> None:
+        self._headers[bytes(self._header_name).lower()] = bytes(self._header_value)
+        self._header_name, self._header_value = bytearray(), bytearray()
+
+    def _headers_finished(self) -> None:
+        content_type, _ = parse_options_header(self._headers.get(b"content-type"))
+        if content_type.startswith(b"multipart/"):
+            raise _invalid("Nested multipart bodies are not supported")
+        _, disposition = parse_options_header(self._headers.get(b"content-disposition"))
+        if b"name" not in disposition:
+            raise _invalid("Every part of the multipart body needs a name")
+        given = disposition[b"name"].decode("utf-8", errors="replace")
+        name = _FIELD_ALIASES.get(given, given)
+        if name not in self.allowed:
+            raise _invalid(f"Unrecognized request argument supplied: {given}", given)
+        if name in self.texts or name in self.files:
+            raise _invalid(f"{name}: given more than once", name)
+        self._name = name
+        self._limit = self.max_upload_bytes if name in FILE_FIELDS else MAX_TEXT_FIELD_BYTES
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if len(self._data) + (end - start) > self._limit:
+            raise HTTPAPIError(413, f"{self._name}: larger than the limit of {self._limit} bytes", param=self._name)
+        self._data += data[start:end]
+
+    def _part_end(self) -> None:
+        (self.files if self._name in FILE_FIELDS else self.texts)[self._name] = bytes(self._data)
+
+    def _end(self) -> None:
+        self.complete = True
+
+
+def _images_response(result: Result, want_url: bool) -> Response:
     if want_url:
         if any(image.url is None for image in result.images):
             raise _invalid(
@@ -244,7 +403,8 @@ def _images_response(result: Result, want_url: bool) -> web.Response:
         data = [{"url": image.url} for image in result.images]
     else:
         data = [{"b64_json": base64.b64encode(image.png).decode("ascii")} for image in result.images]
-    return web.json_response({"created": result.created, "data": data}, headers={"x-request-id": result.request_id})
+    # The request's own id (x-request-id) is answered by the middleware; this names the stored result.
+    return JSONResponse({"created": result.created, "data": data}, headers={RESULT_ID_HEADER: result.request_id})
 
 
 class _Handlers:
@@ -253,19 +413,19 @@ class _Handlers:
         self.max_upload_bytes = max_upload_bytes
         self.request_timeout = request_timeout
 
-    def _start(self, request: web.Request) -> tuple[float, str | None]:
+    def _start(self, request: Request) -> tuple[float, str | None]:
         """(deadline, idempotency key) of a request, before its body is read: its time starts now."""
         return time.monotonic() + self.request_timeout, self._idempotency_key(request)
 
     @staticmethod
-    def _idempotency_key(request: web.Request) -> str | None:
+    def _idempotency_key(request: Request) -> str | None:
         key = request.headers.get("Idempotency-Key")
         if key is not None and not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_CHARS:
             raise _invalid(f"Idempotency-Key header: must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters")
         return key
 
-    async def _read_json(self, request: web.Request) -> dict[str, object]:
-        body = await request.read()  # over the app's client_max_size: aiohttp raises 413
+    async def _read_json(self, request: Request) -> dict[str, object]:
+        body = await _read_body(request, MAX_JSON_BYTES)
         try:
             fields = json.loads(body)
         except ValueError:
@@ -274,40 +434,41 @@ class _Handlers:
             raise _invalid("The JSON body of the request must be an object.")
         return fields
 
-    async def _read_form(self, request: web.Request, allowed: frozenset[str]) -> tuple[dict[str, object], dict[str, bytes]]:
+    async def _read_form(self, request: Request, allowed: frozenset[str]) -> tuple[dict[str, object], dict[str, bytes]]:
         """Text fields and files of a multipart body, each read under its own size limit."""
-        if request.content_type != "multipart/form-data":
-            raise _invalid(f"Expected a multipart/form-data body, got {request.content_type!r}")
-        texts: dict[str, bytes] = {}
-        files: dict[str, bytes] = {}
+        content_type, options = parse_options_header(request.headers.get("content-type"))
+        if content_type != b"multipart/form-data":
+            given = content_type.decode("latin-1") or "application/octet-stream"  # what HTTP assumes without one
+            raise _invalid(f"Expected a multipart/form-data body, got {given!r}")
+        if not options.get(b"boundary"):
+            raise _invalid(MALFORMED_FORM_MESSAGE)
+        form = _FormReader(allowed, self.max_upload_bytes)
         try:
-            reader = await request.multipart()
-            while (part := await reader.next()) is not None:
-                if not isinstance(part, BodyPartReader):
-                    raise _invalid("Nested multipart bodies are not supported")
-                if part.name is None:
-                    raise _invalid("Every part of the multipart body needs a name")
-                name = _FIELD_ALIASES.get(part.name, part.name)
-                if name not in allowed:
-                    raise _invalid(f"Unrecognized request argument supplied: {part.name}", part.name)
-                if name in texts or name in files:
-                    raise _invalid(f"{name}: given more than once", name)
-                if name in FILE_FIELDS:
-                    files[name] = await _read_part(part, name, self.max_upload_bytes)
-                else:
-                    texts[name] = await _read_part(part, name, MAX_TEXT_FIELD_BYTES)
-        except (ValueError, BadHttpMessage):
-            raise _invalid("The multipart/form-data body is malformed") from None
-        fields: dict[str, str] = {}
-        for name, value in texts.items():
+            parser = MultipartParser(options[b"boundary"], form.callbacks())
+            async with contextlib.aclosing(request.stream()) as chunks:
+                async for chunk in chunks:
+                    try:
+                        parser.write(chunk)
+                    except HTTPAPIError as error:
+                        if error.status == 413:
+                            await _discard_rest(chunks)
+                        raise
+                    if form.complete:
+                        break  # what follows the closing boundary is never read
+        except FormParserError:  # also an overlong boundary
+            raise _invalid(MALFORMED_FORM_MESSAGE) from None
+        if not form.complete:  # the body ended inside a part
+            raise _invalid(MALFORMED_FORM_MESSAGE)
+        fields: dict[str, object] = {}
+        for name, value in form.texts.items():
             try:
                 fields[name] = value.decode("utf-8")
             except UnicodeDecodeError:
                 raise _invalid(f"{name}: must be UTF-8 text", name) from None
-        for name, data in files.items():
+        for name, data in form.files.items():
             if not data:
                 raise _invalid(f"{name}: the file is empty", name)
-        return dict(fields), files
+        return fields, form.files
 
     @staticmethod
     def _image(files: dict[str, bytes]) -> bytes:
@@ -315,21 +476,21 @@ class _Handlers:
             raise _invalid("Missing required parameter: 'image'.", "image")
         return files["image"]
 
-    async def generations(self, request: web.Request) -> web.Response:
+    async def generations(self, request: Request) -> Response:
         deadline, key = self._start(request)
         fields = await self._read_json(request)
         _reject_unknown(fields, allowed_fields("generate"))
         params, options = _parameters(fields, "generate", from_form=False), _options(fields, deadline, key)
         return _images_response(await self.api.generate(params, options), options.want_url)
 
-    async def variations(self, request: web.Request) -> web.Response:
+    async def variations(self, request: Request) -> Response:
         deadline, key = self._start(request)
         fields, files = await self._read_form(request, allowed_fields("variations"))
         image = self._image(files)
         params, options = _parameters(fields, "variations", from_form=True), _options(fields, deadline, key)
         return _images_response(await self.api.variations(image, params, options), options.want_url)
 
-    async def edits(self, request: web.Request) -> web.Response:
+    async def edits(self, request: Request) -> Response:
         deadline, key = self._start(request)
         fields, files = await self._read_form(request, allowed_fields("edit"))
         image = self._image(files)
@@ -337,19 +498,42 @@ class _Handlers:
         return _images_response(await self.api.edit(image, files.get("mask"), params, options), options.want_url)
 
     @staticmethod
-    async def healthz(request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    @staticmethod
+    async def metrics(request: Request) -> Response:
+        """Every metric of this process (unclip.metrics), as Prometheus text."""
+        body, content_type = metrics.exposition()
+        return Response(body, headers={"Content-Type": content_type})
 
 
-def create_http_app(api: ImageAPI, *, max_upload_bytes: int = 4 * 1024 * 1024, request_timeout: float = 600.0) -> web.Application:
-    """The OpenAI-compatible Images API over `api`. Each request gets `request_timeout` seconds;
-    uploaded files may be at most `max_upload_bytes` each (OpenAI's limit is 4 MB)."""
+def create_http_app(
+    api: ImageAPI,
+    *,
+    max_upload_bytes: int = 4 * 1024 * 1024,
+    request_timeout: float = 600.0,
+    metrics_route: bool = True,
+    answer_request_id: bool = True,
+) -> Starlette:
+    """The OpenAI-compatible Images API over `api`, as an ASGI app. Each request gets
+    `request_timeout` seconds; uploaded files may be at most `max_upload_bytes` each (OpenAI's
+    limit is 4 MB). Under Ray Serve, `metrics_route` False leaves out GET /metrics (Ray exports
+    this process's metrics itself) and `answer_request_id` False leaves the response's
+    x-request-id to Ray's proxy, which puts the same id in the request's headers and answers it."""
     handlers = _Handlers(api, max_upload_bytes, request_timeout)
-    # client_max_size bounds the JSON body; multipart parts are bounded one by one in _read_form.
-    app = web.Application(middlewares=[_metrics_middleware, _errors_middleware], client_max_size=MAX_JSON_BYTES)
-    app.router.add_post("/v1/images/generations", handlers.generations)
-    app.router.add_post("/v1/images/variations", handlers.variations)
-    app.router.add_post("/v1/images/edits", handlers.edits)
-    app.router.add_get("/healthz", handlers.healthz)
-    app.router.add_get("/metrics", metrics.scrape)
+    routes: list[BaseRoute] = [
+        Route("/v1/images/generations", _openai_errors(handlers.generations), methods=["POST"]),
+        Route("/v1/images/variations", _openai_errors(handlers.variations), methods=["POST"]),
+        Route("/v1/images/edits", _openai_errors(handlers.edits), methods=["POST"]),
+        Route("/healthz", _openai_errors(handlers.healthz), methods=["GET"]),
+    ]
+    if metrics_route:
+        routes.append(Route("/metrics", _openai_errors(handlers.metrics), methods=["GET"]))
+    app = Starlette(
+        routes=routes,
+        middleware=[Middleware(_ObservingMiddleware, routes, answer_request_id)],
+        exception_handlers={HTTPException: _routing_error},
+    )
+    app.router.redirect_slashes = False  # "/v1/images/generations/" is an unknown URL, not a redirect
     return app

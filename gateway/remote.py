@@ -17,8 +17,9 @@ from typing import Any, Protocol, TypeVar, cast
 
 import grpc
 from google.protobuf.message import Message
+from opentelemetry.trace import SpanKind
 
-from unclip import codec
+from unclip import codec, observe, tracing
 from unclip.calls import SERVICE_NAMES, DecodeCall, StageCall, grpc_module, info_call
 from unclip.errors import (
     Cancelled,
@@ -34,6 +35,7 @@ from unclip.transport import GRPC_OPTIONS
 from unclip.v1 import decoder_pb2
 
 R = TypeVar("R")
+Metadata = Sequence[tuple[str, str]]  # what a hop forwards: request id, trace context
 INFO_TIMEOUT_SECONDS = 5.0
 INFO_TTL_SECONDS = 30.0  # re-read what the stages serve now and then: they may be redeployed
 
@@ -42,9 +44,11 @@ class StageTransport(Protocol):
     """Delivers stage requests. Stages are named by instance ("encoder", ..., "upsampler0");
     failures are raised as `UnclipError`s carrying the stage's status code."""
 
-    async def unary(self, stage: str, method: str, request: Message, timeout: float | None) -> Message: ...
+    async def unary(self, stage: str, method: str, request: Message, timeout: float | None, metadata: Metadata) -> Message: ...
 
-    def server_stream(self, stage: str, method: str, request: Message, timeout: float | None) -> AsyncIterator[Message]: ...
+    def server_stream(
+        self, stage: str, method: str, request: Message, timeout: float | None, metadata: Metadata
+    ) -> AsyncIterator[Message]: ...
 
     async def close(self) -> None: ...
 
@@ -68,15 +72,17 @@ class GrpcTransport:
     def _error(self, stage: str, error: grpc.aio.AioRpcError) -> UnclipError:
         return error_for_status(error.code().name, f"{stage} service at {self.addresses[stage]}: {error.details()}")
 
-    async def unary(self, stage: str, method: str, request: Message, timeout: float | None) -> Message:
+    async def unary(self, stage: str, method: str, request: Message, timeout: float | None, metadata: Metadata) -> Message:
         try:
-            return await getattr(self._stubs[stage], method)(request, timeout=timeout)
+            return await getattr(self._stubs[stage], method)(request, timeout=timeout, metadata=metadata)
         except grpc.aio.AioRpcError as error:
             raise self._error(stage, error) from None
 
-    async def server_stream(self, stage: str, method: str, request: Message, timeout: float | None) -> AsyncIterator[Message]:
+    async def server_stream(
+        self, stage: str, method: str, request: Message, timeout: float | None, metadata: Metadata
+    ) -> AsyncIterator[Message]:
         try:
-            async for reply in getattr(self._stubs[stage], method)(request, timeout=timeout):
+            async for reply in getattr(self._stubs[stage], method)(request, timeout=timeout, metadata=metadata):
                 yield reply
         except grpc.aio.AioRpcError as error:
             raise self._error(stage, error) from None
@@ -131,8 +137,8 @@ class RayTransport:
     def _where(self, stage: str) -> str:
         return f"{stage} app {self.apps[stage]!r}"
 
-    async def unary(self, stage: str, method: str, request: Message, timeout: float | None) -> Message:
-        response = self._method(stage, method).remote(request, timeout_s=timeout)
+    async def unary(self, stage: str, method: str, request: Message, timeout: float | None, metadata: Metadata) -> Message:
+        response = self._method(stage, method).remote(request, timeout_s=timeout, metadata=dict(metadata))
         try:
             async with asyncio.timeout(timeout):
                 return await response
@@ -143,8 +149,10 @@ class RayTransport:
             response.cancel()
             raise error_from_ray(self._where(stage), error) from None
 
-    async def server_stream(self, stage: str, method: str, request: Message, timeout: float | None) -> AsyncIterator[Message]:
-        responses = self._method(stage, method, stream=True).remote(request, timeout_s=timeout)
+    async def server_stream(
+        self, stage: str, method: str, request: Message, timeout: float | None, metadata: Metadata
+    ) -> AsyncIterator[Message]:
+        responses = self._method(stage, method, stream=True).remote(request, timeout_s=timeout, metadata=dict(metadata))
         try:
             async with asyncio.timeout(timeout):
                 async for reply in responses:
@@ -155,6 +163,12 @@ class RayTransport:
         except Exception as error:  # noqa: BLE001
             responses.cancel()
             raise error_from_ray(self._where(stage), error) from None
+
+
+def _hop_span(stage: str, method: str) -> contextlib.AbstractContextManager[Any]:
+    """The client span of one call to a stage; the headers forwarded inside it name it as the
+    stage's parent."""
+    return tracing.span(f"{stage}/{method}", SpanKind.CLIENT, rpc__system="grpc", rpc__method=method, unclip__stage=stage)
 
 
 class RemoteStages:
@@ -213,7 +227,10 @@ class RemoteStages:
         name = call.STAGE.instance(index)
         if isinstance(call, DecodeCall) and on_preview is not None and preview_every > 0:
             return await self._decode_stream(call, on_preview, preview_every, deadline)
-        reply = await self.transport.unary(name, call.METHOD, call.to_proto(), self._timeout(name, deadline))
+        with _hop_span(name, call.METHOD):
+            reply = await self.transport.unary(
+                name, call.METHOD, call.to_proto(), self._timeout(name, deadline), observe.forwarded()
+            )
         return call.result(reply)
 
     async def _decode_stream(self, call: DecodeCall, on_preview: PreviewFn, preview_every: int, deadline: float | None) -> Any:
@@ -221,11 +238,13 @@ class RemoteStages:
         stream = decoder_pb2.DecodeStreamRequest(
             request=cast(decoder_pb2.DecodeRequest, call.to_proto()), preview_every=preview_every
         )
-        events: Any = self.transport.server_stream(name, "DecodeStream", stream, self._timeout(name, deadline))
-        async with contextlib.aclosing(events):  # ends the call as soon as the images are here
-            async for event in events:
-                if event.HasField("preview"):
-                    on_preview(event.preview.step, event.preview.total_steps, codec.to_numpy(event.preview.images, "preview"))
-                else:
-                    return call.result(event.result)
+        with _hop_span(name, "DecodeStream"):
+            timeout = self._timeout(name, deadline)
+            events: Any = self.transport.server_stream(name, "DecodeStream", stream, timeout, observe.forwarded())
+            async with contextlib.aclosing(events):  # ends the call as soon as the images are here
+                async for event in events:
+                    if event.HasField("preview"):
+                        on_preview(event.preview.step, event.preview.total_steps, codec.to_numpy(event.preview.images, "preview"))
+                    else:
+                        return call.result(event.result)
         raise Unavailable("decoder: the stream ended without images")

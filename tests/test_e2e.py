@@ -6,19 +6,25 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import random
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
 import pytest
 from conftest import FAST_STEPS
+from otlp_receiver import OTLPReceiver
 from parameter_cases import BASE, BATCHED, PARAMETER_NAMES, SENDS_PREVIEWS, as_keyword_arguments, generate_in_process, varied
+from s3server import S3Server, running_s3_server
 from scrape import scrape, value
 
 from unclip.client import AsyncClient, Client, Preview, StageProgress, UnclipError
@@ -51,51 +57,66 @@ def _free_port_block(size: int = 5) -> int:
     raise RuntimeError("no block of free ports on 127.0.0.1")
 
 
+@dataclass
+class ServeAll:
+    """`unclip serve all` as the tests see it; unpacks as (process, address, port)."""
+
+    process: subprocess.Popen
+    address: str
+    port: int
+    traces: OTLPReceiver  # where every process exports its spans
+    s3: S3Server  # the gateway's object store
+    output: list[str] = field(default_factory=list)  # every line the five processes printed, as it came
+
+    def __iter__(self):
+        return iter((self.process, self.address, self.port))
+
+    def json_lines(self) -> list[dict]:
+        return [json.loads(line) for line in list(self.output) if line.startswith("{")]
+
+
 @pytest.fixture(scope="module")
 def serve_all():
     # The gateway, four stages, the gateway's HTTP API, and the stages' metrics ports (+6 .. +9).
     port = _free_port_block(10)
-    process = subprocess.Popen(
-        # Batched here (Ray Serve's tests use 1 as well): in-process equality must hold at both.
-        [
-            sys.executable,
-            "-m",
-            "unclip",
-            "serve",
-            "all",
-            "--port",
-            str(port),
-            "--http-port",
-            str(port + 5),
-            "--compute-batch",
-            BATCHED,
-            "--metrics-port",
-            str(port + 5),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    address = f"127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while not check_health(address, timeout=1.0):
-            if process.poll() is not None:
-                pytest.fail(f"unclip serve all exited early:\n{process.stdout.read()}")
-            if time.monotonic() > deadline:
-                pytest.fail("unclip serve all did not become healthy in 240 s")
-            time.sleep(0.5)
-        yield process, address, port
-    finally:
-        if process.poll() is None:
-            # SIGTERM first: the launcher stops its services (they run in sessions of their own,
-            # so killing the launcher alone would leave them running).
-            process.terminate()
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    with ExitStack() as stack:
+        traces = stack.enter_context(OTLPReceiver())
+        s3 = stack.enter_context(running_s3_server())
+        env = os.environ | {
+            "OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": traces.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100",
+            "UNCLIP_S3_ENDPOINT": s3.endpoint, "UNCLIP_S3_ACCESS_KEY": s3.access_key, "UNCLIP_S3_SECRET_KEY": s3.secret_key,
+        }  # fmt: skip
+        process = subprocess.Popen(
+            # Batched here (Ray Serve's tests use 1 as well): in-process equality must hold at both.
+            [sys.executable, "-m", "unclip", "serve", "all", "--port", str(port), "--http-port", str(port + 5),
+             "--compute-batch", BATCHED, "--metrics-port", str(port + 5), "--log-format", "json"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        )  # fmt: skip
+        served = ServeAll(process, f"127.0.0.1:{port}", port, traces, s3)
+        # Read as it comes: five processes logging every request would fill a pipe nobody reads.
+        reader = threading.Thread(target=lambda: served.output.extend(process.stdout), daemon=True)
+        reader.start()
+        try:
+            deadline = time.monotonic() + 240
+            while not check_health(served.address, timeout=1.0):
+                if process.poll() is not None:
+                    reader.join(timeout=10)
+                    pytest.fail("unclip serve all exited early:\n" + "".join(served.output))
+                if time.monotonic() > deadline:
+                    pytest.fail("unclip serve all did not become healthy in 240 s")
+                time.sleep(0.5)
+            yield served
+        finally:
+            if process.poll() is None:
+                # SIGTERM first: the launcher stops its services (they run in sessions of their own,
+                # so killing the launcher alone would leave them running).
+                process.terminate()
+                try:
+                    process.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+            reader.join(timeout=10)
 
 
 def test_distributed_images_equal_in_process_images(serve_all, local_stages_batched):
@@ -219,14 +240,74 @@ def test_every_process_counts_its_part_of_a_generation(serve_all):
     )
 
 
+def test_one_generation_is_one_trace_and_one_request_id_across_the_processes(serve_all):
+    """Each of the five processes exports its spans over OTLP to the test's receiver and logs
+    JSON lines; one generation is one trace, parented hop by hop, and one request id."""
+    from unclip.v1 import images_pb2, images_pb2_grpc
+
+    request = images_pb2.GenerateRequest(
+        parameters=images_pb2.GenerationParameters(prompt=PROMPT, seed=9, size=128, **FAST_STEPS)
+    )
+    with grpc.insecure_channel(serve_all.address) as channel:
+        _, call = images_pb2_grpc.ImageServiceStub(channel).Generate.with_call(
+            request, metadata=[("x-request-id", "e2e-one-trace")], timeout=120
+        )
+    assert dict(call.trailing_metadata())["x-request-id"] == "e2e-one-trace"
+    stages = {"encoder": "EncodeText", "prior": "Sample", "decoder": "Decode", "upsampler0": "Upsample"}
+
+    def roots(spans):
+        return [s for s in spans if s.name == "Generate" and s.attributes.get("unclip.request_id") == "e2e-one-trace"]
+
+    def complete(spans):
+        found = roots(spans)
+        return bool(found) and sum(s.trace_id == found[0].trace_id for s in spans) >= 2 + 2 * len(stages)
+
+    spans = serve_all.traces.wait_for(complete)
+    (root,) = roots(spans)
+    trace = [s for s in spans if s.trace_id == root.trace_id]
+    assert root.parent_span_id == "" and root.service == "unclip-gateway"
+    by_name = {s.name: s for s in trace}
+    assert by_name["storage.save"].parent_span_id == root.span_id
+    for stage, method in stages.items():
+        hop, served = by_name[f"{stage}/{method}"], by_name[method]
+        assert hop.parent_span_id == root.span_id and hop.service == "unclip-gateway", stage
+        assert served.parent_span_id == hop.span_id, stage
+        assert served.service == f"unclip-{stage.rstrip('0')}", stage
+    # Every process's log line of this request carries its id and the trace's.
+    lines = [line for line in serve_all.json_lines() if line.get("request_id") == "e2e-one-trace"]
+    assert sorted(line["method"] for line in lines) == sorted(["Generate", *stages.values()])
+    assert {line["trace_id"] for line in lines} == {root.trace_id}
+
+
+def test_under_load_every_answered_request_is_stored(serve_all):
+    """`unclip bench load`'s store check: every answered request has its record and the very
+    PNGs the client got in S3; and the check notices a result that is not there."""
+    from unclip.load_bench import check_store, run_load
+    from unclip.storage import ResultStore, StorageConfig
+
+    report = asyncio.run(run_load(serve_all.address, concurrency=4, requests=8, n=2, size=32, **FAST_STEPS))
+    assert report.answered == 8 and not report.errors
+    s3 = serve_all.s3
+    store = ResultStore(StorageConfig(s3.endpoint, s3.access_key, s3.secret_key))
+    asyncio.run(check_store(report, store))
+    assert report.stored is not None
+    assert report.stored["checked"] == 8 and report.stored["complete"] == 8, report.stored
+    lost = next(iter(report.answers))
+    s3.client().remove_object("unclip", store.key(lost, "record.json"))
+    asyncio.run(check_store(report, store))
+    assert report.stored["missing"] == [lost] and report.stored["complete"] == 7
+
+
 def test_ctrl_c_stops_every_service(serve_all):
     process, _, port = serve_all
     process.send_signal(signal.SIGINT)
     try:
-        output, _ = process.communicate(timeout=60)
+        process.wait(timeout=60)
     except subprocess.TimeoutExpired:
         process.kill()
         pytest.fail("unclip serve all did not stop within 60 s of SIGINT")
+    time.sleep(0.5)  # the reader thread takes the last lines
+    output = "".join(serve_all.output)
     assert process.returncode == 0, output
     assert "stopping" in output
     # Nothing listens on any of the five ports any more.

@@ -80,7 +80,7 @@ def objects_under(server, prefix: str) -> list[str]:
 
 
 def test_results_and_record_are_stored(gateway, s3_server):
-    reply = gateway.stub.Generate(generate_request(n=2, seed=5), timeout=120)
+    reply = gateway.stub.Generate(generate_request(n=2, seed=5), metadata=[("x-request-id", "stored-1")], timeout=120)
     assert len(reply.images) == 2 and reply.images[0].png and not reply.images[0].url
     keys = objects_under(s3_server, f"results/{reply.request_id}/")
     assert keys == [f"results/{reply.request_id}/{name}" for name in ("image-0.png", "image-1.png", "record.json")]
@@ -90,6 +90,7 @@ def test_results_and_record_are_stored(gateway, s3_server):
     assert record["operation"] == "generate" and record["seeds"] == [5, 6]
     assert record["parameters"]["prompt"] == "a red circle" and record["parameters"]["decoder_steps"] == 2
     assert set(record["models"]) >= {"clip", "prior", "decoder"} and record["timings"]["total"] > 0
+    assert record["x_request_id"] == "stored-1"  # the request that made it, for its logs
 
 
 def test_url_response_points_at_the_stored_png(gateway):

@@ -2,8 +2,9 @@
 
 With the real helm binary (.tools/bin/helm; `make tools` or `python tools/install_helm.py`):
 lint --strict and template every preset, validate every rendered manifest against the Kubernetes
-OpenAPI schemas (kubernetes-validate, bundled, offline) and the RayService against KubeRay's CRD
-schema (vendored in tests/kind/crds/), parse serveConfigV2 with Ray's ServeDeploySchema, check it
+OpenAPI schemas (kubernetes-validate, bundled, offline), the RayService against KubeRay's CRD
+schema and the PodMonitor / ServiceMonitor against prometheus-operator's (vendored in
+tests/kind/crds/), parse serveConfigV2 with Ray's ServeDeploySchema, check it
 mirrors deploy/ray/serve.yaml, and check labels, NetworkPolicies, PDBs, security contexts, the S3
 wiring and that values.schema.json rejects bad values. The end-to-end run on a cluster is
 tests/kind (make test-kind).
@@ -30,6 +31,11 @@ HELM = ROOT / ".tools" / "bin" / "helm"
 DOCKER = ROOT / "deploy" / "docker"
 SERVE_YAML = ROOT / "deploy" / "ray" / "serve.yaml"
 RAYSERVICE_CRD = ROOT / "tests" / "kind" / "crds" / "ray.io_rayservices.v1.7.0.yaml.gz"
+MONITOR_CRDS = {  # their openAPIV3Schema only; provenance in each file's header
+    kind: ROOT / "tests" / "kind" / "crds" / f"monitoring.coreos.com_{kind.lower()}s.v0.93.0.schema.yaml"
+    for kind in ("PodMonitor", "ServiceMonitor")
+}
+CRD_API_GROUPS = ("ray.io/", "monitoring.coreos.com/")  # kinds kubernetes-validate has no schema for
 PRESETS = {"default": None, "tiny-cpu": "values-tiny-cpu.yaml", "gpu": "values-gpu.yaml"}
 K8S_VERSION = "1.33"  # the Kubernetes schemas manifests are validated against (kubernetes-validate bundles them)
 STANDARD_LABELS = (
@@ -112,6 +118,34 @@ def crd_schema() -> dict:
     return version["schema"]["openAPIV3Schema"]
 
 
+def strict(schema):
+    """A CRD schema that also refuses unknown fields, as the API server does under strict field
+    validation (kubectl's default); otherwise it prunes them silently, so a misspelt field would
+    pass a plain CRD schema and be lost."""
+    out = dict(schema)
+    if "properties" in schema:
+        out["properties"] = {name: strict(sub) for name, sub in schema["properties"].items()}
+        if "additionalProperties" not in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            out["additionalProperties"] = False
+    for key in ("items", "additionalProperties", "not"):
+        if isinstance(schema.get(key), dict):
+            out[key] = strict(schema[key])
+    for key in ("allOf", "anyOf", "oneOf"):
+        if key in schema:
+            out[key] = [strict(sub) for sub in schema[key]]
+    return out
+
+
+@cache
+def monitor_schema(kind: str) -> dict:
+    return strict(yaml.safe_load(MONITOR_CRDS[kind].read_text()))
+
+
+def monitor_errors(doc: dict) -> list[str]:
+    validator = jsonschema.Draft7Validator(monitor_schema(doc["kind"]))
+    return [f"{'.'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(doc)]
+
+
 # -- helm lint / template ---------------------------------------------------------------------
 
 
@@ -129,8 +163,8 @@ def test_manifests_match_kubernetes_schemas(preset):
     kinds = {doc["kind"] for doc in docs}
     assert {"RayService", "Service", "NetworkPolicy", "PodDisruptionBudget", "Secret", "StatefulSet", "Pod"} <= kinds
     for doc in docs:
-        if doc["apiVersion"].startswith("ray.io/"):
-            continue  # a CRD: checked against KubeRay's schema below
+        if doc["apiVersion"].startswith(CRD_API_GROUPS):
+            continue  # a CRD: checked against its vendored schema below
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 
 
@@ -164,8 +198,9 @@ def test_serve_config_shape(preset):
     for name in APPS:
         assert apps[name]["import_path"] == f"unclip.ray_apps:{name}_app"
         assert apps[name]["deployments"], name
-        # Ray 2.60's gRPC proxy routes only to applications with a route prefix.
-        assert apps[name]["route_prefix"] == f"/{name}", name
+        # Ray 2.60's gRPC proxy routes only to applications with a route prefix. The gateway's
+        # OpenAI-compatible HTTP API is at the root (base_url http://<gateway>:8000/v1).
+        assert apps[name]["route_prefix"] == ("/" if name == "gateway" else f"/{name}"), name
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -348,12 +383,27 @@ def test_gateway_service_exposes_grpc_9000_on_serve_proxies(preset):
     ports = {p["name"]: p for p in gateway["ports"]}
     assert ports["grpc"]["port"] == 9000 and ports["grpc"]["targetPort"] == "serve-grpc"
     assert ports["grpc"]["appProtocol"] == "kubernetes.io/h2c"
-    assert ports["http"]["targetPort"] == "serve"
+    assert ports["http"]["port"] == 8000 and ports["http"]["targetPort"] == "serve"  # the OpenAI-compatible API
+    assert ports["http"]["appProtocol"] == "http"
     assert gateway["selector"]["ray.io/serve"] == "true"
     for where, pod in pod_templates([rayservice(docs)]):
         assert gateway["selector"].items() - {("ray.io/serve", "true")} <= pod["metadata"]["labels"].items(), where
         named = {p["name"]: p["containerPort"] for p in pod["spec"]["containers"][0]["ports"]}
         assert named["serve-grpc"] == 9000 and named["serve"] == 8000, where
+
+
+def notes(*args: str) -> str:
+    """The release notes `helm install` prints (helm template leaves NOTES.txt out)."""
+    out = helm("install", "rel", str(CHART), "--namespace", "ns", "--dry-run=client", *args).stdout
+    return out.split("\nNOTES:\n", 1)[1]
+
+
+def test_notes_point_openai_clients_at_the_http_port():
+    text = notes()
+    assert 'openai.OpenAI(base_url="http://127.0.0.1:8000/v1"' in text
+    assert "not under Ray" not in text
+    moved = notes("--set", "serve.applications.gateway.routePrefix=/images-api", "--set", "gateway.service.httpPort=8080")
+    assert 'base_url="http://127.0.0.1:8080/images-api/v1"' in moved
 
 
 def _env(container: dict) -> dict:
@@ -410,6 +460,161 @@ def test_external_s3_needs_an_endpoint():
     assert result.returncode != 0 and "s3.external.endpoint is required" in result.stderr
 
 
+# -- metrics: Ray's endpoint, PodMonitor / ServiceMonitor, the scrape rule ---------------------
+
+
+def ray_nodes(docs) -> list[tuple[str, dict, dict]]:
+    """(where, rayStartParams, pod template) for the head and every worker group."""
+    cluster = rayservice(docs)["spec"]["rayClusterConfig"]
+    groups = [("head", cluster["headGroupSpec"])] + [(g["groupName"], g) for g in cluster.get("workerGroupSpecs", [])]
+    return [(where, group["rayStartParams"], group["template"]) for where, group in groups]
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    assert set(selector) == {"matchLabels"}, selector  # what these tests know how to evaluate
+    return selector["matchLabels"].items() <= labels.items()
+
+
+@cache
+def monitored(kind: str) -> tuple[dict, ...]:
+    """The default values with one monitor on, its own namespace and a label for Prometheus."""
+    key = {"PodMonitor": "podMonitor", "ServiceMonitor": "serviceMonitor"}[kind]
+    return tuple(template(
+        "--set", f"metrics.{key}.enabled=true", "--set", f"metrics.{key}.namespace=monitoring",
+        "--set", f"metrics.{key}.labels.release=kube-prometheus-stack", "--set", f"metrics.{key}.interval=15s",
+    ))  # fmt: skip
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_ray_node_exports_metrics_on_the_metrics_port(preset):
+    docs = rendered(preset)
+    nodes = ray_nodes(docs)
+    assert len(nodes) == 1 + len(rayservice(docs)["spec"]["rayClusterConfig"]["workerGroupSpecs"])
+    for where, params, pod in nodes:
+        assert params["metrics-export-port"] == "8080", where  # a string, as the CRD wants
+        (ray,) = pod["spec"]["containers"]
+        assert {"name": "metrics", "containerPort": 8080, "protocol": "TCP"} in ray["ports"], where
+    assert not of_kind(docs, "PodMonitor") and not of_kind(docs, "ServiceMonitor")  # off by default
+
+
+def test_metrics_port_follows_values_and_can_be_turned_off():
+    docs = template("-f", str(CHART / "values-gpu.yaml"), "--set", "metrics.port=9090")
+    for where, params, pod in ray_nodes(docs):
+        assert params["metrics-export-port"] == "9090", where
+        named = {p["name"]: p["containerPort"] for p in pod["spec"]["containers"][0]["ports"]}
+        assert named["metrics"] == 9090, where
+    head_params = ray_nodes(docs)[0][1]
+    assert head_params["num-cpus"] == "0" and head_params["dashboard-host"] == "0.0.0.0"  # the values' own params stay
+    (ray_policy,) = [p for p in of_kind(docs, "NetworkPolicy") if p["metadata"]["name"].endswith("-ray")]
+    assert [{"port": 9090, "protocol": "TCP"}] in [rule.get("ports") for rule in ray_policy["spec"]["ingress"]]
+
+    off = template("--set", "metrics.enabled=false")
+    for where, params, pod in ray_nodes(off):
+        assert "metrics-export-port" not in params, where
+        assert "metrics" not in {p["name"] for p in pod["spec"]["containers"][0]["ports"]}, where
+    assert "8080" not in json.dumps(of_kind(off, "NetworkPolicy"))
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (["--set", "metrics.podMonitor.enabled=true", "--set", "metrics.serviceMonitor.enabled=true"], "not both"),
+        (["--set", "metrics.podMonitor.enabled=true", "--set", "metrics.enabled=false"], "set metrics.enabled"),
+        (["--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.enabled=false"], "set metrics.enabled"),
+        (["--set", "ray.workerGroups.cpu.rayStartParams.metrics-export-port=9999"], "set metrics.port only"),
+    ],
+)
+def test_metrics_settings_that_are_refused(values, message):
+    result = helm("template", "rel", str(CHART), *values, check=False)
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+
+
+def test_pod_monitor_scrapes_every_ray_pod_and_nothing_else():
+    import kubernetes_validate
+
+    docs = monitored("PodMonitor")
+    (monitor,) = of_kind(docs, "PodMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1" and not of_kind(docs, "ServiceMonitor")
+    assert not monitor_errors(monitor), monitor_errors(monitor)
+    assert monitor["metadata"]["namespace"] == "monitoring"
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    spec = monitor["spec"]
+    assert spec["namespaceSelector"] == {"matchNames": ["ns"]}  # the pods stay in the release's namespace
+    (endpoint,) = spec["podMetricsEndpoints"]
+    assert endpoint["port"] == "metrics" and endpoint["interval"] == "15s" and endpoint["scrapeTimeout"] == "10s"
+    ray_pods = {where for where, _ in pod_templates([rayservice(docs)])}
+    for where, pod in pod_templates(docs):
+        assert selects(spec["selector"], pod["metadata"]["labels"]) == (where in ray_pods), where
+    for where, _, pod in ray_nodes(docs):
+        assert "metrics" in {p["name"] for p in pod["spec"]["containers"][0]["ports"]}, where
+    for doc in docs:
+        if not doc["apiVersion"].startswith(CRD_API_GROUPS):
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_service_monitor_scrapes_every_ray_pod_through_a_headless_service():
+    import kubernetes_validate
+
+    docs = monitored("ServiceMonitor")
+    (monitor,) = of_kind(docs, "ServiceMonitor")
+    assert not of_kind(docs, "PodMonitor")
+    assert not monitor_errors(monitor), monitor_errors(monitor)
+    assert monitor["metadata"]["namespace"] == "monitoring"
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["ns"]}
+    services = of_kind(docs, "Service")
+    chosen = [s for s in services if selects(monitor["spec"]["selector"], s["metadata"]["labels"])]
+    assert [s["metadata"]["name"] for s in chosen] == ["rel-unclip-metrics"]  # not the gateway's nor S3's
+    (service,) = chosen
+    kubernetes_validate.validate(service, K8S_VERSION, strict=True)
+    assert service["spec"]["clusterIP"] == "None"  # headless: one target per pod, not a balanced address
+    (port,) = service["spec"]["ports"]
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] == port["name"] == "metrics" and port["targetPort"] == "metrics"
+    assert endpoint["interval"] == "15s"
+    ray_pods = {where for where, _ in pod_templates([rayservice(docs)])}
+    for where, pod in pod_templates(docs):
+        assert (service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()) == (where in ray_pods), where
+
+
+def test_monitor_crd_schemas_catch_mistakes():
+    """The vendored prometheus-operator schemas (made strict) refuse a misspelt field, a wrong type
+    and a malformed duration."""
+    pod_monitor = json.loads(json.dumps(of_kind(monitored("PodMonitor"), "PodMonitor")[0]))
+    endpoint = pod_monitor["spec"]["podMetricsEndpoints"][0]
+    endpoint["scrapeInterval"] = endpoint.pop("interval")  # not a field
+    endpoint["scrapeTimeout"] = "10 seconds"  # not a Prometheus duration
+    errors = monitor_errors(pod_monitor)
+    assert len(errors) == 2 and any("scrapeInterval" in e for e in errors), errors
+    service_monitor = json.loads(json.dumps(of_kind(monitored("ServiceMonitor"), "ServiceMonitor")[0]))
+    service_monitor["spec"]["endpoints"] = {"port": "metrics"}  # a list in the CRD
+    service_monitor["spec"]["podMetricsEndpoints"] = []  # a PodMonitor's field
+    assert len(monitor_errors(service_monitor)) == 2, monitor_errors(service_monitor)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_network_policy_lets_only_the_monitoring_namespace_scrape(preset):
+    docs = rendered(preset)
+    (ray,) = [p["spec"] for p in of_kind(docs, "NetworkPolicy") if p["metadata"]["name"].endswith("-ray")]
+    release = {"app.kubernetes.io/name": "unclip", "app.kubernetes.io/instance": "rel"}
+    outside = [rule for rule in ray["ingress"] if rule.get("from") != [{"podSelector": {"matchLabels": release}}]]
+    scrape = [rule for rule in outside if {"port": 8080, "protocol": "TCP"} in rule.get("ports", [])]
+    assert scrape == [
+        {
+            "ports": [{"port": 8080, "protocol": "TCP"}],
+            "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+        }
+    ]
+    narrowed = template("--set-json", 'metrics.scrapeFrom.podSelector={"matchLabels":{"app.kubernetes.io/name":"prometheus"}}')
+    (ray,) = [p["spec"] for p in of_kind(narrowed, "NetworkPolicy") if p["metadata"]["name"].endswith("-ray")]
+    (peer,) = next(r["from"] for r in ray["ingress"] if r.get("ports") == [{"port": 8080, "protocol": "TCP"}])
+    # One peer with both selectors: Prometheus' pods in the monitoring namespace (both must match).
+    assert peer == {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+    }
+
+
 # -- values.schema.json -----------------------------------------------------------------------
 
 
@@ -424,6 +629,9 @@ def test_external_s3_needs_an_endpoint():
         (["--set", "gateway.service.type=Ingress"], "/gateway/service/type"),
         (["--set", "s3.bucket=Bad_Bucket"], "/s3/bucket"),
         (["--set", "tests.enabled=maybe"], "/tests/enabled"),
+        (["--set", "metrics.port=0"], "/metrics/port"),
+        (["--set", "metrics.podMonitor.interval=30 seconds"], "/metrics/podMonitor/interval"),
+        (["--set", "metrics.serviceMonitor.scrapeInterval=30s"], "/metrics/serviceMonitor"),
         (["--set", "unknownKey=1"], "unknownKey"),
     ],
 )

@@ -1,26 +1,32 @@
-"""The OpenAI-compatible HTTP API, driven by the official `openai` SDK against a real aiohttp server
-on 127.0.0.1, in front of a test double of the gateway's image API."""
+"""The OpenAI-compatible HTTP API, driven by the official `openai` SDK against a real uvicorn server
+on 127.0.0.1 (the gateway's own `gateway.app.HTTPServer`), in front of a test double of the
+gateway's image API."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import http.client
 import io
 import json
+import re
 import threading
 import time
+import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import openai
 import pytest
-from aiohttp import web
 from parameter_cases import NON_DEFAULT
 from PIL import Image
+from prometheus_client import REGISTRY
+from starlette.testclient import TestClient
 
 from gateway.api import RequestOptions, Result, ResultImage
-from gateway.http_api import create_http_app
+from gateway.app import HTTPServer
+from gateway.http_api import MAX_JSON_BYTES, MAX_TEXT_FIELD_BYTES, create_http_app
 from unclip.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from unclip.parameters import GenerationParameters, parameters
 
@@ -96,25 +102,23 @@ class FakeImageAPI:
 
 
 class ServerThread:
-    """An aiohttp app on 127.0.0.1, port chosen by the OS, in its own event loop: the SDK is sync."""
+    """An ASGI app on 127.0.0.1, port chosen by the OS, in its own event loop: the SDK is sync."""
 
-    def __init__(self, app: web.Application) -> None:
+    def __init__(self, app) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.runner = web.AppRunner(app)
-        self.port = 0
+        self.http = HTTPServer(app, "127.0.0.1", 0)
 
-    async def _start(self) -> None:
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
-        self.port = self.runner.addresses[0][1]
+    @property
+    def port(self) -> int:
+        return self.http.port
 
     def start(self) -> None:
         self.thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(timeout=10)
+        asyncio.run_coroutine_threadsafe(self.http.start(), self.loop).result(timeout=10)
 
     def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(timeout=10)
+        asyncio.run_coroutine_threadsafe(self.http.stop(), self.loop).result(timeout=10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
         self.loop.close()
@@ -176,13 +180,14 @@ def test_generate_b64_json(client: openai.OpenAI, api: FakeImageAPI) -> None:
         style="vivid",
         user="someone",
         extra_body={"seed": 5},
+        extra_headers={"x-request-id": "http-req-7"},
     )
     assert response.created == 1_700_000_000
     assert len(response.data) == 2
     for item in response.data:
         assert item.url is None
         assert decode_png(item.b64_json).size == (128, 128)
-    assert response._request_id == "req-1"
+    assert response._request_id == "http-req-7"  # the caller's id comes back
 
     (call,) = api.calls
     assert call.method == "generate"
@@ -362,7 +367,7 @@ def test_upload_over_the_limit_is_413(client: openai.OpenAI, api: FakeImageAPI) 
     assert caught.value.status_code == 413
     error = error_body(caught.value)
     assert (error["type"], error["param"]) == ("invalid_request_error", "image")
-    assert caught.value.response.headers["connection"] == "close"  # the rest of the body was never read
+    assert caught.value.response.headers["connection"] == "close"  # a refused body's connection is not reused
     assert api.calls == []
 
 
@@ -394,8 +399,144 @@ def test_transport_errors_are_openai_shaped(server: ServerThread, api: FakeImage
     assert api.calls == []
 
 
+def test_every_response_carries_a_request_id(server: ServerThread, api: FakeImageAPI) -> None:
+    body = json.dumps({"prompt": "x", "response_format": "b64_json"}).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{server.port}/v1/images/generations", body, {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert re.fullmatch(r"[0-9a-f]{32}", response.headers["x-request-id"])  # none given: one made up
+        assert response.headers["x-unclip-result-id"] == "req-1"  # the stored result's folder
+    for path, data, status in (("/v1/images/generations", b'{"prompt": "x", "n": 0}', 400), ("/nowhere", None, 404)):
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{server.port}{path}", data, {"Content-Type": "application/json", "x-request-id": f"err-{status}"}
+        )
+        with pytest.raises(urllib.error.HTTPError) as error:
+            urllib.request.urlopen(request, timeout=10)
+        assert error.value.code == status and error.value.headers["x-request-id"] == f"err-{status}"
+
+
 def test_healthz(server: ServerThread) -> None:
     assert raw_request(server.port, "GET", "/healthz") == (200, {"status": "ok"})
+
+
+def test_routing_is_exact(server: ServerThread, api: FakeImageAPI) -> None:
+    """A trailing slash is another URL (no redirect); a wrong method names the allowed ones."""
+    status, body = raw_request(server.port, "POST", "/v1/images/generations/", b'{"prompt": "p"}')
+    assert status == 404 and body["error"]["message"] == "Invalid URL (POST /v1/images/generations/)"
+    request = urllib.request.Request(f"http://127.0.0.1:{server.port}/v1/images/edits", method="PUT", data=b"")
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=10)
+    assert caught.value.code == 405 and caught.value.headers["Allow"] == "POST"
+    assert json.loads(caught.value.read())["error"]["message"] == "Method PUT is not allowed for /v1/images/edits"
+    assert api.calls == []
+
+
+def streamed_request(port: int, path: str, chunks: Iterable[bytes], content_type: str) -> tuple[int, dict]:
+    """POST a body in chunked transfer encoding: no Content-Length to refuse it by."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("POST", path, body=chunks, headers={"Content-Type": content_type}, encode_chunked=True)
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def test_a_streamed_json_body_is_refused_past_the_limit(server: ServerThread, api: FakeImageAPI) -> None:
+    chunk = b" " * 64 * 1024  # JSON whitespace: only the size is wrong
+    status, body = streamed_request(
+        server.port,
+        "/v1/images/generations",
+        [b'{"prompt": "p"}', *[chunk] * (MAX_JSON_BYTES // len(chunk) + 1)],
+        "application/json",
+    )
+    assert status == 413 and str(MAX_JSON_BYTES) in body["error"]["message"]
+    assert api.calls == []
+
+
+BOUNDARY = "b0undary"
+
+
+def form(*parts: tuple[str, bytes]) -> bytes:
+    """A multipart/form-data body of (part headers, data) parts, closed by the final boundary."""
+    body = b"".join(f"--{BOUNDARY}\r\n{headers}\r\n\r\n".encode() + data + b"\r\n" for headers, data in parts)
+    return body + f"--{BOUNDARY}--\r\n".encode()
+
+
+def field(name: str, filename: str | None = None) -> str:
+    return f'Content-Disposition: form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+
+
+IMAGE_PART = (field("image", "a.png"), png_bytes(32))
+
+
+@pytest.mark.parametrize(
+    "body, status, param, message",
+    [
+        (form(IMAGE_PART, (field("prompt"), b"\xff\xfe")), 400, "prompt", "prompt: must be UTF-8 text"),
+        (form(IMAGE_PART, (field("prompt"), b"p" * (MAX_TEXT_FIELD_BYTES + 1))), 413, "prompt", str(MAX_TEXT_FIELD_BYTES)),
+        (form(IMAGE_PART, (field("mask", "m.png"), b"\0" * (MAX_UPLOAD_BYTES + 1))), 413, "mask", str(MAX_UPLOAD_BYTES)),
+        (form(IMAGE_PART, (field("prompt"), b"a"), (field("prompt"), b"b")), 400, "prompt", "more than once"),
+        (form(IMAGE_PART, (field("colour"), b"red")), 400, "colour", "Unrecognized request argument"),
+        (form(IMAGE_PART, ("Content-Disposition: form-data", b"x")), 400, None, "needs a name"),
+        (form((field("image") + "\r\nContent-Type: multipart/mixed; boundary=inner", b"--inner--")), 400, None, "Nested"),
+        (form(IMAGE_PART)[: -len(f"--{BOUNDARY}--\r\n") - 10], 400, None, "malformed"),  # ends inside the image
+    ],
+    ids=["non-utf8", "long-text", "big-mask", "duplicate", "unknown", "no-name", "nested", "truncated"],
+)
+def test_multipart_bodies_are_checked_part_by_part(server, api, body, status, param, message) -> None:
+    status_got, answer = raw_request(
+        server.port, "POST", "/v1/images/edits", body, {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+    )
+    assert (status_got, answer["error"]["param"]) == (status, param)
+    assert message in answer["error"]["message"]
+    assert api.calls == []
+
+
+def test_a_multipart_body_without_a_boundary_is_malformed(server: ServerThread, api: FakeImageAPI) -> None:
+    status, body = raw_request(
+        server.port, "POST", "/v1/images/variations", form(IMAGE_PART), {"Content-Type": "multipart/form-data"}
+    )
+    assert status == 400 and "malformed" in body["error"]["message"]
+    assert api.calls == []
+
+
+def test_a_streamed_upload_is_refused_past_the_limit(server: ServerThread, api: FakeImageAPI) -> None:
+    head, tail = form((field("image", "big.png"), b"")).split(b"\r\n--" + BOUNDARY.encode() + b"--")
+    chunk = b"\0" * 8 * 1024
+    chunks = [head, *[chunk] * (MAX_UPLOAD_BYTES // len(chunk) + 1), b"\r\n--" + BOUNDARY.encode() + b"--" + tail]
+    status, body = streamed_request(server.port, "/v1/images/variations", chunks, f"multipart/form-data; boundary={BOUNDARY}")
+    assert status == 413 and body["error"]["param"] == "image"
+    assert api.calls == []
+
+
+def requests_counted(route: str, code: str) -> float:
+    return REGISTRY.get_sample_value("unclip_requests_total", {"protocol": "http", "method": route, "code": code}) or 0.0
+
+
+def test_requests_are_counted_by_route_template_and_status(api: FakeImageAPI) -> None:
+    """Known routes by their template, everything else (unknown paths, wrong methods) as one label."""
+    route = "POST /v1/images/generations"
+    before = {key: requests_counted(*key) for key in [(route, "200"), (route, "400"), ("unmatched", "404"), ("unmatched", "405")]}
+    with TestClient(create_http_app(api)) as asgi:
+        assert asgi.post("/v1/images/generations", json={"prompt": "p", "response_format": "b64_json"}).status_code == 200
+        assert asgi.post("/v1/images/generations", json={"prompt": "p", "n": 0}).status_code == 400
+        assert asgi.get("/nowhere/1").status_code == 404 and asgi.get("/nowhere/2").status_code == 404
+        assert asgi.get("/v1/images/generations").status_code == 405
+    after = {key: requests_counted(*key) for key in before}
+    assert {key: after[key] - before[key] for key in before} == {
+        (route, "200"): 1, (route, "400"): 1, ("unmatched", "404"): 2, ("unmatched", "405"): 1
+    }  # fmt: skip
+
+
+def test_metrics_route_can_be_left_out(api: FakeImageAPI) -> None:
+    """Served by default (a gateway process's /metrics); left out under Ray Serve, which exports them itself."""
+    with TestClient(create_http_app(api)) as asgi:
+        scraped = asgi.get("/metrics")
+        assert scraped.status_code == 200 and "unclip_requests_total" in scraped.text
+    with TestClient(create_http_app(api, metrics_route=False)) as asgi:
+        assert asgi.get("/metrics").status_code == 404
 
 
 # --- every generation parameter as an extension field ---------------------------------------

@@ -4,21 +4,27 @@ Serve gRPC proxy exactly as an external client would, compared with the in-proce
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
+import io
 import shutil
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
+import openai
 import pytest
 import ray
-from parameter_cases import BATCHED, PARAMETER_NAMES, as_keyword_arguments, generate_in_process, varied
+from parameter_cases import BATCHED, PARAMETER_NAMES, as_keyword_arguments, generate_in_process, pixels, varied
+from PIL import Image
 from ray import serve
 from ray.exceptions import RayTaskError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.schema import ServeDeploySchema
+from scrape import scrape
 
 from gateway.remote import RayTransport, RemoteStages, error_from_ray
 from unclip import codec
@@ -56,7 +62,9 @@ def test_serve_config_is_valid_for_ray():
     assert schema.grpc_options.port == 9000
     assert len(schema.grpc_options.grpc_servicer_functions) == 5
     for app in config["applications"]:
-        assert app["route_prefix"] == f"/{app['name']}"  # without one, the gRPC proxy would not route to it
+        # Without a route prefix the gRPC proxy would not route to an app. The gateway owns "/",
+        # so OpenAI clients use base_url http://HOST:8000/v1; every stage its own prefix.
+        assert app["route_prefix"] == ("/" if app["name"] == GATEWAY else f"/{app['name']}")
         for deployment in app["deployments"]:
             assert deployment["autoscaling_config"]["min_replicas"] >= 1
             # A replica must be able to hold a full batch.
@@ -85,7 +93,7 @@ def renamed_apps(config: dict, suffix: str, stage_args) -> list[dict]:
     apps = []
     for app in copy.deepcopy(config["applications"]):
         app["name"] += suffix
-        app["route_prefix"] += suffix
+        app["route_prefix"] = "/" + app["name"]  # the shipped gateway has "/"
         if app["name"] == GATEWAY + suffix:
             app["args"] = {**app["args"], **{stage: app["args"][stage] + suffix for stage in ("encoder", "prior", "decoder")}}
             app["args"]["upsamplers"] = [name + suffix for name in app["args"]["upsamplers"]]
@@ -109,11 +117,18 @@ def imported_apps(config: dict, weights) -> list[dict]:
     return renamed_apps(config, KARLO, lambda stage: {"checkpoint": str(weights / stage.kind)})
 
 
+@dataclass(frozen=True)
+class ServeCluster:
+    grpc_address: str  # Serve's gRPC proxy
+    http_port: int  # Serve's HTTP proxy, on 127.0.0.1
+    metrics_port: int  # the node's Prometheus endpoint (Ray's metrics agent)
+
+
 @pytest.fixture(scope="module")
-def ray_serve(karlo):
+def serve_cluster(karlo):
     """The shipped Serve config on a 2-CPU local Ray cluster, the same applications at compute
-    batches of BATCHED (names ending in SUFFIX) and on imported Karlo weights (KARLO); yields the
-    gRPC proxy's address."""
+    batches of BATCHED (names ending in SUFFIX) and on imported Karlo weights (KARLO); yields
+    where its proxies listen."""
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
     config = load_config()
     for app in config["applications"]:
@@ -121,13 +136,17 @@ def ray_serve(karlo):
             deployment["autoscaling_config"]["max_replicas"] = 1
             deployment["ray_actor_options"]["num_cpus"] = 0.1
     config["applications"] += batched_apps(config) + imported_apps(config, karlo["weights"])
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
+    metrics_port = free_port()
+    ray.init(
+        num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False, _metrics_export_port=metrics_port,
+        _system_config={"metrics_report_interval_ms": 2000},  # replicas report every 2 s, not every 10
+    )  # fmt: skip
     try:
         # A free port can be taken again before Serve's proxy binds it (Ray's own processes pick
         # ports too): on that one error, shut Serve down and try other ports.
         for attempt in range(3):
             grpc_port = config["grpc_options"]["port"] = free_port()
-            config["http_options"]["port"] = free_port()
+            http_port = config["http_options"]["port"] = free_port()  # host: 127.0.0.1, as shipped
             try:
                 deploy(config, timeout_s=240)
                 break
@@ -135,11 +154,17 @@ def ray_serve(karlo):
                 if "Failed to bind" not in str(error) or attempt == 2:
                     raise
                 serve.shutdown()
-        yield f"127.0.0.1:{grpc_port}"
+        yield ServeCluster(f"127.0.0.1:{grpc_port}", http_port, metrics_port)
     finally:
         serve.shutdown()
         ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_serve(serve_cluster):
+    """The gRPC proxy's address."""
+    return serve_cluster.grpc_address
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +180,83 @@ def test_generate_through_the_proxy_equals_in_process(ray_serve, local_stages):
         images = client.generate(PROMPTS[0], n=2, seed=7, size=128, **TINY_STEPS)
     assert [image.seed for image in images] == [7, 8]
     assert [image.png for image in images] == [image.png for image in expected]  # pixels and metadata
+
+
+def test_request_ids_come_back_through_the_grpc_proxy(channel):
+    """The gateway app answers the caller's x-request-id in the trailing metadata. Ray 2.60's
+    proxy sends a replica's trailing metadata only with a successful answer, so an error
+    through it carries the status and details but not the id (docs/operations.md)."""
+    stub = images_pb2_grpc.ImageServiceStub(channel)
+    parameters = images_pb2.GenerationParameters(prompt=PROMPTS[0], seed=2, size=32, **TINY_STEPS)
+    _, call = stub.Generate.with_call(
+        images_pb2.GenerateRequest(parameters=parameters), metadata=(*metadata(GATEWAY), ("x-request-id", "ray-grpc-1")),
+        timeout=120,
+    )  # fmt: skip
+    assert ("x-request-id", "ray-grpc-1") in tuple(call.trailing_metadata())
+
+
+def test_unclip_metrics_reach_rays_prometheus_endpoint(serve_cluster):
+    """Replicas record unclip's metrics through ray.serve.metrics: on the node's Prometheus
+    endpoint as ray_unclip_*, tagged with the application and deployment."""
+    with Client(serve_cluster.grpc_address, application=GATEWAY, timeout=120) as client:
+        client.generate(PROMPTS[1], seed=3, size=128, **TINY_STEPS)
+    address = f"127.0.0.1:{serve_cluster.metrics_port}"
+
+    def count(samples, name, **labels):
+        """The sum over the samples of `name` with these labels (and any others: replica, ...)."""
+        return sum(v for (n, sample_labels), v in samples.items() if n == name and labels.items() <= sample_labels)
+
+    stages = (("encoder", "EncodeText"), ("prior", "Sample"), ("decoder", "Decode"), ("upsampler", "Upsample"))
+
+    def missing(samples) -> list[str]:
+        wanted = {
+            "Generate": count(samples, "ray_unclip_requests_total", application=GATEWAY, method="Generate", code="OK"),
+            "images": count(samples, "ray_unclip_images_generated_total", application=GATEWAY),
+            "stage time": count(samples, "ray_unclip_stage_duration_seconds_count", application=GATEWAY, stage="decoder"),
+        }
+        for app, method in stages:
+            wanted[method] = count(samples, "ray_unclip_requests_total", application=app, method=method, code="OK")
+            wanted[f"{app} load"] = count(samples, "ray_unclip_model_load_seconds", application=app, stage=app)
+            if app != "encoder":  # CLIP's calls are not diffusion network evaluations
+                wanted[f"{app} rows"] = count(samples, "ray_unclip_network_call_rows_count", application=app)
+        return [name for name, found in wanted.items() if not found > 0]
+
+    # The agent exports what replicas reported lately; 15 replicas on 2 cores report late at times.
+    deadline = time.monotonic() + 90
+    while absent := missing(samples := scrape(address)):
+        assert time.monotonic() < deadline, f"not on Ray's endpoint after 90 s: {absent}"
+        time.sleep(1)
+    # Counters are exported once, not also as Ray's deprecated gauge of the same name.
+    assert not any(name == "ray_unclip_requests" for name, _ in samples)
+
+
+def test_openai_client_through_the_http_proxy_equals_in_process(serve_cluster, local_stages):
+    """The gateway app's OpenAI-compatible HTTP API through Serve's HTTP proxy, at the root as
+    OpenAI SDKs expect it: the official client gets the PNGs the in-process pipeline gives, and
+    bad input is OpenAI's 400 naming the field, from the same replica that answers gRPC."""
+    expected, _ = generate_in_process(local_stages, dict(prompt=PROMPTS[0], n=2, seed=7, size=128, **TINY_STEPS))
+    base_url = f"http://127.0.0.1:{serve_cluster.http_port}/v1"
+    with openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120) as client:
+        response = client.images.generate(
+            prompt=PROMPTS[0],
+            n=2,
+            size="128x128",
+            response_format="b64_json",
+            extra_body={"seed": 7, **TINY_STEPS},
+            extra_headers={"x-request-id": "ray-http-1"},
+        )
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.images.generate(prompt=PROMPTS[0], response_format="b64_json", extra_body={"decoder_steps": 0})
+    pngs = [base64.b64decode(item.b64_json) for item in response.data]
+    assert len(pngs) == 2
+    assert response._request_id == "ray-http-1"  # once: Ray's proxy answers it, the app does not repeat it
+    for png, image in zip(pngs, expected, strict=True):
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png))), pixels(image))
+    assert pngs == [image.png for image in expected]  # pixels and metadata
+    error = refused.value.body
+    assert isinstance(error, dict) and set(error) == {"message", "type", "param", "code"}
+    assert (error["type"], error["param"]) == ("invalid_request_error", "decoder_steps")
+    assert refused.value.param == "decoder_steps" and "decoder_steps" in refused.value.message
 
 
 def test_imported_weights_give_the_in_process_images_through_ray_serve(ray_serve, karlo):

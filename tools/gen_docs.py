@@ -25,7 +25,7 @@ from prometheus_client.metrics import MetricWrapperBase
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from unclip import errors, metrics, settings
+from unclip import errors, logs, metrics, observe, settings
 from unclip.client import AsyncClient, Client
 from unclip.client.operations import Operations
 from unclip.parameters import OPERATIONS, parameters, spec_of, value_type
@@ -209,6 +209,53 @@ def operations_md() -> str:
             "status name or the HTTP status).",
             "",
             *metrics_table(),
+            "",
+            "Under Ray Serve, Ray exports the same metrics on every Ray node's metrics endpoint, named `ray_` + the name",
+            "above (`ray_unclip_requests_total`). The Helm chart scrapes it (`metrics.*` values, see",
+            "[deploy.md](deploy.md#monitoring)); the Grafana dashboard `deploy/grafana/unclip.json` reads both namings.",
+            "",
+            "## Request ids",
+            "",
+            f"Every request has an id. A caller may send its own in `{observe.REQUEST_ID_HEADER}` (gRPC metadata or an HTTP",
+            "header): 1 to 128 characters of letters, digits and `-._:/+=`. Otherwise, or when the given one does not",
+            "fit, the server makes one up. Every answer returns it, errors included: gRPC in the trailing metadata, HTTP",
+            "as a response header. The gateway forwards it to each stage it calls, so one request has one id in the",
+            "logs of every process. It is not the `request_id` of a stored result (the S3 folder), which the gateway",
+            "chooses itself (HTTP answers it as `x-unclip-result-id`; the stored record keeps the request's",
+            "`x_request_id` and `trace_id`). Under Ray Serve, Ray's HTTP proxy answers `x-request-id` itself (the",
+            "same id), and Ray 2.60's gRPC proxy returns a replica's trailing metadata only with a successful answer:",
+            "an error through it carries its status and details but not the id.",
+            "",
+            "## Logs",
+            "",
+            "`unclip serve ... --log-format text|json` (default `text`; `serve all` passes it on to its processes).",
+            "`json` writes one object per line with `time`, `level`, `logger` and `message`, plus",
+            f"{', '.join(f'`{name}`' for name in logs.CONTEXT_FIELDS)} where they apply. Every line logged while a",
+            "request is answered carries its `request_id` and `trace_id`. Each request ends with one line from the",
+            "logger `unclip.requests`: its protocol, method, status and duration in milliseconds.",
+            "",
+            "## Traces",
+            "",
+            "OpenTelemetry traces are off unless the standard variables turn them on: `OTEL_TRACES_EXPORTER=otlp`",
+            "(or `console`), or an OTLP endpoint in `OTEL_EXPORTER_OTLP_ENDPOINT` or",
+            "`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`. `OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none` keep them",
+            "off. The SDK reads the rest: `OTEL_EXPORTER_OTLP_PROTOCOL` (`http/protobuf`, the default, or `grpc`),",
+            "`OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER`",
+            "and `OTEL_BSP_*`. A setting unclip cannot honour stops the process at start with exit code 2.",
+            "",
+            "What one generation gives, as one trace:",
+            "",
+            "- a server span for the gateway's request (`Generate`, or the HTTP route), continuing the caller's trace",
+            "  when it sent a W3C `traceparent`;",
+            "- a client span for each call to a stage (`encoder/EncodeText`, `prior/Sample`, `decoder/Decode`,",
+            "  `upsampler0/Upsample`), which carries `traceparent` in the call's gRPC metadata (or in a Serve handle",
+            "  call's arguments under Ray Serve);",
+            "- the stage's server span under it;",
+            "- `storage.save` (and `storage.load` for idempotent retries) when results go to S3.",
+            "",
+            "Service names default to `unclip-gateway`, `unclip-encoder`, `unclip-prior`, `unclip-decoder` and",
+            "`unclip-upsampler`. A caller's mistake (INVALID_ARGUMENT, HTTP 4xx) is recorded on the server span as its",
+            "status code, not as the server's error.",
             "",
         ]
     )

@@ -19,6 +19,8 @@ class UnclipError(Exception):
         details: the server's (or gRPC's) own description of the failure.
         target: the address the client called; None for an error raised in this process.
         attempts: how many times the call was tried.
+        request_id: the id the server answered the failed call under (its `x-request-id`, the
+            key to its log lines); None when it sent none.
     """
 
     status_name = "INTERNAL"
@@ -31,6 +33,7 @@ class UnclipError(Exception):
         details: str | None = None,
         target: str | None = None,
         attempts: int = 1,
+        request_id: str | None = None,
     ):
         super().__init__(message)
         if status_name is not None:
@@ -38,6 +41,7 @@ class UnclipError(Exception):
         self.details = message if details is None else details
         self.target = target
         self.attempts = attempts
+        self.request_id = request_id
 
     @property
     def code(self) -> Any:

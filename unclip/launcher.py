@@ -85,13 +85,14 @@ class LocalCluster:
     weights: Path | None = None
     settings: dict[Stage, BatchSettings] | None = None  # each stage's compute batch and batching
     quiet: bool = False
+    log_format: str = "text"  # each service's (unclip.logs)
     services: list[ServiceProcess] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         ports = self.stage_ports or {stage: stage.port_next_to(self.gateway_port) for stage in Stage}
         addresses = {stage: f"{self.host}:{ports[stage]}" for stage in Stage}
         for stage in Stage:
-            args = ["serve", stage.value, "--host", self.host, "--port", str(ports[stage])]
+            args = ["serve", stage.value, "--host", self.host, "--port", str(ports[stage]), "--log-format", self.log_format]
             if self.metrics_port:
                 args += ["--metrics-port", str(stage.port_next_to(self.metrics_port))]
             if self.weights is not None:
@@ -110,6 +111,8 @@ class LocalCluster:
             str(self.gateway_port),
             "--http-port",
             str(self.http_port),
+            "--log-format",
+            self.log_format,
         ]
         gateway_args += [arg for stage in Stage for arg in (f"--{stage.value}", addresses[stage])]
         self.services.append(ServiceProcess(GATEWAY, f"{self.host}:{self.gateway_port}", gateway_args))

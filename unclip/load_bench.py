@@ -10,6 +10,7 @@ status code. Torch-free: it needs only the SDK.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,6 +32,10 @@ class LoadReport:
     images: int = 0
     errors: dict[str, int] = field(default_factory=dict)  # status code -> count
     latencies_s: list[float] = field(default_factory=list)  # answered requests, in completion order
+    # The object store's view of the answered requests, when checked (`check_store`).
+    stored: dict[str, Any] | None = None
+    # request id -> sha256 of each PNG answered, for `check_store`; not reported.
+    answers: dict[str, list[str]] = field(default_factory=dict, repr=False)
 
     @property
     def images_per_second(self) -> float:
@@ -44,8 +49,10 @@ class LoadReport:
         return ordered[max(0, -(-p * len(ordered) // 100) - 1)]
 
     def as_dict(self) -> dict[str, Any]:
+        figures = asdict(self)
+        del figures["answers"]
         return {
-            **asdict(self),
+            **figures,
             "images_per_second": self.images_per_second,
             "latency_s": {f"p{p}": self.percentile(p) for p in PERCENTILES},
         }
@@ -56,15 +63,20 @@ class LoadReport:
             f"p{p} {value:.2f} s" if (value := self.percentile(p)) is not None else f"p{p} -" for p in PERCENTILES
         )
         errors = ", ".join(f"{code} {count}" for code, count in sorted(self.errors.items())) or "none"
-        return "\n".join(
-            [
-                f"server {self.server}: {self.requests} requests, concurrency {self.concurrency}, {rate}",
-                f"answered   {self.answered} of {self.requests} in {self.seconds:.2f} s",
-                f"throughput {self.images_per_second:.3f} img/s, {self.answered / self.seconds if self.seconds else 0:.3f} req/s",
-                f"latency    {latency}",
-                f"errors     {errors}",
-            ]
-        )
+        lines = [
+            f"server {self.server}: {self.requests} requests, concurrency {self.concurrency}, {rate}",
+            f"answered   {self.answered} of {self.requests} in {self.seconds:.2f} s",
+            f"throughput {self.images_per_second:.3f} img/s, {self.answered / self.seconds if self.seconds else 0:.3f} req/s",
+            f"latency    {latency}",
+            f"errors     {errors}",
+        ]
+        if self.stored is not None:
+            lost = len(self.stored["missing"]) + len(self.stored["different"])
+            lines.append(
+                f"stored     {self.stored['complete']} of {self.stored['checked']} answered requests complete in "
+                f"{self.stored['where']} ({lost} missing or different)"
+            )
+        return "\n".join(lines)
 
 
 async def run_load(
@@ -104,6 +116,8 @@ async def run_load(
             report.latencies_s.append(time.perf_counter() - sent)
             report.answered += 1
             report.images += len(images)
+            if images and images[0].request_id:
+                report.answers[images[0].request_id] = [hashlib.sha256(image.png).hexdigest() for image in images]
 
     async with AsyncClient(server, application=application) as client:
         await asyncio.gather(*(one(i, client) for i in range(requests)))
@@ -111,15 +125,47 @@ async def run_load(
     return report
 
 
+async def check_store(report: LoadReport, store: Any) -> None:
+    """Read back every answered request's result from the gateway's object store (a
+    `unclip.storage.ResultStore` on the same bucket) and record in `report.stored` which are
+    complete: a record, and the very PNGs the client got. Needs the server extra (minio)."""
+    missing: list[str] = []
+    different: list[str] = []
+    for request_id, digests in report.answers.items():
+        stored = await store.load(request_id)
+        if stored is None:
+            missing.append(request_id)
+        elif [hashlib.sha256(png).hexdigest() for png in stored.images] != digests:
+            different.append(request_id)
+    report.stored = {
+        "where": store.config.where,
+        "checked": len(report.answers),
+        "complete": len(report.answers) - len(missing) - len(different),
+        "missing": missing,
+        "different": different,
+    }
+
+
 def run_load_benchmark(
     server: str, concurrency: int, requests: int, rate: float | None, parameters: dict[str, Any], out: Path,
-    application: str | None = None,
+    application: str | None = None, check_stored: bool = False,
 ) -> int:  # fmt: skip
+    store = None
+    if check_stored:
+        from unclip.storage import ResultStore, StorageConfig
+
+        config = StorageConfig.from_env()
+        if config is None:
+            raise SystemExit("unclip bench load: --check-store reads the gateway's store from UNCLIP_S3_*; none is set")
+        store = ResultStore(config)
     report = asyncio.run(
         run_load(server, concurrency=concurrency, requests=requests, rate=rate, application=application, **parameters)
     )
+    if store is not None:
+        asyncio.run(check_store(report, store))
     print(report.table())
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report.as_dict(), indent=2) + "\n")
     print(f"JSON: {out}")
-    return 0 if report.answered else 1
+    lost = report.stored is not None and report.stored["complete"] < report.stored["checked"]
+    return 0 if report.answered and not lost else 1

@@ -2,10 +2,11 @@
 
 The stages answer the same gRPC services as in local mode (through Ray Serve's gRPC proxy; the
 `application` metadata key picks the app) and the gateway reaches them through Serve handles
-with the same protobuf messages (`gateway.remote.RayTransport`). Everything model-related is
-the local-mode servicers' and engines' (batching included: each replica's `Batcher` groups
-concurrent calls into joint runs at the stage's compute batch); this module adapts them to Serve. `unclip/serve.yaml` (also at
-deploy/ray/serve.yaml) deploys all five.
+with the same protobuf messages (`gateway.remote.RayTransport`). The gateway also serves the
+OpenAI-compatible HTTP API (`gateway.http_api`) through Serve's HTTP proxy, at route prefix `/`.
+Everything model-related is the local-mode servicers' and engines' (batching included: each
+replica's `Batcher` groups concurrent calls into joint runs at the stage's compute batch); this
+module adapts them to Serve. `unclip/serve.yaml` (also at deploy/ray/serve.yaml) deploys all five.
 
 No `from __future__ import annotations` here: Serve reads the builders' pydantic annotations
 at runtime to validate a config's `args`.
@@ -30,9 +31,11 @@ from ray.serve import Application
 from decoder_svc.servicer import DecoderServicer, UpsamplerServicer
 from encoder_svc.servicer import ClipEncoderServicer
 from gateway.api import ImageAPI
+from gateway.http_api import create_http_app
 from gateway.remote import RayTransport, RemoteStages
 from gateway.servicer import ImageServicer
 from prior_svc.servicer import PriorServicer
+from unclip import metrics, tracing
 from unclip.serving import HopContext, StageServicer
 from unclip.stage import GATEWAY, SERVICE_NAMES
 from unclip.stages.batcher import BatchSettings
@@ -48,8 +51,10 @@ UNBOUNDED_PENDING = sys.maxsize
 def _rpc_method(name: str):
     """A deployment method answering RPC `name` with the servicer's method of that name."""
 
-    async def method(self, request: Message, grpc_context: Any = None, timeout_s: float | None = None) -> Message:
-        return await getattr(self.servicer, name)(request, self.context(grpc_context, timeout_s))
+    async def method(
+        self, request: Message, grpc_context: Any = None, timeout_s: float | None = None, metadata: dict[str, str] | None = None
+    ) -> Message:
+        return await getattr(self.servicer, name)(request, self.context(grpc_context, timeout_s, metadata))
 
     method.__name__ = method.__qualname__ = name
     return method
@@ -58,12 +63,20 @@ def _rpc_method(name: str):
 def _streaming_rpc_method(name: str):
     """Like `_rpc_method`, for a server-streaming RPC."""
 
-    async def method(self, request: Message, grpc_context: Any = None, timeout_s: float | None = None):
-        async for reply in getattr(self.servicer, name)(request, self.context(grpc_context, timeout_s)):
+    async def method(
+        self, request: Message, grpc_context: Any = None, timeout_s: float | None = None, metadata: dict[str, str] | None = None
+    ):
+        async for reply in getattr(self.servicer, name)(request, self.context(grpc_context, timeout_s, metadata)):
             yield reply
 
     method.__name__ = method.__qualname__ = name
     return method
+
+
+def _observe_replica(name: str) -> None:
+    """Metrics through Ray's exporter, and traces when the replica's OTEL_* variables ask."""
+    metrics.use_ray_serve()
+    tracing.configure(f"unclip-{name}")
 
 
 # -- stage deployments -----------------------------------------------------------------------
@@ -80,11 +93,12 @@ class _Stage:
         # Ray bounds each replica's queue (max_ongoing_requests, max_queued_requests); the
         # batcher's own limit must never be the one that answers RESOURCE_EXHAUSTED.
         settings = BatchSettings(compute_batch, max_batch_size, batch_wait_timeout_s, max_pending=UNBOUNDED_PENDING)
+        _observe_replica(self.SERVICER.STAGE.value)  # before the engine loads: it records its load time
         self.servicer = self.SERVICER(checkpoint, settings=settings)
         self.servicer.load()
 
-    def context(self, grpc_context: Any, timeout_s: float | None) -> HopContext:
-        return HopContext(grpc_context, timeout_s)
+    def context(self, grpc_context: Any, timeout_s: float | None, metadata: dict[str, str] | None) -> HopContext:
+        return HopContext(grpc_context, timeout_s, metadata=metadata)
 
     async def stats(self) -> dict[str, Any]:
         """How this replica batched: the calls each joint run served, network calls and rows."""
@@ -135,19 +149,29 @@ class UpsamplerDeployment(_Stage):
 
 
 @serve.deployment(name="Gateway", max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.25})
+@serve.ingress()  # the ASGI app comes from __serve_build_asgi_app__, once the replica is constructed
 class GatewayDeployment:
-    """The gateway's ImageService over the stage apps' handles."""
+    """The gateway over the stage apps' handles: its ImageService through Serve's gRPC proxy (the
+    methods below) and its OpenAI-compatible HTTP API through Serve's HTTP proxy, both over
+    one ImageAPI, as in `unclip serve gateway`."""
 
     def __init__(self, encoder: str, prior: str, decoder: str, upsamplers: list[str], request_timeout_s: float):
+        _observe_replica(GATEWAY)
         storage = StorageConfig.from_env()  # UNCLIP_S3_* in the app's runtime_env
         backend = RemoteStages(encoder, prior, decoder, upsamplers, transport=RayTransport)
-        self.servicer = ImageServicer(ImageAPI(backend, None if storage is None else ResultStore(storage)))
+        self.api = ImageAPI(backend, None if storage is None else ResultStore(storage))
+        self.servicer = ImageServicer(self.api)
         self.request_timeout_s = request_timeout_s
 
-    def context(self, grpc_context: Any, timeout_s: float | None) -> HopContext:
+    def __serve_build_asgi_app__(self) -> Any:
+        # No GET /metrics: this replica's metrics go out through Ray's exporter (metrics.use_ray_serve),
+        # on each Ray node's metrics port.
+        return create_http_app(self.api, request_timeout=self.request_timeout_s, metrics_route=False, answer_request_id=False)
+
+    def context(self, grpc_context: Any, timeout_s: float | None, metadata: dict[str, str] | None) -> HopContext:
         # The proxy does not pass the caller's gRPC deadline on: the request timeout (the same
         # as grpc_options.request_timeout_s) is the budget the stage hops share.
-        return HopContext(grpc_context, self.request_timeout_s if timeout_s is None else timeout_s)
+        return HopContext(grpc_context, self.request_timeout_s if timeout_s is None else timeout_s, metadata=metadata)
 
     Generate = _rpc_method("Generate")
     GenerateStream = _streaming_rpc_method("GenerateStream")

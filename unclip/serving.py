@@ -12,7 +12,7 @@ import inspect
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, NoReturn, TypeVar
@@ -22,7 +22,7 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from unclip import metrics
+from unclip import metrics, observe, tracing
 from unclip.calls import StageCall, grpc_module, service_full_name
 from unclip.cancel import CancelToken
 from unclip.errors import Unavailable, UnclipError, error_for_status
@@ -54,21 +54,30 @@ def _status_name(error: BaseException, context: Any) -> str:
     return code.name if isinstance(code, grpc.StatusCode) else "INTERNAL"
 
 
+def _invocation_headers(context: Any) -> dict[str, str]:
+    metadata = getattr(context, "invocation_metadata", None)
+    return tracing.headers_of(metadata() if metadata is not None else None)
+
+
 @contextlib.asynccontextmanager
 async def _answering(method: str, context: Any) -> AsyncIterator[None]:
-    """An RPC's body: unclip errors become its status code (`abort_with`), and the call is
-    counted and timed in the process's metrics under `method` with the code it ends with."""
-    with metrics.measured_request("grpc", method) as code:
+    """An RPC's body, observed (`unclip.observe`: request id, span, metrics, log line): unclip
+    errors become its status code (`abort_with`); the request id goes back in the trailing
+    metadata, whatever the status."""
+    with observe.observed_request("grpc", method, _invocation_headers(context)) as observed:
+        set_trailing = getattr(context, "set_trailing_metadata", None)
+        if set_trailing is not None:
+            set_trailing([(observe.REQUEST_ID_HEADER, observed.request_id)])  # a list: Ray's context appends to it
         try:
             yield
         except (asyncio.CancelledError, grpc.aio.AbortError) as error:
-            code.append(_status_name(error, context))
+            observed.finish(_status_name(error, context))
             raise
         except Exception as error:
-            code.append(_status_name(error, context))
+            observed.finish(_status_name(error, context))
             await abort_with(context, error)
             raise  # abort_with always raises; never swallow the error
-        code.append("OK")
+        observed.finish("OK")
 
 
 def rpc(method):
@@ -118,9 +127,26 @@ class HopContext:
     calling hop has left), or in this process (`deadline`). `abort` raises the unclip error of
     the status, so the caller gets the error the service would have answered with."""
 
-    def __init__(self, grpc_context: Any = None, timeout_s: float | None = None, *, deadline: float | None = None):
+    def __init__(
+        self,
+        grpc_context: Any = None,
+        timeout_s: float | None = None,
+        *,
+        deadline: float | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ):
         self.grpc_context = grpc_context
         self.deadline = deadline if timeout_s is None else time.monotonic() + timeout_s
+        self.metadata = dict(metadata or {})  # what a handle caller forwards (request id, trace)
+
+    def invocation_metadata(self) -> list[tuple[str, str]]:
+        if self.grpc_context is not None:
+            return list(self.grpc_context.invocation_metadata())
+        return list(self.metadata.items())
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        if self.grpc_context is not None:
+            self.grpc_context.set_trailing_metadata(metadata)
 
     def time_remaining(self) -> float | None:
         return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())

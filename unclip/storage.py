@@ -27,8 +27,9 @@ from minio import Minio
 from minio.deleteobjects import DeleteObject
 from minio.error import MinioException, S3Error
 from minio.helpers import check_bucket_name
+from opentelemetry.trace import SpanKind
 
-from unclip import settings
+from unclip import settings, tracing
 from unclip.errors import Unavailable
 
 log = logging.getLogger("unclip.storage")
@@ -203,7 +204,9 @@ class ResultStore:
         stored = {**record, IMAGE_KEYS: image_keys, EXTRA_KEYS: {name: folder + name for name in extras}}
         # Serialised before anything is written, so an unserialisable record leaves nothing behind.
         objects.append((folder + RECORD_NAME, json.dumps(stored).encode(), "application/json"))
-        await asyncio.to_thread(self._save_sync, objects)
+        size = sum(len(data) for _, data, _ in objects)
+        with tracing.span("storage.save", SpanKind.CLIENT, unclip__objects=len(objects), unclip__bytes=size):
+            await asyncio.to_thread(self._save_sync, objects)
         return image_keys
 
     def _save_sync(self, objects: list[tuple[str, bytes, str]]) -> None:
@@ -234,10 +237,11 @@ class ResultStore:
     async def load(self, request_id: str) -> StoredResult | None:
         """The complete result, or None when its record does not exist (never saved, or a save that failed)."""
         folder = self._folder(request_id)
-        try:
-            return await asyncio.to_thread(self._load_sync, request_id, folder)
-        except _STORE_ERRORS as error:
-            raise self._unavailable(error) from error
+        with tracing.span("storage.load", SpanKind.CLIENT):
+            try:
+                return await asyncio.to_thread(self._load_sync, request_id, folder)
+            except _STORE_ERRORS as error:
+                raise self._unavailable(error) from error
 
     def _load_sync(self, request_id: str, folder: str) -> StoredResult | None:
         try:

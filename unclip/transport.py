@@ -9,3 +9,6 @@ GRPC_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
+
+# The metadata key (and HTTP header) of a request's id: sent by callers, answered by servers.
+REQUEST_ID_HEADER = "x-request-id"

@@ -68,6 +68,12 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     load.add_argument("--application", help="the Ray Serve application behind a Ray gRPC proxy (gateway)")
     load.add_argument("--rate", type=float, help="requests started per second (default: each client sends back to back)")
     load.add_argument("--size", type=int, help="image side (default: the server's)")
+    load.add_argument(
+        "--check-store",
+        action="store_true",
+        help="afterwards, read every answered request's PNGs and record back from the gateway's object store "
+        "(UNCLIP_S3_*) and report any missing or different",
+    )
     add_parameter_flags(parser, OPERATION, skip=NOT_SAMPLING)
     return parser
 
@@ -99,7 +105,14 @@ def run(args: argparse.Namespace) -> int:
         out = args.json if args.json != Path("bench-throughput.json") else Path("bench-load.json")
         parameters = {**parameters, "n": args.images, **size}
         return run_load_benchmark(
-            args.server, args.concurrency[0], args.requests, args.rate, parameters, out, application=args.application
+            args.server,
+            args.concurrency[0],
+            args.requests,
+            args.rate,
+            parameters,
+            out,
+            application=args.application,
+            check_stored=args.check_store,
         )
     if args.what == "pipeline":
         from unclip.bench import run_pipeline_benchmark

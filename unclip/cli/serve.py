@@ -10,7 +10,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from unclip import logs, tracing
 from unclip.cli.common import add_compute_batch_flag, batch_settings
+from unclip.logs import FORMATS
 from unclip.stage import DEFAULT_GATEWAY_PORT, GATEWAY, SERVICE_NAMES, Stage
 
 TARGETS = (*SERVICE_NAMES, GATEWAY, "all", "ray")
@@ -39,6 +41,13 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         help="stage: serve Prometheus metrics at /metrics on this port; all: the stages' on this port + 1 .. + 4 "
         "(the gateway's are at /metrics on its HTTP port)",
     )
+    parser.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        default="text",
+        help="log lines as text or as one JSON object each; either way every request's line carries its request id, "
+        "trace id, method, status and duration (default text)",
+    )
     parser.add_argument("--config", type=Path, help="ray: Ray Serve config (default: the one in the package, unclip/serve.yaml)")
     for stage in (Stage.ENCODER, Stage.PRIOR, Stage.DECODER):
         parser.add_argument(f"--{stage.value}", metavar="HOST:PORT", help=f"gateway: the {stage.value} service")
@@ -55,8 +64,13 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.target != "all":
-        logging.getLogger("unclip").setLevel(logging.INFO)
+    if args.target not in ("all", "ray"):  # those two start processes that log for themselves
+        logs.configure(args.log_format, level=logging.INFO)
+        try:
+            tracing.configure(f"unclip-{args.target}")
+        except ValueError as error:
+            print(f"unclip serve {args.target}: {error}", file=sys.stderr)
+            return 2
     if args.metrics_port is not None and args.target in ("ray", GATEWAY):
         print(f"unclip serve {args.target}: --metrics-port is for the stages and all; the gateway's metrics are at "
               "/metrics on its HTTP port", file=sys.stderr)  # fmt: skip
@@ -121,6 +135,7 @@ def _serve_all(args: argparse.Namespace) -> int:
         http_port=args.http_port,
         metrics_port=args.metrics_port or 0,
         weights=args.weights,
+        log_format=args.log_format,
         settings=settings,
     )
     stop_requested = False

@@ -10,10 +10,12 @@ import enum
 import random
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
 from unclip.errors import UnclipError, error_for_status
+from unclip.transport import REQUEST_ID_HEADER
 
 
 class _Default(enum.Enum):
@@ -103,21 +105,31 @@ class Attempts:
         """The error for the attempt that failed with `rpc_error` and was not retried: the
         `unclip.errors` class of its status code."""
         code, details = _status_of(rpc_error)
-        return self._error(code, details)
+        return self._error(code, details, _request_id_of(rpc_error))
 
     def protocol_error(self, problem: str) -> UnclipError:
         """The error for a server that answered, but not as the API says it must."""
         return self._error(grpc.StatusCode.INTERNAL, problem)
 
-    def _error(self, code: grpc.StatusCode, details: str) -> UnclipError:
+    def _error(self, code: grpc.StatusCode, details: str, request_id: str | None = None) -> UnclipError:
         message = f"{self.method} on {self.target} failed with {code.name}: {details or 'no details'}"
+        if request_id:
+            message += f" [request id {request_id}]"
         if self._gave_up_at_deadline:
             message += (
                 f" (gave up after {self.count} attempts: the {self.timeout:g} s timeout would pass before the next attempt)"
             )
         elif self.count > 1:
             message += f" (after {self.count} attempts)"
-        return error_for_status(code.name, message, details=details, target=self.target, attempts=self.count)
+        return error_for_status(
+            code.name, message, details=details, target=self.target, attempts=self.count, request_id=request_id
+        )
+
+
+def _request_id_of(error: grpc.RpcError) -> str | None:
+    """The request id the server put in the failed call's trailing metadata, if any."""
+    trailing: Any = error.trailing_metadata() if callable(getattr(error, "trailing_metadata", None)) else None
+    return next((value for key, value in trailing or () if key == REQUEST_ID_HEADER and isinstance(value, str)), None)
 
 
 def _status_of(error: grpc.RpcError) -> tuple[grpc.StatusCode, str]:

@@ -236,3 +236,38 @@ imagePullSecrets:
 volumes:
   {{- include "unclip.rayVolumes" . | nindent 2 }}
 {{- end }}
+
+{{/* Labels every Ray pod of the release carries, head and workers (and no other pod): the Ray
+     NetworkPolicy's selector, and what the metrics PodMonitor / Service select. */}}
+{{- define "unclip.rayPodSelector" -}}
+{{ include "unclip.selectorLabels" . }}
+unclip.dev/serve-proxy: "true"
+{{- end }}
+
+{{/* A Ray node's rayStartParams (call with (dict "ctx" $ "params" MAP)): the group's values,
+     plus metrics-export-port = metrics.port when metrics are on. KubeRay defaults the port to
+     8080 too; setting it here keeps it equal to the `metrics` container port the chart declares. */}}
+{{- define "unclip.rayStartParams" -}}
+{{- $metrics := .ctx.Values.metrics }}
+{{- $params := deepCopy (default (dict) .params) }}
+{{- if $metrics.enabled }}
+{{- $given := get $params "metrics-export-port" }}
+{{- if and $given (ne (toString $given) (toString $metrics.port)) }}
+{{- fail (printf "rayStartParams.metrics-export-port (%v) differs from metrics.port (%v): set metrics.port only" $given $metrics.port) }}
+{{- end }}
+{{- $_ := set $params "metrics-export-port" $metrics.port }}
+{{- end }}
+{{- range $k, $v := $params }}
+{{ $k }}: {{ $v | toString | quote }}
+{{- else }}
+{}
+{{- end }}
+{{- end }}
+
+{{/* The `metrics` container port of a Ray node (Ray's Prometheus endpoint). KubeRay adds one at
+     8080 when a container has no port named `metrics`; declaring it keeps it at metrics.port. */}}
+{{- define "unclip.metricsPort" -}}
+- name: metrics
+  containerPort: {{ .Values.metrics.port }}
+  protocol: TCP
+{{- end }}
