@@ -23,8 +23,12 @@ errors become OpenAI-shaped error bodies:
     400 invalid_request_error                   bad input (INVALID_ARGUMENT), param names the field
     400 invalid_request_error, code unsupported_operation   FAILED_PRECONDITION: the weights cannot
                                                 do it (variations without an image encoder)
+    401 invalid_request_error, code invalid_api_key   API keys on (gateway.auth) and the request's
+                                                Authorization: Bearer key missing or wrong
     404 / 405 / 413 invalid_request_error       unknown route, wrong method, body or file too large
-    429 requests, code rate_limit_exceeded      RESOURCE_EXHAUSTED (as OpenAI's request rate limit)
+    408 invalid_request_error, code request_timeout   the body did not arrive within body_timeout
+    429 requests, code rate_limit_exceeded      RESOURCE_EXHAUSTED (as OpenAI's request rate limit),
+                                                with Retry-After
     503 server_error, code service_unavailable  UNAVAILABLE
     504 server_error, code timeout              DEADLINE_EXCEEDED
     500 server_error                            anything else; logged, never detailed in the body
@@ -45,10 +49,11 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from python_multipart import MultipartParser
 from python_multipart.exceptions import FormParserError
@@ -62,9 +67,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.admission import DEFAULT_BODY_TIMEOUT_SECONDS
 from gateway.api import ImageAPI, RequestOptions, Result
+from gateway.auth import HTTPAuthMiddleware
 from unclip import metrics, observe
-from unclip.errors import UnclipError
+from unclip.errors import ResourceExhausted, UnclipError
+from unclip.images import MAX_UPLOAD_BYTES
 from unclip.parameters import OPERATIONS, GenerationParameters, Group, parameters, value_type
 from unclip.transport import REQUEST_ID_HEADER
 
@@ -72,14 +80,20 @@ if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
 
 log = logging.getLogger("unclip.gateway.http")
+T = TypeVar("T")
 
 MAX_JSON_BYTES = 1024 * 1024
 MAX_TEXT_FIELD_BYTES = 64 * 1024  # a multipart text field (the prompt is the longest)
 MALFORMED_FORM_MESSAGE = "The multipart/form-data body is malformed"
 MAX_IDEMPOTENCY_KEY_CHARS = 255
+CLIENT_CLOSED = "499"  # the status counted for a request its client hung up on (as nginx logs it)
 RESULT_ID_HEADER = "x-unclip-result-id"  # the stored result's id: its folder in the object store
 INTERNAL_ERROR_MESSAGE = "The server had an error while processing your request."
 LINGER_SECONDS = 10.0  # how long the rest of a refused (413) body is read and dropped (as aiohttp's lingering_time)
+DEFAULT_RETRY_AFTER_SECONDS = 1  # a 429 whose error does not say
+# The most digits an integer field may have: a seed (the largest bound) has 20. Python refuses to
+# convert strings of more than 4300 digits at all (ValueError), and a bound check would echo them.
+MAX_INTEGER_DIGITS = 20
 
 _IGNORED = frozenset({"model", "user"})  # accepted for compatibility, not used
 # What each route takes besides its operation's generation parameters.
@@ -115,6 +129,7 @@ class HTTPAPIError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -122,11 +137,12 @@ class HTTPAPIError(Exception):
         self.type = type
         self.param = param
         self.code = code
+        self.headers = headers or {}
 
     def response(self, headers: dict[str, str] | None = None) -> Response:
         error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
-        headers = dict(headers or {})
-        if self.status == 413:
+        headers = self.headers | dict(headers or {})
+        if self.status in (408, 413):
             headers["Connection"] = "close"  # what is left of a refused body may be unread: don't reuse the connection
         return JSONResponse({"error": error}, status_code=self.status, headers=headers)
 
@@ -141,6 +157,8 @@ _UNCLIP_ERRORS = {
     # The request is fine but the deployed weights cannot serve it (no image encoder).
     "FAILED_PRECONDITION": (400, "invalid_request_error", "unsupported_operation"),
     "RESOURCE_EXHAUSTED": (429, "requests", "rate_limit_exceeded"),
+    # As OpenAI answers a missing or wrong api_key (gateway.auth answers most before any route).
+    "UNAUTHENTICATED": (401, "invalid_request_error", "invalid_api_key"),
     "UNAVAILABLE": (503, "server_error", "service_unavailable"),
     "DEADLINE_EXCEEDED": (504, "server_error", "timeout"),
 }
@@ -156,7 +174,10 @@ def error_from_unclip(error: UnclipError) -> HTTPAPIError:
     param = None
     if status == 400 and (match := _FIELD_PREFIX.match(message)) and match[1] in _KNOWN_FIELDS:
         param = match[1]
-    return HTTPAPIError(status, message, type=type_, param=param, code=code)
+    headers = None
+    if isinstance(error, ResourceExhausted):  # when to come back, in whole seconds (RFC 9110)
+        headers = {"Retry-After": str(max(1, math.ceil(error.retry_after or DEFAULT_RETRY_AFTER_SECONDS)))}
+    return HTTPAPIError(status, message, type=type_, param=param, code=code, headers=headers)
 
 
 def _openai_errors(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
@@ -207,6 +228,46 @@ def _route_name(routes: Sequence[BaseRoute], scope: Scope) -> str:
     return "unmatched"
 
 
+class _CancelOnDisconnect:
+    """A client that hangs up stops its work: once the request's body has been read, the next
+    message the server gives is http.disconnect, and then the request's task is cancelled, which
+    cancels its stage calls (Ray Serve's proxy does the same for a replica on its own)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        body_read = asyncio.Event()
+
+        async def receive_body() -> Message:
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                body_read.set()
+            return message
+
+        answering = asyncio.ensure_future(self.app(scope, receive_body, send))
+
+        async def watch() -> None:
+            await body_read.wait()
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            if not answering.done():
+                log.info("%s %s: the client went away; cancelling its work", scope["method"], scope["path"])
+                answering.cancel()
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await answering
+        except asyncio.CancelledError:
+            if not watcher.done():
+                raise  # the server's own cancellation, not the client's
+        finally:
+            watcher.cancel()
+
+
 class _ObservingMiddleware:
     """Every request observed (`unclip.observe`: request id, span, metrics, log line) by route
     and the status it got, errors included (it wraps the routing and the endpoints, which
@@ -231,6 +292,8 @@ class _ObservingMiddleware:
                 await send(message)
 
             await self.app(scope, receive, send_observed)
+            if not observed.codes:  # returned without answering: its client went away (_CancelOnDisconnect)
+                observed.finish(CLIENT_CLOSED)
 
 
 def _reject_unknown(fields: dict[str, object], allowed: frozenset[str]) -> None:
@@ -239,12 +302,43 @@ def _reject_unknown(fields: dict[str, object], allowed: frozenset[str]) -> None:
             raise _invalid(f"Unrecognized request argument supplied: {name}", name)
 
 
+class _LongInteger:
+    """A JSON integer of more than MAX_INTEGER_DIGITS digits, kept as its length: never converted."""
+
+    def __init__(self, text: str) -> None:
+        self.digits = len(text.lstrip("-").lstrip("0"))
+
+    def __repr__(self) -> str:
+        return f"an integer of {self.digits} digits"
+
+
+def _json_integer(text: str) -> int | _LongInteger:
+    """json.loads' parse_int: Python's own int() raises for over 4300 digits (a 400 that could not
+    name the field) and spends quadratic time below that."""
+    return _LongInteger(text) if len(text.lstrip("-").lstrip("0")) > MAX_INTEGER_DIGITS else int(text)
+
+
+def _integer(name: str, value: int | _LongInteger) -> int:
+    if isinstance(value, _LongInteger):
+        raise _invalid(f"{name}: must be an integer of at most {MAX_INTEGER_DIGITS} digits, got {value!r}", name)
+    return value
+
+
+def _shown(value: object) -> str:
+    """A value as an error message quotes it: a long one cut short."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _typed(name: str, value: object, from_form: bool) -> object:
     """A parameter's value as its type: form fields arrive as text, JSON values as they are."""
     kind = value_type(name)
-    if from_form and isinstance(value, str):
+    if isinstance(value, _LongInteger):
+        if kind is int:
+            return _integer(name, value)
+    elif from_form and isinstance(value, str):
         if kind is int and _FORM_INTEGER.match(value):
-            return int(value)
+            return _integer(name, _json_integer(value.strip()))
         if kind is float:
             try:
                 return float(value)
@@ -256,16 +350,16 @@ def _typed(name: str, value: object, from_form: bool) -> object:
         return float(value)
     elif isinstance(value, kind) and not isinstance(value, bool):
         return value
-    raise _invalid(f"{name}: must be {_TYPE_NAMES[kind]}, got {value!r}", name)
+    raise _invalid(f"{name}: must be {_TYPE_NAMES[kind]}, got {_shown(value)}", name)
 
 
 def _size(value: object) -> int:
     match = _SIZE.match(value) if isinstance(value, str) else None
     if match is None:
-        raise _invalid(f"size: must be a string like '256x256', got {value!r}", "size")
+        raise _invalid(f"size: must be a string like '256x256', got {_shown(value)}", "size")
     if match[1] != match[2]:
-        raise _invalid(f"size: only square images are supported, got {value!r}", "size")
-    return int(match[1])
+        raise _invalid(f"size: only square images are supported, got {_shown(value)}", "size")
+    return _integer("size", _json_integer(match[1]))
 
 
 def _parameters(fields: dict[str, object], operation: str, *, from_form: bool) -> GenerationParameters:
@@ -408,10 +502,24 @@ def _images_response(result: Result, want_url: bool) -> Response:
 
 
 class _Handlers:
-    def __init__(self, api: ImageAPI, max_upload_bytes: int, request_timeout: float) -> None:
+    def __init__(self, api: ImageAPI, max_upload_bytes: int, request_timeout: float, body_timeout: float) -> None:
         self.api = api
         self.max_upload_bytes = max_upload_bytes
         self.request_timeout = request_timeout
+        self.body_timeout = body_timeout
+
+    async def _received(self, reading: Awaitable[T]) -> T:
+        """What reading the body gives, or 408 (the connection then closes) when the body takes
+        longer than body_timeout to arrive."""
+        timeout = asyncio.timeout(self.body_timeout)
+        try:
+            async with timeout:
+                return await reading
+        except TimeoutError:
+            if not timeout.expired():
+                raise
+            message = f"The request body did not arrive within {self.body_timeout:g} seconds"
+            raise HTTPAPIError(408, message, code="request_timeout") from None
 
     def _start(self, request: Request) -> tuple[float, str | None]:
         """(deadline, idempotency key) of a request, before its body is read: its time starts now."""
@@ -427,8 +535,8 @@ class _Handlers:
     async def _read_json(self, request: Request) -> dict[str, object]:
         body = await _read_body(request, MAX_JSON_BYTES)
         try:
-            fields = json.loads(body)
-        except ValueError:
+            fields = json.loads(body, parse_int=_json_integer)
+        except (ValueError, RecursionError):  # RecursionError: arrays or objects nested too deep
             raise _invalid("We could not parse the JSON body of your request: it must be a JSON object.") from None
         if not isinstance(fields, dict):
             raise _invalid("The JSON body of the request must be an object.")
@@ -478,21 +586,21 @@ class _Handlers:
 
     async def generations(self, request: Request) -> Response:
         deadline, key = self._start(request)
-        fields = await self._read_json(request)
+        fields = await self._received(self._read_json(request))
         _reject_unknown(fields, allowed_fields("generate"))
         params, options = _parameters(fields, "generate", from_form=False), _options(fields, deadline, key)
         return _images_response(await self.api.generate(params, options), options.want_url)
 
     async def variations(self, request: Request) -> Response:
         deadline, key = self._start(request)
-        fields, files = await self._read_form(request, allowed_fields("variations"))
+        fields, files = await self._received(self._read_form(request, allowed_fields("variations")))
         image = self._image(files)
         params, options = _parameters(fields, "variations", from_form=True), _options(fields, deadline, key)
         return _images_response(await self.api.variations(image, params, options), options.want_url)
 
     async def edits(self, request: Request) -> Response:
         deadline, key = self._start(request)
-        fields, files = await self._read_form(request, allowed_fields("edit"))
+        fields, files = await self._received(self._read_form(request, allowed_fields("edit")))
         image = self._image(files)
         params, options = _parameters(fields, "edit", from_form=True), _options(fields, deadline, key)
         return _images_response(await self.api.edit(image, files.get("mask"), params, options), options.want_url)
@@ -511,17 +619,19 @@ class _Handlers:
 def create_http_app(
     api: ImageAPI,
     *,
-    max_upload_bytes: int = 4 * 1024 * 1024,
+    max_upload_bytes: int = MAX_UPLOAD_BYTES,
     request_timeout: float = 600.0,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT_SECONDS,
     metrics_route: bool = True,
     answer_request_id: bool = True,
 ) -> Starlette:
     """The OpenAI-compatible Images API over `api`, as an ASGI app. Each request gets
-    `request_timeout` seconds; uploaded files may be at most `max_upload_bytes` each (OpenAI's
-    limit is 4 MB). Under Ray Serve, `metrics_route` False leaves out GET /metrics (Ray exports
+    `request_timeout` seconds, of which its body may take `body_timeout` to arrive; uploaded
+    files may be at most `max_upload_bytes` each (OpenAI's limit is 4 MB, as the gRPC API's:
+    unclip.images.MAX_UPLOAD_BYTES). Under Ray Serve, `metrics_route` False leaves out GET /metrics (Ray exports
     this process's metrics itself) and `answer_request_id` False leaves the response's
     x-request-id to Ray's proxy, which puts the same id in the request's headers and answers it."""
-    handlers = _Handlers(api, max_upload_bytes, request_timeout)
+    handlers = _Handlers(api, max_upload_bytes, request_timeout, body_timeout)
     routes: list[BaseRoute] = [
         Route("/v1/images/generations", _openai_errors(handlers.generations), methods=["POST"]),
         Route("/v1/images/variations", _openai_errors(handlers.variations), methods=["POST"]),
@@ -532,7 +642,13 @@ def create_http_app(
         routes.append(Route("/metrics", _openai_errors(handlers.metrics), methods=["GET"]))
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(_ObservingMiddleware, routes, answer_request_id)],
+        # Outermost first: a request cancelled by its client is still observed (as 499, below).
+        # Keys are checked after a request is observed (a 401 is logged and counted) and before any work.
+        middleware=[
+            Middleware(_ObservingMiddleware, routes, answer_request_id),
+            Middleware(HTTPAuthMiddleware, api.access),
+            Middleware(_CancelOnDisconnect),
+        ],
         exception_handlers={HTTPException: _routing_error},
     )
     app.router.redirect_slashes = False  # "/v1/images/generations/" is an unknown URL, not a redirect

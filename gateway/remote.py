@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar, cast
 
 import grpc
 from google.protobuf.message import Message
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.trace import SpanKind
 
 from unclip import codec, observe, tracing
@@ -35,8 +37,10 @@ from unclip.transport import GRPC_OPTIONS
 from unclip.v1 import decoder_pb2
 
 R = TypeVar("R")
+log = logging.getLogger("unclip.gateway")
 Metadata = Sequence[tuple[str, str]]  # what a hop forwards: request id, trace context
 INFO_TIMEOUT_SECONDS = 5.0
+HEALTH_TIMEOUT_SECONDS = 2.0
 INFO_TTL_SECONDS = 30.0  # re-read what the stages serve now and then: they may be redeployed
 
 
@@ -58,19 +62,42 @@ def _stub(name: str, channel: grpc.aio.Channel) -> Any:
     return getattr(grpc_module(stage), f"{SERVICE_NAMES[stage]}Stub")(channel)
 
 
-class GrpcTransport:
-    """gRPC stubs on one channel per stage; `targets` maps each stage to its host:port."""
+def _channel(address: str, credentials: grpc.ChannelCredentials | None) -> grpc.aio.Channel:
+    if credentials is None:
+        return grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+    return grpc.aio.secure_channel(address, credentials, options=GRPC_OPTIONS)
 
-    def __init__(self, targets: Mapping[str, str]):
+
+class GrpcTransport:
+    """gRPC stubs on one channel per stage; `targets` maps each stage to its host:port. With
+    `credentials` (`unclip.tls.TlsFiles.channel_credentials`: the gateway's client certificate
+    and the stages' CA) every channel is TLS, as stages serving mutual TLS require."""
+
+    def __init__(self, targets: Mapping[str, str], credentials: grpc.ChannelCredentials | None = None):
         self.addresses = dict(targets)
-        self._channels = {stage: grpc.aio.insecure_channel(addr, options=GRPC_OPTIONS) for stage, addr in targets.items()}
+        self._channels = {stage: _channel(addr, credentials) for stage, addr in targets.items()}
         self._stubs = {stage: _stub(stage, channel) for stage, channel in self._channels.items()}
 
     async def close(self) -> None:
         await asyncio.gather(*(channel.close() for channel in self._channels.values()))
 
+    async def unreachable(self) -> list[str]:
+        """The stages whose health check does not answer SERVING within HEALTH_TIMEOUT_SECONDS."""
+
+        async def serving(channel: grpc.aio.Channel) -> bool:
+            try:
+                reply = await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=HEALTH_TIMEOUT_SECONDS
+                )
+            except grpc.aio.AioRpcError:
+                return False
+            return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+        answers = await asyncio.gather(*(serving(channel) for channel in self._channels.values()))
+        return [stage for stage, ok in zip(self._channels, answers, strict=True) if not ok]
+
     def _error(self, stage: str, error: grpc.aio.AioRpcError) -> UnclipError:
-        return error_for_status(error.code().name, f"{stage} service at {self.addresses[stage]}: {error.details()}")
+        return stage_error(stage, error.code().name, error.details() or "", f"at {self.addresses[stage]}")
 
     async def unary(self, stage: str, method: str, request: Message, timeout: float | None, metadata: Metadata) -> Message:
         try:
@@ -86,6 +113,29 @@ class GrpcTransport:
                 yield reply
         except grpc.aio.AioRpcError as error:
             raise self._error(stage, error) from None
+
+
+# Codes whose details a stage wrote about the request itself (which field, which limit): they
+# reach the caller. Other codes' details come from the transport (addresses, connection errors)
+# or from a failure inside the stage: the caller gets a plain sentence, the log the details.
+_CALLER_FACING = frozenset(
+    {"INVALID_ARGUMENT", "FAILED_PRECONDITION", "OUT_OF_RANGE", "RESOURCE_EXHAUSTED", "PERMISSION_DENIED", "UNAUTHENTICATED"}
+)
+_PLAIN = {
+    "UNAVAILABLE": "is unavailable; retry shortly",
+    "DEADLINE_EXCEEDED": "did not answer before the deadline",
+    "CANCELLED": "call was cancelled",
+}
+
+
+def stage_error(stage: str, status_name: str, details: str, where: str = "") -> UnclipError:
+    """The error a stage's failed call becomes at the gateway, with the stage's status code;
+    details that could name hosts, ports or internals are logged (under the request id), not
+    answered."""
+    if status_name in _CALLER_FACING:
+        return error_for_status(status_name, f"{stage} service: {details}")
+    log.warning("%s service %s failed with %s: %s", stage, where, status_name, details)
+    return error_for_status(status_name, f"{stage} service {_PLAIN.get(status_name, f'failed ({status_name})')}")
 
 
 def error_from_ray(where: str, error: BaseException) -> UnclipError:
@@ -193,6 +243,12 @@ class RemoteStages:
 
     async def close(self) -> None:
         await self.transport.close()
+
+    async def unreachable(self) -> list[str]:
+        """The stages that do not answer their health check ([] for transports that leave
+        health to their platform, as Ray Serve does)."""
+        check = getattr(self.transport, "unreachable", None)
+        return [] if check is None else await check()
 
     @staticmethod
     def _timeout(stage: str, deadline: float | None) -> float | None:

@@ -5,19 +5,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, cast
 
 from gateway.api import ImageAPI, RequestOptions, Result
+from gateway.streaming import PendingPreview, StreamEvents, preview_message
 from unclip import codec
 from unclip.errors import InvalidArgument, UnclipError
+from unclip.limits import time_remaining
 from unclip.parameters import GenerationParameters
 from unclip.pipeline import StageEvent
-from unclip.png import encode_png
 from unclip.serving import ServiceSpec, events_until_done, rpc, streaming_rpc
 from unclip.v1 import images_pb2, images_pb2_grpc
 
 log = logging.getLogger("unclip.gateway")
 STAGE_RETRY_SECONDS = 1.0
+STAGE_WATCH_SECONDS = 2.0  # how often the gateway checks its stages' health
 
 
 def parameters_from_proto(message: images_pb2.GenerationParameters) -> GenerationParameters:
@@ -45,7 +48,7 @@ def response_from_result(result: Result, delivery: images_pb2.Delivery) -> image
 
 def request_options(request: Any, context: Any, **callbacks: Any) -> RequestOptions:
     """How a request is served: its Delivery, and the deadline of its call."""
-    remaining = context.time_remaining()
+    remaining = time_remaining(context)  # the caller's, or the server's default deadline
     return RequestOptions(
         want_url=request.delivery.response_format == images_pb2.RESPONSE_FORMAT_URL,
         idempotency_key=request.delivery.idempotency_key or None,
@@ -68,6 +71,12 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
     def __init__(self, api: ImageAPI):
         self.api = api
 
+    def authorize(self, method: str, headers: Mapping[str, str]) -> None:
+        """Every RPC's caller, checked before its body runs (`unclip.serving.rpc`): with API keys
+        on, `authorization: Bearer <key>` or UNAUTHENTICATED (`gateway.auth`). Health checks and
+        reflection are other services, open to all."""
+        self.api.access.authenticate(headers)
+
     async def load(self) -> None:
         """Ready once every stage answers; until then health says NOT_SERVING."""
         while True:
@@ -79,6 +88,25 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
                 continue
             log.info("stages ready: sizes %s, models %s", info.output_sizes(), info.model_versions)
             return
+
+    async def watch(self, set_serving: Callable[[bool], Awaitable[None]]) -> None:
+        """Keep the gateway's health in step with the stages': NOT_SERVING while a stage it needs
+        does not answer its health check, SERVING once all do again (load balancers and
+        Kubernetes then send requests elsewhere instead of failing them)."""
+        check = getattr(self.api.backend, "unreachable", None)
+        if check is None:  # a backend without services of its own (in-process stages)
+            return
+        serving = True
+        while True:
+            await asyncio.sleep(STAGE_WATCH_SECONDS)
+            down = await check()
+            if bool(down) == serving:
+                serving = not down
+                if down:
+                    log.warning("not serving: unreachable stage(s) %s", ", ".join(down))
+                else:
+                    log.info("serving again: every stage answers")
+                await set_serving(serving)
 
     async def close(self) -> None:
         for resource in (self.api.backend, self.api.store):
@@ -93,22 +121,20 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
 
     @streaming_rpc
     async def GenerateStream(self, request, context):
-        events: asyncio.Queue = asyncio.Queue()
+        # Bounded however slowly the client reads: a waiting preview is replaced by a newer one.
+        events = StreamEvents()
 
         def on_preview(step: int, total: int, images) -> None:
-            pngs = [encode_png(pixels, {}) for pixels in images]
-            events.put_nowait(
-                images_pb2.GenerateStreamResponse(preview=images_pb2.Preview(step=step, total_steps=total, png=pngs))
-            )
+            events.put_preview(PendingPreview(step, total, images))
 
         def on_stage(event: StageEvent) -> None:
-            events.put_nowait(images_pb2.GenerateStreamResponse(progress=progress_from_event(event)))
+            events.put(images_pb2.GenerateStreamResponse(progress=progress_from_event(event)))
 
         options = request_options(request, context, on_stage=on_stage, on_preview=on_preview)
         task = asyncio.ensure_future(self.api.generate(parameters_from_proto(request.parameters), options))
         try:
             async for event in events_until_done(events, task):
-                yield event
+                yield await preview_message(event) if isinstance(event, PendingPreview) else event
             yield images_pb2.GenerateStreamResponse(result=response_from_result(await task, request.delivery))
         finally:
             task.cancel()  # the client went away: stop the chain (and, through gRPC, the stages)

@@ -39,6 +39,10 @@ class BackgroundServer:
     def wait_ready(self, timeout: float = 300.0) -> None:
         self._startup.result(timeout=timeout)
 
+    def call_soon(self, callback: Callable[[], object]) -> None:
+        """Run `callback` on the server's event loop (that loop's objects are not thread-safe)."""
+        self._loop.call_soon_threadsafe(callback)
+
     def __exit__(self, *exc_info: object) -> None:
         if self.server is not None:
             self._startup.cancel()

@@ -752,6 +752,8 @@ import unclip.client
 client = unclip.client.Client("127.0.0.1:1")
 client.close()
 unclip.client.AsyncClient("127.0.0.1:1")
+import unclip.tls  # the SDK's TLS options: documented for `credentials=`
+unclip.client.Client("127.0.0.1:1", credentials=unclip.tls.channel_credentials()).close()
 forbidden = ("torch", "unclip.stages", "unclip.serving", "unclip.local", "unclip.pipeline", "grpc_health.v1")
 loaded = [name for name in sys.modules if any(name == f or name.startswith(f + ".") for f in forbidden)]
 assert not loaded, loaded

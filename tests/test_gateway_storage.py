@@ -115,15 +115,18 @@ def test_idempotent_retry_returns_the_stored_result(gateway, s3_server, local_st
 
 def test_storage_outage_is_unavailable(s3_server, local_stages):
     dead = storage_config(s3_server, endpoint=f"127.0.0.1:{free_ports(1)[0]}")
-    with Gateway(local_stages, dead) as running, pytest.raises(grpc.RpcError) as info:
-        running.stub.Generate(generate_request(seed=1), timeout=120)
+    with Gateway(local_stages, dead) as running:
+        # Images in the answer still come: the result is not stored (logged).
+        assert running.stub.Generate(generate_request(seed=1), timeout=120).images[0].png
+        with pytest.raises(grpc.RpcError) as info:  # URLs cannot
+            running.stub.Generate(generate_request(seed=1, url=True), timeout=120)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert "unreachable" in info.value.details() and dead.endpoint in info.value.details()
+    assert "object store is unavailable" in info.value.details() and dead.endpoint not in info.value.details()
 
 
 def test_a_save_that_fails_part_way_leaves_nothing_in_the_bucket(gateway, s3_server, monkeypatch):
-    """The images reach the real store, then the record's write fails: the caller gets
-    UNAVAILABLE and the bucket holds nothing of the request."""
+    """The images reach the real store, then the record's write fails: a caller asking for URLs
+    gets UNAVAILABLE and the bucket holds nothing of the request."""
     client = gateway.store._client
     put_object = client.put_object
     written = []
@@ -137,7 +140,7 @@ def test_a_save_that_fails_part_way_leaves_nothing_in_the_bucket(gateway, s3_ser
     monkeypatch.setattr(client, "put_object", fail_on_the_record)
     before = objects_under(s3_server, "results/")
     with pytest.raises(grpc.RpcError) as info:
-        gateway.stub.Generate(generate_request(n=2, seed=31), timeout=120)
+        gateway.stub.Generate(generate_request(n=2, seed=31, url=True), timeout=120)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     assert len(written) == 2  # both images had landed before the record failed
     assert objects_under(s3_server, "results/") == before

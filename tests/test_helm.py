@@ -763,3 +763,184 @@ def test_rendered_serve_config_deploys_on_local_ray():
         serve.shutdown()
         ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+# -- draining a stopping Ray pod ---------------------------------------------------------------
+
+
+def _ray_pods(docs) -> list[tuple[str, dict]]:
+    return [(where, pod) for where, pod in pod_templates(docs) if where.startswith("RayService/")]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_ray_pods_outlast_the_serve_drain(preset):
+    """Kubernetes must not kill a Ray pod before its preStop sleep and Serve's drain are over,
+    and `ray stop` must give the replicas the drain the Serve config promises them."""
+    docs = rendered(preset)
+    drains = [d.get("graceful_shutdown_timeout_s", 20) for app in serve_config(docs)["applications"] for d in app["deployments"]]
+    for where, pod in _ray_pods(docs):
+        (container,) = pod["spec"]["containers"]
+        command = container["lifecycle"]["preStop"]["exec"]["command"][-1]
+        sleep = int(command.split("sleep ")[1].split(";")[0])
+        assert f"ray stop --grace-period {max(drains)}" in command, where
+        assert pod["spec"]["terminationGracePeriodSeconds"] > sleep + max(drains), where
+
+
+def test_a_longer_drain_lengthens_the_pods_grace():
+    docs = template("--set", "serve.applications.decoder.deployments[0].name=Decoder",
+                    "--set", "serve.applications.decoder.deployments[0].graceful_shutdown_timeout_s=120")  # fmt: skip
+    for where, pod in _ray_pods(docs):
+        assert pod["spec"]["terminationGracePeriodSeconds"] == 5 + 120 + 15, where
+
+
+# -- TLS on the gateway's public endpoints ---------------------------------------------------
+
+TLS_VALUES = (
+    "--set", "gateway.tls.enabled=true", "--set", "gateway.tls.certificate.create=true",
+    "--set", "gateway.tls.certificate.issuerRef.name=letsencrypt", "--set", "gateway.tls.certificate.dnsNames[0]=images.example.com",
+    "--set", "gateway.tls.certificate.renewBefore=360h",
+)  # fmt: skip
+
+
+def _ray_container(pod: dict) -> dict:
+    (container,) = pod["spec"]["containers"]
+    return container
+
+
+def test_gateway_https_from_a_secret_cert_manager_issues():
+    """Serve's HTTP proxy serves HTTPS with the Secret's tls.crt/tls.key, mounted on every Ray
+    node (a proxy runs on each); cert-manager's Certificate writes that Secret; workers get a
+    readiness probe that checks the proxy over HTTPS, since KubeRay's checks it over HTTP."""
+    from ray.serve.schema import ServeDeploySchema
+
+    docs = template(*TLS_VALUES)
+    http = serve_config(docs)["http_options"]
+    assert http == {"host": "0.0.0.0", "port": 8000, "ssl_certfile": "/etc/unclip/gateway-tls/tls.crt",
+                    "ssl_keyfile": "/etc/unclip/gateway-tls/tls.key"}  # fmt: skip
+    assert ServeDeploySchema.model_validate(serve_config(docs)).http_options.ssl_certfile == http["ssl_certfile"]
+    for where, pod in _ray_pods(docs):
+        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+        assert volumes["gateway-tls"]["secret"]["secretName"] == "rel-unclip-gateway-tls", where
+        assert volumes["gateway-tls"]["secret"]["defaultMode"] == 0o440, where  # the key: not world-readable
+        container = _ray_container(pod)
+        mounts = {m["name"]: m for m in container["volumeMounts"]}
+        assert mounts["gateway-tls"] == {"name": "gateway-tls", "mountPath": "/etc/unclip/gateway-tls", "readOnly": True}
+        if where.endswith("/head"):
+            assert "readinessProbe" not in container  # KubeRay's own, and the operator checks the head's proxy itself
+        else:
+            probe = " ".join(container["readinessProbe"]["exec"]["command"])
+            assert "https://localhost:8000/-/healthz" in probe and "local_raylet_healthz" in probe, where
+    (certificate,) = of_kind(docs, "Certificate")
+    assert certificate["apiVersion"] == "cert-manager.io/v1"
+    assert certificate["spec"]["secretName"] == "rel-unclip-gateway-tls"
+    assert certificate["spec"]["issuerRef"] == {"name": "letsencrypt", "kind": "ClusterIssuer", "group": "cert-manager.io"}
+    assert certificate["spec"]["dnsNames"] == ["images.example.com"] and certificate["spec"]["renewBefore"] == "360h"
+    assert "server auth" in certificate["spec"]["usages"]
+    (service,) = [doc for doc in of_kind(docs, "Service") if doc["metadata"]["name"] == "rel-unclip-gateway"]
+    ports = {port["name"]: port for port in service["spec"]["ports"]}
+    assert ports["http"]["appProtocol"] == "https"
+    assert ports["grpc"]["appProtocol"] == "kubernetes.io/h2c"  # Ray's gRPC proxy has no TLS
+
+    import kubernetes_validate
+
+    for doc in docs:
+        if not doc["apiVersion"].startswith((*CRD_API_GROUPS, "cert-manager.io/")):
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    errors = list(jsonschema.Draft7Validator(crd_schema()).iter_errors(rayservice(docs)))
+    assert not errors, [f"{'.'.join(map(str, e.path))}: {e.message}" for e in errors[:10]]
+
+
+def test_an_existing_tls_secret_and_the_default_without_tls():
+    docs = template("--set", "gateway.tls.enabled=true", "--set", "gateway.tls.secretName=my-cert")
+    assert not of_kind(docs, "Certificate")  # the Secret is yours (or another Certificate's)
+    for where, pod in _ray_pods(docs):
+        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+        assert volumes["gateway-tls"]["secret"]["secretName"] == "my-cert", where
+    plain = rendered("default")
+    assert "ssl_certfile" not in serve_config(plain)["http_options"]
+    assert not of_kind(plain, "Certificate")
+    for where, pod in _ray_pods(plain):
+        assert "gateway-tls" not in {v["name"] for v in pod["spec"]["volumes"]}, where
+        assert "readinessProbe" not in _ray_container(pod), where  # KubeRay injects its own
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (["--set", "gateway.tls.enabled=true", "--set", "ray.workerGroups.cpu.enabled=false"], "worker group"),
+        (["--set", "gateway.tls.enabled=true", "--set", "gateway.tls.certificate.create=true"], "issuerRef.name"),
+        ([*TLS_VALUES[:4], "--set", "gateway.tls.certificate.issuerRef.name=ca"], "dnsNames"),
+        (["--set", "gateway.tls.enabled=yes"], "/gateway/tls/enabled"),
+        (["--set", "gateway.tls.mountPath=relative"], "/gateway/tls/mountPath"),
+    ],
+)
+def test_tls_settings_that_are_refused(values, message):
+    result = helm("template", "rel", str(CHART), *values, check=False)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+
+
+# -- API keys ------------------------------------------------------------------------------------
+
+
+def test_api_keys_from_an_existing_secret():
+    """auth.existingSecret: the Secret is mounted as a directory on every Ray pod (no subPath, so
+    kubelet's updates reach the file and keys rotate without a restart), and the gateway app
+    reads its keys file there, with the quota defaults; the smoke test sends a key."""
+    from ray.serve.schema import ServeDeploySchema
+
+    docs = template(
+        "--set", "auth.existingSecret=unclip-keys", "--set", "auth.imagesPerMinute=30", "--set", "auth.maxConcurrentPerKey=2",
+        "--set", "tests.apiKeySecret.name=unclip-smoke-key",
+    )  # fmt: skip
+    config = serve_config(docs)
+    (gateway,) = [app for app in config["applications"] if app["name"] == "gateway"]
+    assert gateway["args"]["api_keys_file"] == "/etc/unclip/auth/keys.json"
+    assert (gateway["args"]["images_per_minute"], gateway["args"]["max_concurrent_per_key"]) == (30, 2)
+    for app in config["applications"]:
+        assert app["name"] == "gateway" or "api_keys_file" not in app.get("args", {})
+    ServeDeploySchema.model_validate(config)
+    for where, pod in _ray_pods(docs):
+        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+        assert volumes["api-keys"]["secret"] == {"secretName": "unclip-keys", "defaultMode": 0o440}, where
+        mounts = {m["name"]: m for m in _ray_container(pod)["volumeMounts"]}
+        assert mounts["api-keys"] == {"name": "api-keys", "mountPath": "/etc/unclip/auth", "readOnly": True}, where
+    (smoke,) = [doc for doc in of_kind(docs, "Pod") if doc["metadata"]["name"].endswith("-smoke")]
+    (env,) = smoke["spec"]["containers"][0]["env"]
+    assert env == {"name": "UNCLIP_API_KEY", "valueFrom": {"secretKeyRef": {"name": "unclip-smoke-key", "key": "api-key"}}}
+    with_keys = notes("--set", "auth.existingSecret=unclip-keys")
+    assert "WARNING: no API keys" not in with_keys and "Secret unclip-keys" in with_keys
+    assert "tests.apiKeySecret" in with_keys  # helm test needs a key too
+
+    import kubernetes_validate
+
+    for doc in docs:
+        if not doc["apiVersion"].startswith(CRD_API_GROUPS):
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    errors = list(jsonschema.Draft7Validator(crd_schema()).iter_errors(rayservice(docs)))
+    assert not errors, [f"{'.'.join(map(str, e.path))}: {e.message}" for e in errors[:10]]
+
+
+def test_no_api_keys_by_default():
+    docs = rendered("default")
+    (gateway,) = [app for app in serve_config(docs)["applications"] if app["name"] == "gateway"]
+    assert "api_keys_file" not in gateway["args"]
+    for where, pod in _ray_pods(docs):
+        assert "api-keys" not in {v["name"] for v in pod["spec"]["volumes"]}, where
+    (smoke,) = [doc for doc in of_kind(docs, "Pod") if doc["metadata"]["name"].endswith("-smoke")]
+    assert "env" not in smoke["spec"]["containers"][0]
+    assert "WARNING: no API keys" in notes()
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (["--set", "auth.imagesPerMinute=5"], "set auth.existingSecret"),
+        (["--set", "auth.existingSecret=k", "--set", "auth.maxConcurrentPerKey=0"], "/auth/maxConcurrentPerKey"),
+        (["--set", "auth.mountPath=relative"], "/auth/mountPath"),
+    ],
+)
+def test_auth_settings_that_are_refused(values, message):
+    result = helm("template", "rel", str(CHART), *values, check=False)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr

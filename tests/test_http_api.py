@@ -26,6 +26,7 @@ from starlette.testclient import TestClient
 
 from gateway.api import RequestOptions, Result, ResultImage
 from gateway.app import HTTPServer
+from gateway.auth import Access
 from gateway.http_api import MAX_JSON_BYTES, MAX_TEXT_FIELD_BYTES, create_http_app
 from unclip.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from unclip.parameters import GenerationParameters, parameters
@@ -72,6 +73,7 @@ class FakeImageAPI:
     calls: list[Call] = field(default_factory=list)
     error: Exception | None = None
     store: bool = True  # False: no object store, so no URLs
+    access: Access = field(default_factory=Access)  # as ImageAPI's: no API keys (tests/test_auth.py has them)
 
     def _result(self, call: Call) -> Result:
         self.calls.append(call)

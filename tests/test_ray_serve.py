@@ -10,6 +10,7 @@ import io
 import shutil
 import tempfile
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -39,7 +40,19 @@ from unclip.ray_apps import APP_NAMES, deploy, load_config
 from unclip.stage import GATEWAY, Stage
 from unclip.stages.batcher import compute_batches
 from unclip.transport import GRPC_OPTIONS
-from unclip.v1 import decoder_pb2, decoder_pb2_grpc, images_pb2, images_pb2_grpc, prior_pb2, prior_pb2_grpc, sampling_pb2
+from unclip.v1 import (
+    decoder_pb2,
+    decoder_pb2_grpc,
+    encoder_pb2,
+    encoder_pb2_grpc,
+    images_pb2,
+    images_pb2_grpc,
+    prior_pb2,
+    prior_pb2_grpc,
+    sampling_pb2,
+    upsampler_pb2,
+    upsampler_pb2_grpc,
+)
 
 # Starts a local Ray cluster.
 pytestmark = pytest.mark.slow
@@ -105,8 +118,13 @@ def renamed_apps(config: dict, suffix: str, stage_args) -> list[dict]:
 
 def batched_apps(config: dict) -> list[dict]:
     """At the compute batches of BATCHED, waiting long enough for concurrent test requests to
-    surely meet in a joint run."""
-    return renamed_apps(config, SUFFIX, lambda stage: {"compute_batch": COMPUTE_BATCHES[stage], "batch_wait_timeout_s": 0.5})
+    surely meet in a joint run; open to calls from outside (`allow_external_calls`), which the
+    tests of one stage make through the proxy (the shipped stage apps refuse them)."""
+    return renamed_apps(
+        config,
+        SUFFIX,
+        lambda stage: {"compute_batch": COMPUTE_BATCHES[stage], "batch_wait_timeout_s": 0.5, "allow_external_calls": True},
+    )
 
 
 KARLO = "-karlo"  # of a third set of applications, serving the imported tiny Karlo weights
@@ -124,8 +142,29 @@ class ServeCluster:
     metrics_port: int  # the node's Prometheus endpoint (Ray's metrics agent)
 
 
+KEYED = GATEWAY + "-keys"  # a gateway application that wants API keys (gateway.auth)
+
+
 @pytest.fixture(scope="module")
-def serve_cluster(karlo):
+def ray_api_keys(tmp_path_factory):
+    """(keys file, a key in it, its name) for the KEYED gateway app."""
+    from gateway.auth import KeysFile
+
+    keys_file = KeysFile(tmp_path_factory.mktemp("keys") / "keys.json")
+    _, key = keys_file.create("ray-caller")
+    return keys_file.path, key
+
+
+def keyed_gateway_app(config: dict, keys_file) -> dict:
+    """The shipped gateway app again, as KEYED, reading `keys_file`."""
+    app = copy.deepcopy(next(app for app in config["applications"] if app["name"] == GATEWAY))
+    app["name"], app["route_prefix"] = KEYED, "/" + KEYED
+    app["args"]["api_keys_file"] = str(keys_file)
+    return app
+
+
+@pytest.fixture(scope="module")
+def serve_cluster(karlo, ray_api_keys):
     """The shipped Serve config on a 2-CPU local Ray cluster, the same applications at compute
     batches of BATCHED (names ending in SUFFIX) and on imported Karlo weights (KARLO); yields
     where its proxies listen."""
@@ -136,6 +175,7 @@ def serve_cluster(karlo):
             deployment["autoscaling_config"]["max_replicas"] = 1
             deployment["ray_actor_options"]["num_cpus"] = 0.1
     config["applications"] += batched_apps(config) + imported_apps(config, karlo["weights"])
+    config["applications"].append(keyed_gateway_app(config, ray_api_keys[0]))
     metrics_port = free_port()
     ray.init(
         num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False, _metrics_export_port=metrics_port,
@@ -180,6 +220,32 @@ def test_generate_through_the_proxy_equals_in_process(ray_serve, local_stages):
         images = client.generate(PROMPTS[0], n=2, seed=7, size=128, **TINY_STEPS)
     assert [image.seed for image in images] == [7, 8]
     assert [image.png for image in images] == [image.png for image in expected]  # pixels and metadata
+
+
+def test_api_keys_under_ray_serve(serve_cluster, ray_api_keys):
+    """The gateway deployment reads its keys file from its args: both proxies pass the caller's
+    Authorization on, so gRPC and HTTP are checked alike; the health route stays open."""
+    _, key = ray_api_keys
+    request = images_pb2.GenerateRequest(
+        parameters=images_pb2.GenerationParameters(prompt=PROMPTS[0], seed=2, size=32, **TINY_STEPS)
+    )
+    with grpc.insecure_channel(serve_cluster.grpc_address, options=GRPC_OPTIONS) as channel:
+        for wrong in ((), (("authorization", "Bearer uk_000000000000_" + "z" * 43),)):
+            with pytest.raises(grpc.RpcError) as info:
+                images_pb2_grpc.ImageServiceStub(channel).Generate(request, metadata=(*metadata(KEYED), *wrong), timeout=120)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with Client(serve_cluster.grpc_address, application=KEYED, api_key=key, timeout=120) as client:
+        assert len(client.generate(PROMPTS[0], seed=2, size=32, **TINY_STEPS)) == 1
+    base = f"http://127.0.0.1:{serve_cluster.http_port}/{KEYED}"
+    refused = openai.OpenAI(base_url=base + "/v1", api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as http_info:
+        refused.images.generate(prompt=PROMPTS[0], size="32x32", response_format="b64_json")
+    assert http_info.value.code == "invalid_api_key"
+    client = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0)
+    answer = client.images.generate(prompt=PROMPTS[0], size="32x32", response_format="b64_json", extra_body=TINY_STEPS)
+    assert len(answer.data) == 1
+    with urllib.request.urlopen(base + "/healthz", timeout=30) as health:
+        assert health.status == 200
 
 
 def test_request_ids_come_back_through_the_grpc_proxy(channel):
@@ -379,8 +445,8 @@ def test_a_stage_error_keeps_its_status_code(channel):
         text_mask=codec.from_numpy(np.ones((1, 1), bool)),
         seeds=[1],
     )
-    with pytest.raises(grpc.RpcError) as raised:
-        prior_pb2_grpc.PriorServiceStub(channel).Sample(bad, metadata=metadata("prior"), timeout=30)
+    with pytest.raises(grpc.RpcError) as raised:  # a stage app open to outside calls (allow_external_calls)
+        prior_pb2_grpc.PriorServiceStub(channel).Sample(bad, metadata=metadata("prior" + SUFFIX), timeout=30)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "text_embeddings" in raised.value.details()
 
@@ -405,3 +471,35 @@ def test_handle_calls_respect_the_deadline(ray_serve, local_stages):
         await stages.close()
 
     asyncio.run(run())
+
+
+STAGE_PROTOS = {
+    "encoder": (encoder_pb2, encoder_pb2_grpc, "ClipEncoderService"),
+    "prior": (prior_pb2, prior_pb2_grpc, "PriorService"),
+    "decoder": (decoder_pb2, decoder_pb2_grpc, "DecoderService"),
+    "upsampler": (upsampler_pb2, upsampler_pb2_grpc, "UpsamplerService"),
+}
+
+
+def test_stage_apps_refuse_calls_from_outside_the_release(channel, ray_serve):
+    """Every RPC of every shipped stage app, routed by the gRPC proxy (a caller outside the
+    release), gets PERMISSION_DENIED before its request is even read; the gateway still reaches
+    the same apps through its Serve handles."""
+    refused = {}
+    for app, (messages, services, service) in STAGE_PROTOS.items():
+        stub = getattr(services, f"{service}Stub")(channel)
+        for method in messages.DESCRIPTOR.services_by_name[service].methods:
+            request = getattr(messages, f"{method.name}Request")()
+            try:
+                reply = getattr(stub, method.name)(request, metadata=metadata(app), timeout=30)
+                if method.server_streaming:
+                    list(reply)
+            except grpc.RpcError as error:
+                refused[f"{app}.{method.name}"] = (error.code(), "answers the gateway only" in (error.details() or ""))
+            else:
+                refused[f"{app}.{method.name}"] = (grpc.StatusCode.OK, False)
+    assert len(refused) == 10
+    assert refused == dict.fromkeys(refused, (grpc.StatusCode.PERMISSION_DENIED, True))
+    with Client(ray_serve, application=GATEWAY, timeout=120) as client:
+        (image,) = client.generate(PROMPTS[0], seed=11, size=32, **TINY_STEPS)
+    assert image.seed == 11

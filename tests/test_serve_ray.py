@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
+from unclip import certs
 from unclip.launcher import free_port
 from unclip.ray_apps import load_config
+from unclip.tls import GATEWAY_SERVER, CertificateDirectory
 
 # Starts a Ray cluster in a process of its own.
 pytestmark = pytest.mark.slow
@@ -62,8 +66,15 @@ def test_serve_ray_stops_the_cluster_it_started(tmp_path, signum):
     config["grpc_options"]["port"] = free_port()
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
+    # One of the runs also serves Ray's HTTP proxy over HTTPS (`--tls-cert`/`--tls-key`).
+    tls = CertificateDirectory(tmp_path / "certs") if signum == signal.SIGINT else None
+    tls_flags = []
+    if tls is not None:
+        certs.init(tls.path)
+        cert, key = tls.pair(GATEWAY_SERVER)
+        tls_flags = ["--tls-cert", str(cert), "--tls-key", str(key)]
     process = subprocess.Popen(
-        [sys.executable, "-m", "unclip", "serve", "ray", "--config", str(path)],
+        [sys.executable, "-m", "unclip", "serve", "ray", "--config", str(path), *tls_flags],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     output: list[str] = []
@@ -76,6 +87,12 @@ def test_serve_ray_stops_the_cluster_it_started(tmp_path, signum):
             assert process.poll() is None, "".join(output)
             assert time.monotonic() < deadline, "unclip serve ray did not serve within 240 s:\n" + "".join(output)
             time.sleep(0.5)
+        if tls is not None:
+            context = ssl.create_default_context(cafile=str(tls.ca))
+            url = f"https://127.0.0.1:{config['http_options']['port']}/-/healthz"
+            with urllib.request.urlopen(url, context=context, timeout=30) as response:
+                assert response.read() == b"success"
+            assert any("gRPC proxy serves plaintext" in line for line in output)
         # Everything the cluster runs descends from this process: GCS, raylet, workers, Serve's actors.
         started = _descendants(process.pid)
         assert {"gcs_server", "raylet"} <= set(started.values()), started

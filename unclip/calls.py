@@ -51,6 +51,7 @@ class ModelInfo:
     scale_factor: int = 0  # upsampler: output side / input side
     max_steps: int = 0  # diffusion stages: the upper bound for steps
     compute_batch: int = 1  # rows per network evaluation; images depend on it
+    default_steps: int = 0  # diffusion stages: the steps of a call that gives none
 
 
 class StageCall(Generic[R]):

@@ -65,9 +65,16 @@ class FailedPrecondition(UnclipError):
 
 
 class ResourceExhausted(UnclipError):
-    """Too much queued work; the caller should back off and retry."""
+    """Too much queued work; the caller should back off and retry.
+
+    `retry_after`: the seconds the server suggests waiting (HTTP answers it as Retry-After);
+    None when it suggests nothing."""
 
     status_name = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str = "", *, retry_after: float | None = None, **call: Any):
+        super().__init__(message, **call)
+        self.retry_after = retry_after
 
 
 class DeadlineExceeded(UnclipError):
@@ -88,9 +95,17 @@ class Unavailable(UnclipError):
     status_name = "UNAVAILABLE"
 
 
+class Unauthenticated(UnclipError):
+    """The call carries no API key, or one the gateway does not know.
+
+    Keys go in `authorization: Bearer <key>` metadata; `Client(api_key=...)` sends it."""
+
+    status_name = "UNAUTHENTICATED"
+
+
 _BY_STATUS: dict[str, type[UnclipError]] = {
     cls.status_name: cls
-    for cls in (InvalidArgument, FailedPrecondition, ResourceExhausted, DeadlineExceeded, Cancelled, Unavailable)
+    for cls in (InvalidArgument, FailedPrecondition, ResourceExhausted, DeadlineExceeded, Cancelled, Unavailable, Unauthenticated)
 }
 
 

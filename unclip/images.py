@@ -15,7 +15,8 @@ from PIL import Image
 
 from unclip.errors import InvalidArgument
 
-MAX_UPLOAD_BYTES = 8 * 1024 * 1024
+# Per uploaded image, in gRPC and HTTP alike (OpenAI's limit); the gateway's gRPC message limit follows from it.
+MAX_UPLOAD_BYTES = 4 * 1024 * 1024
 MAX_UPLOAD_PIXELS = 4096 * 4096
 UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP")
 

@@ -19,10 +19,18 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gateway.admission import GatewayLimits
 from unclip.stage import DEFAULT_GATEWAY_PORT, GATEWAY, Stage
 from unclip.stages.batcher import BatchSettings
+from unclip.tls import CertificateDirectory, channel_credentials
+from unclip.transport import SHUTDOWN_GRACE_SECONDS
 
-STOP_TIMEOUT_SECONDS = 15.0
+# Past its shutdown grace, how long a service gets to exit before it is killed.
+STOP_MARGIN_SECONDS = 10.0
+# A service that died is started again after 1, 2, 4 ... seconds, at most this many.
+MAX_RESTART_DELAY_SECONDS = 30.0
+# Up this long, a restarted service counts as healthy again: its next failure waits 1 s again.
+STABLE_SECONDS = 60.0
 
 
 def shared_cores_environment() -> dict[str, str]:
@@ -45,9 +53,12 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def check_health(address: str, timeout: float = 2.0) -> bool:
-    """True when the server at `address` reports SERVING for its overall health."""
-    with grpc.insecure_channel(address) as channel:
+def check_health(address: str, timeout: float = 2.0, credentials: grpc.ChannelCredentials | None = None) -> bool:
+    """True when the server at `address` reports SERVING for its overall health; `credentials`
+    for a server that serves TLS (a stage serving mutual TLS wants a client certificate its CA
+    signed: `unclip.tls.TlsFiles.channel_credentials`)."""
+    channel = grpc.insecure_channel(address) if credentials is None else grpc.secure_channel(address, credentials)
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
         except grpc.RpcError:
@@ -61,6 +72,10 @@ class ServiceProcess:
     address: str
     args: list[str]
     process: subprocess.Popen | None = field(default=None, repr=False)
+    restarts: int = 0  # times it was started again after dying
+    started_at: float = 0.0  # time.monotonic() of the last start
+    restart_at: float | None = None  # when it died: when it is due to start again
+    credentials: grpc.ChannelCredentials | None = field(default=None, repr=False)  # what a health check needs (TLS)
 
     def exited(self) -> bool:
         """Started, and no longer running."""
@@ -86,13 +101,24 @@ class LocalCluster:
     settings: dict[Stage, BatchSettings] | None = None  # each stage's compute batch and batching
     quiet: bool = False
     log_format: str = "text"  # each service's (unclip.logs)
+    shutdown_grace: float = SHUTDOWN_GRACE_SECONDS  # each service's, on stop
+    # A `unclip certs init` directory: the stages serve mutual TLS and accept only the gateway's
+    # client certificate; the gateway serves its public endpoints with TLS. None: plaintext.
+    tls_dir: Path | None = None
+    limits: GatewayLimits = field(default_factory=GatewayLimits)  # the gateway's; the stages take its default timeout
+    # More flags for the gateway: its API keys and quotas (`unclip.cli.auth_flags.gateway_args`).
+    gateway_flags: list[str] = field(default_factory=list)
     services: list[ServiceProcess] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         ports = self.stage_ports or {stage: stage.port_next_to(self.gateway_port) for stage in Stage}
-        addresses = {stage: f"{self.host}:{ports[stage]}" for stage in Stage}
+        # Bound to every interface, the services are reached over loopback: 0.0.0.0 is no address to
+        # connect to, nor a name a TLS certificate can carry.
+        connect_host = "127.0.0.1" if self.host == "0.0.0.0" else self.host
+        addresses = {stage: f"{connect_host}:{ports[stage]}" for stage in Stage}
         for stage in Stage:
             args = ["serve", stage.value, "--host", self.host, "--port", str(ports[stage]), "--log-format", self.log_format]
+            args += ["--shutdown-grace", str(self.shutdown_grace), *self.limits.serve_flags(gateway=False)]
             if self.metrics_port:
                 args += ["--metrics-port", str(stage.port_next_to(self.metrics_port))]
             if self.weights is not None:
@@ -113,25 +139,69 @@ class LocalCluster:
             str(self.http_port),
             "--log-format",
             self.log_format,
+            "--shutdown-grace",
+            str(self.shutdown_grace),
         ]
         gateway_args += [arg for stage in Stage for arg in (f"--{stage.value}", addresses[stage])]
-        self.services.append(ServiceProcess(GATEWAY, f"{self.host}:{self.gateway_port}", gateway_args))
+        gateway_args += self.limits.serve_flags(gateway=True)
+        gateway_args += self.gateway_flags
+        self.services.append(ServiceProcess(GATEWAY, f"{connect_host}:{self.gateway_port}", gateway_args))
+        if self.tls_dir is not None:
+            self._use_tls(CertificateDirectory(Path(self.tls_dir)))
+
+    def _use_tls(self, files: CertificateDirectory) -> None:
+        """Each service's TLS flags from `files`, and the credentials its health checks present:
+        a stage's, the gateway's client certificate (the launcher checks on the gateway's behalf);
+        the gateway's, its CA only (its public endpoints ask no client certificate)."""
+        *stages, gateway = self.services
+        for service in stages:
+            tls = files.stage_server(service.name)
+            service.args += ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key), "--tls-ca", str(tls.ca)]
+            service.credentials = files.gateway_client().channel_credentials()
+        client, public = files.gateway_client(), files.gateway_server()
+        gateway.args += ["--stage-tls-cert", str(client.cert), "--stage-tls-key", str(client.key)]
+        gateway.args += ["--stage-tls-ca", str(client.ca)]
+        gateway.args += ["--tls-cert", str(public.cert), "--tls-key", str(public.key)]
+        gateway.credentials = channel_credentials(ca=files.ca)
 
     @property
     def gateway_address(self) -> str:
         return self.services[-1].address
 
     def start(self) -> None:
-        output = subprocess.DEVNULL if self.quiet else None
         for service in self.services:
-            service.process = subprocess.Popen(
-                [sys.executable, "-m", "unclip", *service.args],
-                stdout=output,
-                stderr=output,
-                # Own process group: a terminal's Ctrl-C reaches the launcher, which stops them in order.
-                start_new_session=True,
-                env=shared_cores_environment(),
-            )
+            self._start(service)
+
+    def _start(self, service: ServiceProcess) -> None:
+        output = subprocess.DEVNULL if self.quiet else None
+        service.process = subprocess.Popen(
+            [sys.executable, "-m", "unclip", *service.args],
+            stdout=output,
+            stderr=output,
+            # Own process group: a terminal's Ctrl-C reaches the launcher, which stops them in order.
+            start_new_session=True,
+            env=shared_cores_environment(),
+        )
+        service.started_at = time.monotonic()
+        service.restart_at = None
+
+    def supervise(self, report=print) -> None:
+        """Start again every service that died, each after a backoff that doubles with each
+        death in a row (1 s, 2 s, 4 s ... at most MAX_RESTART_DELAY_SECONDS); the others keep
+        serving meanwhile, and the gateway's calls to a missing stage fail with UNAVAILABLE.
+        Call it now and then; `report` gets a line for each death and restart."""
+        now = time.monotonic()
+        for service in self.services:
+            if service.restart_at is None and service.exited():
+                if now - service.started_at >= STABLE_SECONDS:
+                    service.restarts = 0
+                delay = min(MAX_RESTART_DELAY_SECONDS, 2.0**service.restarts)
+                service.restart_at = now + delay
+                report(f"unclip: {service.name} exited with code {service.returncode}; starting it again in {delay:g} s")
+            elif service.restart_at is not None and now >= service.restart_at:
+                service.restarts += 1
+                self._start(service)
+                report(f"unclip: {service.name} started again (restart {service.restarts})")
 
     def wait_ready(self, timeout: float = 300.0) -> None:
         deadline = time.monotonic() + timeout
@@ -140,27 +210,27 @@ class LocalCluster:
             for service in list(pending):
                 if service.exited():
                     raise RuntimeError(f"{service.name} exited with code {service.returncode} while starting")
-                if check_health(service.address):
+                if check_health(service.address, credentials=service.credentials):
                     pending.remove(service)
             if pending and time.monotonic() > deadline:
                 raise TimeoutError(f"not healthy after {timeout:.0f}s: {[s.name for s in pending]}")
             time.sleep(0.2)
 
-    def failed(self) -> ServiceProcess | None:
-        """A service that has exited although nobody stopped it."""
-        return next((s for s in self.services if s.exited()), None)
-
     def stop(self) -> None:
-        running = [s.process for s in self.services if s.process is not None and s.process.poll() is None]
-        for process in reversed(running):  # the gateway first, so it stops taking requests
-            process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
-        for process in running:
-            try:
-                process.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        """Drain the gateway first, while the stages still answer its requests in flight, then
+        the stages; each gets its shutdown grace (and a margin) before it is killed."""
+        gateway, stages = self.services[-1], self.services[:-1]
+        for group in ([gateway], stages):
+            running = [s.process for s in group if s.process is not None and s.process.poll() is None]
+            for process in running:
+                process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + self.shutdown_grace + STOP_MARGIN_SECONDS
+            for process in running:
+                try:
+                    process.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
 
     def __enter__(self) -> LocalCluster:
         self.start()

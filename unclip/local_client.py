@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from gateway.admission import GatewayLimits
 from gateway.api import ImageAPI
 from gateway.servicer import ImageServicer
 from unclip.client.operations import Operations
@@ -48,7 +49,9 @@ class LocalClient(Operations[list[GeneratedImage], Animation, Iterator[StreamEve
         self.stages = stages if stages is not None else LocalStages.load(weights)
         if progress is not None:
             self.stages.progress = lambda step, total, x0: progress(step, total)
-        self.servicer = ImageServicer(ImageAPI(self.stages))
+        # The caller's own machine: none of a shared gateway's admission limits (gateway.admission).
+        unlimited = GatewayLimits(max_concurrent_requests=None, max_request_cost=None, default_timeout=None)
+        self.servicer = ImageServicer(ImageAPI(self.stages, limits=unlimited))
         self.timeout = check_timeout(timeout)
 
     def _context(self, timeout: Timeout) -> HopContext:

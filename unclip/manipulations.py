@@ -35,7 +35,7 @@ def slerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
     return (unit * ((1 - t) * norms[0] + t * norms[1])).astype(np.float32)
 
 
-def _check_frames(frames: int) -> None:
+def check_frames(frames: int) -> None:
     if not 2 <= frames <= MAX_FRAMES:
         raise InvalidArgument(f"frames: must be between 2 and {MAX_FRAMES}, got {frames}")
 
@@ -53,7 +53,7 @@ async def variations(
     embedding = await run.encode_images(image[None])
     await run.finished(Stage.ENCODER)
     images = await run.decode_and_upsample(np.repeat(embedding, params.n, axis=0), None)
-    return run.results(images, {})
+    return await run.results(images, {})
 
 
 async def interpolate(
@@ -68,7 +68,7 @@ async def interpolate(
 ) -> list[GeneratedImage]:
     """`frames` images whose embeddings slerp from the first input's to the second's. Every
     frame uses the same seed, so only the embedding changes from frame to frame."""
-    _check_frames(frames)
+    check_frames(frames)
     if (images is None) == (prompts is None):
         raise InvalidArgument("interpolate: give either two images or two prompts")
     if prompts is not None and not all(p.strip() for p in prompts):
@@ -94,7 +94,7 @@ async def interpolate(
         description = {"prompts": list(prompts)}
     embeddings = slerp(ends[0], ends[1], np.linspace(0.0, 1.0, frames))
     pixels = await run.decode_and_upsample(embeddings, None)
-    return run.results(pixels, description)
+    return await run.results(pixels, description)
 
 
 async def text_diff(
@@ -111,7 +111,7 @@ async def text_diff(
 ) -> list[GeneratedImage]:
     """DALL-E 2 text diffs: rotate the image embedding toward the normalised difference of the
     target and current caption embeddings, from 0 to max_rotation of the arc between them."""
-    _check_frames(frames)
+    check_frames(frames)
     if not caption.strip() or not target_caption.strip():
         raise InvalidArgument("caption and target_caption: must not be empty")
     if not 0.0 < max_rotation <= 1.0:
@@ -138,4 +138,4 @@ async def text_diff(
     toward = diff / norm * np.linalg.norm(image_embedding)
     embeddings = slerp(image_embedding, toward, np.linspace(0.0, max_rotation, frames))
     pixels = await run.decode_and_upsample(embeddings, None)
-    return run.results(pixels, {"caption": caption, "target_caption": target_caption})
+    return await run.results(pixels, {"caption": caption, "target_caption": target_caption})

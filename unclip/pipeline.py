@@ -9,6 +9,7 @@ and seed give the same pixels either way. This module imports neither torch nor 
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -38,6 +39,8 @@ class PipelineInfo:
     model_versions: dict[str, str]
     # Rows per network evaluation of each stage, keyed as model_versions: images depend on it.
     compute_batches: dict[str, int] = field(default_factory=dict)
+    # Steps each diffusion stage takes when a request gives none, keyed as model_versions.
+    default_steps: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_models(cls, encoder: ModelInfo, prior: ModelInfo, decoder: ModelInfo, upsamplers: list[ModelInfo]) -> PipelineInfo:
@@ -51,6 +54,7 @@ class PipelineInfo:
             [info.scale_factor for info in upsamplers],
             {key: info.version for key, info in models.items()},
             {key: info.compute_batch for key, info in models.items()},
+            {key: info.default_steps for key, info in models.items() if info.default_steps},
         )
 
     def output_sizes(self) -> list[int]:
@@ -266,8 +270,13 @@ class Run:
             await self.finished(Stage.UPSAMPLER, index)
         return images
 
-    def results(self, images: np.ndarray, description: dict[str, Any]) -> list[GeneratedImage]:
-        """PNGs carrying what produced them: the operation, its inputs, seed, settings, models."""
+    async def results(self, images: np.ndarray, description: dict[str, Any]) -> list[GeneratedImage]:
+        """PNGs carrying what produced them: the operation, its inputs, seed, settings, models.
+        Encoded on a worker thread: a batch of large PNGs would hold up every other request
+        on the event loop."""
+        return await asyncio.to_thread(self._results, images, description)
+
+    def _results(self, images: np.ndarray, description: dict[str, Any]) -> list[GeneratedImage]:
         settings = {key: value for key, value in asdict(self.params).items() if key not in ("prompt", "seed", "n")}
         settings["size"] = self.size
         results = []
@@ -303,4 +312,4 @@ async def generate(
     text = (await run.encode_prompts([params.prompt])).repeat(params.n)
     embeddings = await run.sample_prior(text)
     images = await run.decode_and_upsample(embeddings, text, inpaint=inpaint, on_preview=on_preview)
-    return run.results(images, {"prompt": params.prompt})
+    return await run.results(images, {"prompt": params.prompt})

@@ -1,8 +1,11 @@
 """Ray Serve applications: each stage service and the gateway as its own Serve application.
 
-The stages answer the same gRPC services as in local mode (through Ray Serve's gRPC proxy; the
-`application` metadata key picks the app) and the gateway reaches them through Serve handles
-with the same protobuf messages (`gateway.remote.RayTransport`). The gateway also serves the
+The stages implement the same gRPC services as in local mode and the gateway reaches them
+through Serve handles with the same protobuf messages (`gateway.remote.RayTransport`). Ray's gRPC
+proxy routes any `application` metadata, but a stage app answers calls it routes from outside
+with PERMISSION_DENIED (unless its args say `allow_external_calls: true`): callers outside the
+release reach only the gateway, the way stages served locally accept only the gateway's client
+certificate (`unclip.tls`). The gateway also serves the
 OpenAI-compatible HTTP API (`gateway.http_api`) through Serve's HTTP proxy, at route prefix `/`.
 Everything model-related is the local-mode servicers' and engines' (batching included: each
 replica's `Batcher` groups concurrent calls into joint runs at the stage's compute batch); this
@@ -13,6 +16,7 @@ at runtime to validate a config's `args`.
 """
 
 import importlib
+import logging
 import os
 import sys
 import time
@@ -30,18 +34,24 @@ from ray.serve import Application
 
 from decoder_svc.servicer import DecoderServicer, UpsamplerServicer
 from encoder_svc.servicer import ClipEncoderServicer
+from gateway.admission import DEFAULT_BODY_TIMEOUT_SECONDS, DEFAULT_MAX_CONCURRENT_REQUESTS, GatewayLimits
 from gateway.api import ImageAPI
+from gateway.auth import Access
 from gateway.http_api import create_http_app
+from gateway.quotas import QuotaLimits
 from gateway.remote import RayTransport, RemoteStages
 from gateway.servicer import ImageServicer
 from prior_svc.servicer import PriorServicer
-from unclip import metrics, tracing
+from unclip import metrics, settings, tracing
+from unclip.cost import DEFAULT_MAX_REQUEST_COST
+from unclip.errors import error_for_status
 from unclip.serving import HopContext, StageServicer
 from unclip.stage import GATEWAY, SERVICE_NAMES
 from unclip.stages.batcher import BatchSettings
 from unclip.storage import ResultStore, StorageConfig
 
 APP_NAMES = (*SERVICE_NAMES, GATEWAY)
+log = logging.getLogger("unclip.ray")
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "serve.yaml"
 # Ray bounds each replica's queue (max_ongoing_requests, max_queued_requests); the servicers'
 # own limit must never be the one that answers RESOURCE_EXHAUSTED.
@@ -89,7 +99,15 @@ class _Stage:
 
     SERVICER: type[StageServicer]
 
-    def __init__(self, checkpoint: str | None, compute_batch: int, max_batch_size: int, batch_wait_timeout_s: float):
+    def __init__(
+        self,
+        checkpoint: str | None,
+        compute_batch: int,
+        max_batch_size: int,
+        batch_wait_timeout_s: float,
+        allow_external_calls: bool = False,
+    ):
+        self.allow_external_calls = allow_external_calls
         # Ray bounds each replica's queue (max_ongoing_requests, max_queued_requests); the
         # batcher's own limit must never be the one that answers RESOURCE_EXHAUSTED.
         settings = BatchSettings(compute_batch, max_batch_size, batch_wait_timeout_s, max_pending=UNBOUNDED_PENDING)
@@ -98,6 +116,14 @@ class _Stage:
         self.servicer.load()
 
     def context(self, grpc_context: Any, timeout_s: float | None, metadata: dict[str, str] | None) -> HopContext:
+        if grpc_context is not None and not self.allow_external_calls:
+            # Only Ray's gRPC proxy passes a grpc_context, for a caller outside the release; the
+            # gateway's handle calls pass none. The proxy answers with the code set here.
+            details = f"the {self.SERVICER.STAGE.value} application answers the gateway only; call the gateway application"
+            log.warning("refused a call routed by the gRPC proxy to the %s application", self.SERVICER.STAGE.value)
+            grpc_context.set_code(grpc.StatusCode.PERMISSION_DENIED)
+            grpc_context.set_details(details)
+            raise error_for_status(grpc.StatusCode.PERMISSION_DENIED.name, details)
         return HopContext(grpc_context, timeout_s, metadata=metadata)
 
     async def stats(self) -> dict[str, Any]:
@@ -155,18 +181,37 @@ class GatewayDeployment:
     methods below) and its OpenAI-compatible HTTP API through Serve's HTTP proxy, both over
     one ImageAPI, as in `unclip serve gateway`."""
 
-    def __init__(self, encoder: str, prior: str, decoder: str, upsamplers: list[str], request_timeout_s: float):
+    def __init__(
+        self,
+        encoder: str,
+        prior: str,
+        decoder: str,
+        upsamplers: list[str],
+        request_timeout_s: float,
+        limits: GatewayLimits = GatewayLimits(),
+        api_keys_file: str | None = None,
+        quota_defaults: QuotaLimits = QuotaLimits(),
+    ):
         _observe_replica(GATEWAY)
         storage = StorageConfig.from_env()  # UNCLIP_S3_* in the app's runtime_env
         backend = RemoteStages(encoder, prior, decoder, upsamplers, transport=RayTransport)
-        self.api = ImageAPI(backend, None if storage is None else ResultStore(storage))
+        # Each replica admits its own max_concurrent_requests; Ray's max_ongoing_requests bounds
+        # what reaches it, so keep it at least as high or Ray queues what this would refuse.
+        self.limits = limits
+        # The keys file is read on the replica's node (a Secret mounted on every node under Helm);
+        # both proxies pass the caller's Authorization on, so gRPC and HTTP are checked here alike.
+        access = Access.from_file(api_keys_file or settings.API_KEYS_FILE.get(), quota_defaults)
+        self.api = ImageAPI(backend, None if storage is None else ResultStore(storage), limits, access)
         self.servicer = ImageServicer(self.api)
         self.request_timeout_s = request_timeout_s
 
     def __serve_build_asgi_app__(self) -> Any:
         # No GET /metrics: this replica's metrics go out through Ray's exporter (metrics.use_ray_serve),
         # on each Ray node's metrics port.
-        return create_http_app(self.api, request_timeout=self.request_timeout_s, metrics_route=False, answer_request_id=False)
+        return create_http_app(
+            self.api, request_timeout=self.request_timeout_s, body_timeout=self.limits.body_timeout, metrics_route=False,
+            answer_request_id=False,
+        )  # fmt: skip
 
     def context(self, grpc_context: Any, timeout_s: float | None, metadata: dict[str, str] | None) -> HopContext:
         # The proxy does not pass the caller's gRPC deadline on: the request timeout (the same
@@ -189,6 +234,9 @@ class StageArgs(BaseModel):
     compute_batch: int = 1  # rows per network evaluation; images depend on it (1: row by row)
     max_batch_size: int = 8  # requests per joint run; keep the deployment's max_ongoing_requests at least this
     batch_wait_timeout_s: float = 0.01  # how long a run's first request waits for company
+    # false: calls routed to the app by the gRPC proxy (from outside the release) get
+    # PERMISSION_DENIED, only the gateway's handle calls are answered; true opens it, for debugging.
+    allow_external_calls: bool = False
 
 
 class GatewayArgs(BaseModel):
@@ -196,7 +244,16 @@ class GatewayArgs(BaseModel):
     prior: str = "prior"
     decoder: str = "decoder"
     upsamplers: list[str] = ["upsampler"]
-    request_timeout_s: float = 600.0
+    request_timeout_s: float = 600.0  # also the deadline of gRPC calls: the proxy does not pass the caller's on
+    # Admission control (gateway.admission), per replica; null: no limit.
+    max_concurrent_requests: int | None = DEFAULT_MAX_CONCURRENT_REQUESTS
+    max_request_cost: int | None = DEFAULT_MAX_REQUEST_COST
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_SECONDS  # an HTTP body that takes longer gets 408
+    # API keys (gateway.auth): the keys file's path on every node (null: UNCLIP_API_KEYS_FILE in
+    # the app's runtime_env, or no keys); per-key quota defaults, counted per replica (null: none).
+    api_keys_file: str | None = None
+    images_per_minute: int | None = None
+    max_concurrent_per_key: int | None = None
 
 
 def _bind(deployment: Any, *init: Any) -> Application:
@@ -206,7 +263,10 @@ def _bind(deployment: Any, *init: Any) -> Application:
 
 
 def _stage_app(deployment: Any, args: StageArgs) -> Application:
-    return _bind(deployment, args.checkpoint, args.compute_batch, args.max_batch_size, args.batch_wait_timeout_s)
+    return _bind(
+        deployment, args.checkpoint, args.compute_batch, args.max_batch_size, args.batch_wait_timeout_s,
+        args.allow_external_calls,
+    )  # fmt: skip
 
 
 def encoder_app(args: StageArgs) -> Application:
@@ -226,7 +286,17 @@ def upsampler_app(args: StageArgs) -> Application:
 
 
 def gateway_app(args: GatewayArgs) -> Application:
-    return _bind(GatewayDeployment, args.encoder, args.prior, args.decoder, args.upsamplers, args.request_timeout_s)
+    limits = GatewayLimits(
+        max_concurrent_requests=args.max_concurrent_requests,
+        max_request_cost=args.max_request_cost,
+        default_timeout=args.request_timeout_s,
+        body_timeout=args.body_timeout_s,
+    )
+    quotas = QuotaLimits(args.images_per_minute, args.max_concurrent_per_key)
+    return _bind(
+        GatewayDeployment, args.encoder, args.prior, args.decoder, args.upsamplers, args.request_timeout_s, limits,
+        args.api_keys_file, quotas,
+    )  # fmt: skip
 
 
 # -- deploying a config ----------------------------------------------------------------------

@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, NoReturn, TypeVar
+from typing import Any, ClassVar, NoReturn, Protocol, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -26,22 +26,57 @@ from unclip import metrics, observe, tracing
 from unclip.calls import StageCall, grpc_module, service_full_name
 from unclip.cancel import CancelToken
 from unclip.errors import Unavailable, UnclipError, error_for_status
+from unclip.limits import DEFAULT_TIMEOUT_SECONDS, RequestGuard, server_options, stage_request_bytes, time_remaining
 from unclip.stage import Stage
 from unclip.stages import load_engine
 from unclip.stages.batcher import Batcher, BatchSettings
-from unclip.transport import GRPC_OPTIONS
+from unclip.transport import MAX_MESSAGE_BYTES, SHUTDOWN_GRACE_SECONDS
 
 log = logging.getLogger("unclip.serving")
 T = TypeVar("T")
-SHUTDOWN_GRACE_SECONDS = 5.0
 
 
 async def abort_with(context: grpc.aio.ServicerContext, error: Exception) -> None:
     """Answer with the status code the error stands for (INTERNAL for anything unexpected)."""
     if isinstance(error, UnclipError):
-        await context.abort(grpc.StatusCode[error.status_name], str(error))
-    log.exception("unexpected error", exc_info=error)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}")
+        await context.abort(grpc.StatusCode[error.status_name], str(error), _retry_trailers(error))
+    log.exception("unexpected error", exc_info=error)  # with the request id (unclip.logs)
+    # The caller gets no internals (exception text may name paths, hosts or data): the id finds the log.
+    await context.abort(
+        grpc.StatusCode.INTERNAL,
+        f"internal error; the server log has the details under request id {observe.current_request_id()}",
+    )
+
+
+def _retry_trailers(error: UnclipError) -> tuple[tuple[str, str | bytes], ...]:
+    """For an error that says when to retry (`ResourceExhausted.retry_after`): trailing metadata
+    that carries it as a google.rpc.RetryInfo detail (clients read it with
+    grpc_status.rpc_status.from_call), and the request id, which it replaces; else none."""
+    retry_after = getattr(error, "retry_after", None)
+    if retry_after is None:
+        return ()
+    import math
+
+    from google.protobuf import any_pb2, duration_pb2
+    from google.rpc import error_details_pb2, status_pb2
+    from grpc_status import rpc_status
+
+    delay = duration_pb2.Duration()
+    delay.FromMilliseconds(math.ceil(retry_after * 1000))
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    code = grpc.StatusCode[error.status_name].value[0]
+    status = rpc_status.to_status(status_pb2.Status(code=code, message=str(error), details=[detail]))
+    request_id = observe.current_request_id()
+    return (*([(observe.REQUEST_ID_HEADER, request_id)] if request_id else []), *status.trailing_metadata)
+
+
+def _authorize(servicer: Any, method: str, context: Any) -> None:
+    """A servicer with an `authorize(method, headers)` (the gateway's: API keys) checks each call
+    before its body runs; it raises the error to answer with (UNAUTHENTICATED)."""
+    authorize = getattr(servicer, "authorize", None)
+    if authorize is not None:
+        authorize(method, _invocation_headers(context))
 
 
 def _status_name(error: BaseException, context: Any) -> str:
@@ -86,6 +121,7 @@ def rpc(method):
     @functools.wraps(method)
     async def wrapper(self, request, context):
         async with _answering(wrapper.__name__, context):
+            _authorize(self, wrapper.__name__, context)
             return await method(self, request, context)
 
     return wrapper
@@ -97,13 +133,24 @@ def streaming_rpc(method):
     @functools.wraps(method)
     async def wrapper(self, request, context):
         async with _answering(wrapper.__name__, context):
+            _authorize(self, wrapper.__name__, context)
             async for item in method(self, request, context):
                 yield item
 
     return wrapper
 
 
-async def events_until_done(events: asyncio.Queue, task: asyncio.Future) -> AsyncIterator[Any]:
+class EventQueue(Protocol):
+    """What `events_until_done` reads: an asyncio.Queue, or gateway.streaming.StreamEvents."""
+
+    async def get(self) -> Any: ...
+
+    def empty(self) -> bool: ...
+
+    def get_nowait(self) -> Any: ...
+
+
+async def events_until_done(events: EventQueue, task: asyncio.Future) -> AsyncIterator[Any]:
     """Yield what `task` puts on `events` while it runs, then whatever is still queued.
 
     For server-streaming RPCs whose progress comes from a running computation; the caller
@@ -151,11 +198,13 @@ class HopContext:
     def time_remaining(self) -> float | None:
         return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
 
-    async def abort(self, code: grpc.StatusCode, details: str) -> NoReturn:
+    async def abort(self, code: grpc.StatusCode, details: str, trailing_metadata: Any = ()) -> NoReturn:
         if self.grpc_context is not None:
             # The proxy answers with the code set here (Serve carries it in a gRPCStatusError).
             self.grpc_context.set_code(code)
             self.grpc_context.set_details(details)
+            if trailing_metadata:
+                self.grpc_context.set_trailing_metadata(list(trailing_metadata))
         # A handle caller receives this error inside a RayTaskError and maps it back to its code.
         raise error_for_status(code.name, details)
 
@@ -193,7 +242,7 @@ class StageServicer:
         if not call.QUEUED:
             return call.run(engine)
         assert self.batcher is not None
-        return await self.batcher.submit(call, CancelToken.with_timeout(context.time_remaining()), progress)
+        return await self.batcher.submit(call, CancelToken.with_timeout(time_remaining(context)), progress)
 
     def close(self) -> None:
         if self.batcher is not None:
@@ -222,10 +271,17 @@ def stage_server(
     port: int = 0,
     settings: BatchSettings = BatchSettings(),
     metrics_port: int | None = None,
+    credentials: grpc.ServerCredentials | None = None,
+    default_timeout: float | None = DEFAULT_TIMEOUT_SECONDS,
 ) -> Server:
     """A Server for one stage's service (build it inside the running loop), with its metrics
-    over HTTP on `metrics_port` when given (0: any free port)."""
-    server = Server(servicer_class(stage)(checkpoint, settings=settings), [ServiceSpec.of_stage(stage)], host=host, port=port)
+    over HTTP on `metrics_port` when given (0: any free port); with `credentials`, over TLS only.
+    It receives at most the stage's largest valid request (`unclip.limits.stage_request_bytes`)."""
+    servicer = servicer_class(stage)(checkpoint, settings=settings)
+    server = Server(
+        servicer, [ServiceSpec.of_stage(stage)], host=host, port=port, credentials=credentials,
+        max_receive_bytes=stage_request_bytes(stage), default_timeout=default_timeout,
+    )  # fmt: skip
     if metrics_port is not None:
         server.serve_metrics(host, metrics_port)
     return server
@@ -259,10 +315,24 @@ class ServiceSpec:
 class Server:
     """A grpc.aio server with health (NOT_SERVING until `load` has finished) and reflection."""
 
-    def __init__(self, servicer: Any, services: Iterable[ServiceSpec], *, host: str = "127.0.0.1", port: int = 0):
+    def __init__(
+        self,
+        servicer: Any,
+        services: Iterable[ServiceSpec],
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        credentials: grpc.ServerCredentials | None = None,
+        max_receive_bytes: int = MAX_MESSAGE_BYTES,
+        default_timeout: float | None = DEFAULT_TIMEOUT_SECONDS,
+    ):
+        """`credentials` (`unclip.tls.TlsFiles.server_credentials`): serve TLS only, on the one
+        port; None: plaintext. Requests are checked first (`unclip.limits`): at most
+        `max_receive_bytes` each, parsed or refused with INVALID_ARGUMENT, and given
+        `default_timeout` seconds when they come without a deadline (None: no deadline)."""
         self.servicer = servicer
         self.services = list(services)
-        self.server = grpc.aio.server(options=GRPC_OPTIONS)
+        self.server = grpc.aio.server(options=server_options(max_receive_bytes), interceptors=[RequestGuard(default_timeout)])
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         for spec in self.services:
@@ -270,13 +340,19 @@ class Server:
         names = [spec.full_name for spec in self.services]
         reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
         self.address = f"{host}:{port}"
-        self.port = self.server.add_insecure_port(self.address)
+        if credentials is None:
+            self.port = self.server.add_insecure_port(self.address)
+        else:
+            self.port = self.server.add_secure_port(self.address, credentials)
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.address}")
         self.address = f"{host}:{self.port}"
         self.ready = asyncio.Event()
         # Companion servers sharing this process and loop (the gateway's HTTP API): (start, stop).
-        self.companions: list[tuple[Callable[[], Awaitable[None]], Callable[[], Awaitable[None]]]] = []
+        # Each stop takes the grace its requests in flight get.
+        self.companions: list[tuple[Callable[[], Awaitable[None]], Callable[[float], Awaitable[None]]]] = []
+        self.shutdown_grace = SHUTDOWN_GRACE_SECONDS
+        self._watching: asyncio.Task[None] | None = None
         self.metrics_address: str | None = None
 
     def serve_metrics(self, host: str, port: int) -> None:
@@ -294,7 +370,13 @@ class Server:
             self.metrics_address = f"{host}:{runner.addresses[0][1]}"
             log.info("metrics on http://%s/metrics", self.metrics_address)
 
-        self.companions.append((start, runner.cleanup))
+        async def stop(grace: float) -> None:
+            await runner.cleanup()  # a scrape is short: nothing to drain
+
+        self.companions.append((start, stop))
+
+    async def _set_serving(self, serving: bool) -> None:
+        await self._set_all(health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def _set_all(self, status: int) -> None:
         for name in ["", *(spec.full_name for spec in self.services)]:
@@ -312,22 +394,31 @@ class Server:
             await asyncio.to_thread(self.servicer.load)
         await self._set_all(health_pb2.HealthCheckResponse.SERVING)
         self.ready.set()
+        watch = getattr(self.servicer, "watch", None)
+        if watch is not None:  # a servicer whose health depends on others' (the gateway's on the stages')
+            self._watching = asyncio.create_task(watch(self._set_serving))
         log.info("serving %s on %s", ", ".join(spec.full_name for spec in self.services), self.address)
 
-    async def stop(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: health turns NOT_SERVING, new calls are refused, calls in flight get `grace`
+        seconds (default `shutdown_grace`) to finish, then the rest are cancelled."""
+        grace = self.shutdown_grace if grace is None else grace
+        if self._watching is not None:
+            self._watching.cancel()
         await self.health.enter_graceful_shutdown()
-        for _, stop_companion in reversed(self.companions):
-            await stop_companion()
-        await self.server.stop(grace)
+        # gRPC and the companions (the HTTP API) drain at once: their graces do not add up.
+        await asyncio.gather(self.server.stop(grace), *(stop(grace) for _, stop in reversed(self.companions)))
         result = self.servicer.close()
         if inspect.isawaitable(result):
             await result
 
 
-async def serve_forever(make_server: Callable[[], Server]) -> None:
+async def serve_forever(make_server: Callable[[], Server], *, shutdown_grace: float | None = None) -> None:
     """Build the server inside the running loop (grpc.aio binds to it), start it, and stop
-    gracefully on SIGINT or SIGTERM."""
+    gracefully on SIGINT or SIGTERM, giving requests in flight `shutdown_grace` seconds."""
     server = make_server()
+    if shutdown_grace is not None:
+        server.shutdown_grace = shutdown_grace
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -341,5 +432,5 @@ async def serve_forever(make_server: Callable[[], Server]) -> None:
         raise failure
     await stopping
     startup.cancel()
-    log.info("shutting down %s", server.address)
+    log.info("shutting down %s: requests in flight get %g s", server.address, server.shutdown_grace)
     await server.stop()

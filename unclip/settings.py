@@ -85,6 +85,18 @@ S3_PUBLIC_SECURE = Setting(
 S3_URL_EXPIRY = Setting(
     "UNCLIP_S3_URL_EXPIRY", "Seconds a presigned URL stays valid (at most 7 days).", "gateway", "3600", _positive_int
 )
+API_KEYS_FILE = Setting(
+    "UNCLIP_API_KEYS_FILE",
+    "The API keys file (`unclip keys create`; docs/security.md): callers must send one of its keys. Read again "
+    "when it changes. `--api-keys` takes precedence. Unset: no keys, and the gateway serves loopback only unless "
+    "`--insecure-no-auth`.",
+    "gateway (`unclip serve gateway|all|ray`, Ray Serve's gateway app)",
+)
+API_KEY = Setting(
+    "UNCLIP_API_KEY",
+    "The API key `unclip generate|variations|... --server` sends (`--api-key` takes precedence).",
+    "CLI",
+)
 KIND_TEST = Setting(
     "UNCLIP_KIND_TEST", "`1` runs the chart end to end on a kind cluster (`make test-kind` sets it).", "tests/kind"
 )

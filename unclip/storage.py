@@ -6,6 +6,15 @@ reader never sees a half-written one; a save that fails part-way deletes what it
 
 Clients download through presigned URLs signed for the endpoint *they* reach (`public_endpoint`),
 which may differ from the one the gateway writes to (e.g. a cluster-internal service name).
+
+Results that several gateway replicas may write at once (idempotency keys: `gateway.idempotency`)
+are saved with a `writer`: its images and extras go under `{request_id}/{writer}/`, keys no other
+writer uses, and its record is created only if none exists (`If-None-Match: *`), so exactly one
+writer's record wins, writes never interleave, and a writer that loses or fails removes only its
+own objects. A lease (`lease.json`, created the same way, taken over with `If-Match` once it has
+expired) lets one writer generate while the others wait for its record. These conditional
+requests go through presigned URLs (minio's SDK signs them; it sends no conditional headers
+itself) and need a store that honours them: AWS S3, MinIO and SeaweedFS do.
 """
 
 from __future__ import annotations
@@ -17,6 +26,8 @@ import logging
 import os
 import re
 import threading
+import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -37,9 +48,12 @@ log = logging.getLogger("unclip.storage")
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _IMAGE_NAME = re.compile(r"image-\d+\.png")
 RECORD_NAME = "record.json"
+LEASE_NAME = "lease.json"
+_WRITER = re.compile(r"[0-9a-f]{8,32}")
 # Keys the store adds to the caller's record to list the result's objects.
 IMAGE_KEYS = "image_keys"
 EXTRA_KEYS = "extra_keys"
+WRITER_KEY = "writer"  # who wrote an exclusively saved result
 
 # What a store failure looks like from minio: an S3 error answer, or a connection-level failure.
 _STORE_ERRORS = (MinioException, urllib3.exceptions.HTTPError, OSError)
@@ -103,6 +117,25 @@ class StoredResult:
     images: list[bytes]  # PNG bytes in order
     keys: list[str]  # object keys of the images, same order
     extras: dict[str, bytes] = field(default_factory=dict)  # extra name -> bytes
+    extra_keys: dict[str, str] = field(default_factory=dict)  # extra name -> object key
+
+
+class ResultExists(Exception):  # an outcome, not a failure: the caller loads the winning result
+    """An exclusive save found another writer's record already in place; it removed its own objects."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    """The right to generate a result, held by `owner` (object `key`, at version `etag`)."""
+
+    key: str
+    owner: str
+    etag: str
+
+
+def new_writer() -> str:
+    """A writer id: unique to one attempt at saving a result."""
+    return uuid.uuid4().hex[:16]
 
 
 def _http_client() -> urllib3.PoolManager:
@@ -185,28 +218,43 @@ class ResultStore:
         images: list[bytes],
         record: dict,
         extras: dict[str, tuple[bytes, str]] | None = None,
+        *,
+        writer: str | None = None,
     ) -> list[str]:
-        """Store the images, extras and record; return the image keys. Raises Unavailable on a store failure."""
+        """Store the images, extras and record; return the image keys. Raises Unavailable on a store failure.
+
+        With `writer` (`new_writer()`), exclusively: images and extras go under the writer's own
+        folder and the record is created only if the result has none yet; ResultExists when
+        another writer's record is there (this save's objects are removed, never the other's)."""
         folder = self._folder(request_id)
+        if writer is not None and not _WRITER.fullmatch(writer):
+            raise ValueError(f"writer must be 8-32 lowercase hex digits, got {writer!r}")
         extras = extras or {}
         for name in extras:
             _check_name("extra name", name)
-            if name == RECORD_NAME or _IMAGE_NAME.fullmatch(name):
+            if name in (RECORD_NAME, LEASE_NAME) or _IMAGE_NAME.fullmatch(name):
                 raise ValueError(f"extra name {name!r} collides with the result's own objects")
-        if not isinstance(record, dict) or IMAGE_KEYS in record or EXTRA_KEYS in record:
-            raise ValueError(f"record must be a dict without the reserved keys {IMAGE_KEYS!r} and {EXTRA_KEYS!r}")
+        reserved = (IMAGE_KEYS, EXTRA_KEYS, WRITER_KEY)
+        if not isinstance(record, dict) or any(key in record for key in reserved):
+            raise ValueError(f"record must be a dict without the reserved keys {', '.join(map(repr, reserved))}")
         for i, image in enumerate(images):
             if not isinstance(image, (bytes, bytearray)):
                 raise TypeError(f"images[{i}] must be PNG bytes, got {type(image).__name__}")
-        objects = [(f"{folder}image-{i}.png", image, "image/png") for i, image in enumerate(images)]
-        objects += [(folder + name, data, content_type) for name, (data, content_type) in extras.items()]
+        data_folder = folder if writer is None else f"{folder}{writer}/"
+        objects = [(f"{data_folder}image-{i}.png", image, "image/png") for i, image in enumerate(images)]
+        objects += [(data_folder + name, data, content_type) for name, (data, content_type) in extras.items()]
         image_keys = [key for key, _, _ in objects[: len(images)]]
-        stored = {**record, IMAGE_KEYS: image_keys, EXTRA_KEYS: {name: folder + name for name in extras}}
+        stored = {**record, IMAGE_KEYS: image_keys, EXTRA_KEYS: {name: data_folder + name for name in extras}}
+        if writer is not None:
+            stored[WRITER_KEY] = writer
         # Serialised before anything is written, so an unserialisable record leaves nothing behind.
         objects.append((folder + RECORD_NAME, json.dumps(stored).encode(), "application/json"))
         size = sum(len(data) for _, data, _ in objects)
         with tracing.span("storage.save", SpanKind.CLIENT, unclip__objects=len(objects), unclip__bytes=size):
-            await asyncio.to_thread(self._save_sync, objects)
+            if writer is None:
+                await asyncio.to_thread(self._save_sync, objects)
+            else:
+                await asyncio.to_thread(self._save_exclusive_sync, objects, writer)
         return image_keys
 
     def _save_sync(self, objects: list[tuple[str, bytes, str]]) -> None:
@@ -225,6 +273,137 @@ class ResultStore:
             if isinstance(error, _STORE_ERRORS):
                 raise self._unavailable(error) from error
             raise
+
+    def _save_exclusive_sync(self, objects: list[tuple[str, bytes, str]], writer: str) -> None:
+        """The writer's objects, then its record if the result has none. Every object but the
+        record is the writer's own, so removing them on failure touches nobody else's."""
+        *own, (record_key, record_data, _) = objects
+        self._save_sync(own)  # removes what it wrote if it fails
+        failure: Exception | None = None
+        try:
+            self._ensure_bucket()
+            if self._put_conditional(record_key, record_data, {"If-None-Match": "*"}, "application/json")[0]:
+                return
+            # 412: a record is there: another writer's, or this one's if a retried PUT had landed.
+        except (*_STORE_ERRORS, Unavailable) as error:
+            failure = error  # the record may or may not have landed
+        try:
+            existing = self._read_json(record_key)
+        except (*_STORE_ERRORS, Unavailable) as error:
+            # Whether this writer's record landed cannot be told: its objects stay, since a
+            # record may point at them (unreferenced ones are garbage, never a visible result).
+            raise self._as_unavailable(failure or error) from error
+        if existing is not None and existing[0].get(WRITER_KEY) == writer:
+            return  # the record that landed is this writer's
+        self._remove([key for key, _, _ in own])
+        if existing is not None:
+            raise ResultExists(record_key)
+        raise self._as_unavailable(failure or Unavailable(f"{self.config.where} lost the record {record_key}"))
+
+    def _as_unavailable(self, error: Exception) -> Unavailable:
+        return error if isinstance(error, Unavailable) else self._unavailable(error)
+
+    # -- conditional requests: minio signs them as presigned URLs, urllib3 sends them ----------
+
+    def _put_conditional(self, key: str, data: bytes, conditions: dict[str, str], content_type: str) -> tuple[bool, str]:
+        """PUT `key` if `conditions` (If-None-Match / If-Match) hold: (True, new ETag), or
+        (False, "") when the store answers 412 Precondition Failed."""
+        url = self._client.presigned_put_object(self.config.bucket, key, expires=timedelta(minutes=5))
+        response = self._http.request("PUT", url, body=data, headers={**conditions, "Content-Type": content_type})
+        if response.status == 412:
+            return False, ""
+        self._check(response, "PUT", key)
+        return True, response.headers.get("ETag", "")
+
+    def _delete_conditional(self, key: str, etag: str) -> bool:
+        """DELETE `key` if it still has `etag`; False when it changed (or is gone)."""
+        url = self._client.get_presigned_url("DELETE", self.config.bucket, key, expires=timedelta(minutes=5))
+        response = self._http.request("DELETE", url, headers={"If-Match": etag})
+        if response.status in (404, 412):
+            return False
+        self._check(response, "DELETE", key)
+        return True
+
+    def _check(self, response: urllib3.BaseHTTPResponse, method: str, key: str) -> None:
+        if not 200 <= response.status < 300:
+            code = re.search(rb"<Code>([A-Za-z]+)</Code>", response.data or b"")
+            what = code[1].decode() if code else f"HTTP {response.status}"
+            if what in _DENIED:
+                raise Unavailable(f"{self.config.where} denied access ({what}); check the access key and secret key")
+            raise Unavailable(f"{self.config.where} failed: {method} {key}: {what}")
+
+    def _read_json(self, key: str) -> tuple[dict, str] | None:
+        """The JSON object stored at `key` and its ETag; None when there is none."""
+        try:
+            response = self._client.get_object(self.config.bucket, key)
+        except S3Error as error:
+            if error.code in _MISSING:
+                return None
+            raise
+        try:
+            data, etag = response.read(), response.headers.get("ETag", "")
+        finally:
+            response.close()
+            response.release_conn()
+        try:
+            value = json.loads(data)
+        except ValueError:
+            value = None
+        return (value if isinstance(value, dict) else {}), etag
+
+    # -- leases ------------------------------------------------------------------------------
+
+    async def acquire_lease(self, request_id: str, owner: str, ttl_seconds: float) -> Lease | None:
+        """The lease on generating `request_id` for `owner`, for `ttl_seconds` (renew it to keep
+        it): created if there is none, or taken over from a holder whose lease expired. None:
+        another owner holds it. Expiry is a wall-clock time: replicas' clocks must agree to
+        well within the ttl."""
+        key = self._folder(request_id) + LEASE_NAME
+        try:
+            return await asyncio.to_thread(self._acquire_sync, key, owner, ttl_seconds)
+        except _STORE_ERRORS as error:
+            raise self._unavailable(error) from error
+
+    def _acquire_sync(self, key: str, owner: str, ttl_seconds: float) -> Lease | None:
+        self._ensure_bucket()
+        body = json.dumps({"owner": owner, "expires": time.time() + ttl_seconds}).encode()
+        for _ in range(4):  # each round ends in a lease, or in someone else's change: a few are plenty
+            created, etag = self._put_conditional(key, body, {"If-None-Match": "*"}, "application/json")
+            if created:
+                return Lease(key, owner, etag)
+            current = self._read_json(key)
+            if current is None:
+                continue  # released in between: try to create it again
+            held, held_etag = current
+            if held.get("owner") == owner:
+                return Lease(key, owner, held_etag)  # a PUT of ours that was retried had landed
+            expires = held.get("expires")
+            if isinstance(expires, (int, float)) and expires > time.time():
+                return None
+            taken, etag = self._put_conditional(key, body, {"If-Match": held_etag}, "application/json")
+            if taken:
+                log.info("took over the expired lease %s of %s", key, held.get("owner"))
+                return Lease(key, owner, etag)
+        return None
+
+    async def renew_lease(self, lease: Lease, ttl_seconds: float) -> Lease | None:
+        """The lease for another `ttl_seconds`; None when it was lost (another owner took it over)."""
+        body = json.dumps({"owner": lease.owner, "expires": time.time() + ttl_seconds}).encode()
+        try:
+            renewed, etag = await asyncio.to_thread(
+                self._put_conditional, lease.key, body, {"If-Match": lease.etag}, "application/json"
+            )
+        except _STORE_ERRORS as error:
+            raise self._unavailable(error) from error
+        return Lease(lease.key, lease.owner, etag) if renewed else None
+
+    async def release_lease(self, lease: Lease) -> None:
+        """Give the lease up, if it is still this owner's (a taken-over lease is left alone). Best
+        effort: a lease left behind expires."""
+        try:
+            await asyncio.to_thread(self._delete_conditional, lease.key, lease.etag)
+        except (*_STORE_ERRORS, Unavailable) as error:
+            log.warning("could not release the lease %s: %s", lease.key, error)
 
     def _remove(self, keys: list[str]) -> None:
         """Best effort: one batch request, so cleanup during an outage costs one timeout, not one per key."""
@@ -273,7 +452,8 @@ class ResultStore:
                     f"{self.config.where} holds an incomplete result {request_id!r}: an extra is missing"
                 ) from error
             raise
-        return StoredResult(request_id=request_id, record=record, images=images, keys=keys, extras=extras)
+        extra_keys = {str(name): str(key) for name, key in record.get(EXTRA_KEYS, {}).items()}
+        return StoredResult(request_id=request_id, record=record, images=images, keys=keys, extras=extras, extra_keys=extra_keys)
 
     def _get(self, key: str) -> bytes:
         response = self._client.get_object(self.config.bucket, key)
@@ -283,9 +463,10 @@ class ResultStore:
             response.close()
             response.release_conn()
 
-    def key(self, request_id: str, name: str) -> str:
-        """The object key of `name` (an image or extra) in a result's folder."""
-        return self._folder(request_id) + name
+    def key(self, request_id: str, name: str, writer: str | None = None) -> str:
+        """The object key of `name` (an image or extra) in a result's folder (the `writer`'s, for
+        a result saved with one)."""
+        return self._folder(request_id) + ("" if writer is None else f"{writer}/") + name
 
     def presigned_url(self, key: str) -> str:
         """A GET URL for `key` on the public endpoint, valid for url_expiry_seconds. No network round trip."""

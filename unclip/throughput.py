@@ -285,6 +285,7 @@ def _ray_target(settings: dict[Stage, BatchSettings], parameters: dict[str, Any]
                 "compute_batch": batching.compute_batch,
                 "max_batch_size": batching.max_batch_size,
                 "batch_wait_timeout_s": batching.batch_wait_s,
+                "allow_external_calls": True,  # the stage loads call each stage through the proxy
             }
         for deployment in app["deployments"]:
             deployment["autoscaling_config"]["max_replicas"] = 1  # one replica per stage: batching, not scaling, is measured

@@ -12,3 +12,6 @@ GRPC_OPTIONS: list[tuple[str, int]] = [
 
 # The metadata key (and HTTP header) of a request's id: sent by callers, answered by servers.
 REQUEST_ID_HEADER = "x-request-id"
+
+# How long a stopping server lets requests in flight finish (`unclip serve --shutdown-grace`).
+SHUTDOWN_GRACE_SECONDS = 30.0

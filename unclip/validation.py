@@ -13,6 +13,8 @@ MAX_SEED = 2**64 - 1
 MAX_BATCH = 64
 MAX_CANDIDATES = 16
 MAX_GUIDANCE_SCALE = 50.0
+# The largest side an upsampler makes; message size limits (unclip.limits) follow from it.
+MAX_OUTPUT_SIDE = 1024
 
 
 def check_array(

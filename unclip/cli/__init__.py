@@ -11,10 +11,39 @@ import logging
 import sys
 
 from unclip import __version__
-from unclip.cli import bench, edit, export, generate, import_weights, interpolate, serve, textdiff, train, variations, weights
+from unclip.cli import (
+    bench,
+    certs,
+    edit,
+    export,
+    generate,
+    import_weights,
+    interpolate,
+    keys,
+    serve,
+    textdiff,
+    train,
+    variations,
+    weights,
+)
 from unclip.cli import eval as evaluate
 
-COMMANDS = (generate, variations, interpolate, textdiff, edit, serve, bench, train, export, import_weights, weights, evaluate)
+COMMANDS = (
+    generate,
+    variations,
+    interpolate,
+    textdiff,
+    edit,
+    serve,
+    keys,
+    certs,
+    bench,
+    train,
+    export,
+    import_weights,
+    weights,
+    evaluate,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from unclip.cli import tls_flags
 from unclip.parameters import Group, parameters, spec_of, value_type
 
 STEPS_FLAG = "--steps"
@@ -96,6 +97,12 @@ def add_image_flags(parser: argparse.ArgumentParser, operation: str) -> None:
         metavar="NAME",
         help="with --server at a Ray Serve gRPC proxy: the gateway's application (e.g. gateway)",
     )
+    tls_flags.add_client_flags(parser)
+    parser.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="with --server: the gateway's API key (default: $UNCLIP_API_KEY; a flag shows in the process list, the variable does not)",
+    )
     parser.add_argument("--weights", type=Path, help="in-process: directory with clip/ prior/ decoder/ upsampler/ checkpoints")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds before giving up")
     add_compute_batch_flag(parser)
@@ -141,9 +148,17 @@ def backend(args: argparse.Namespace, progress: Progress | None = None) -> Itera
             raise ValueError(
                 "--compute-batch: with --server the stages' own compute batch applies (unclip serve --compute-batch)"
             )
-        with Client(args.server, timeout=args.timeout, application=args.application) as client:
+        credentials = tls_flags.client_credentials(args)
+        from unclip import settings
+
+        api_key = getattr(args, "api_key", None) or settings.API_KEY.get()
+        with Client(
+            args.server, timeout=args.timeout, application=args.application, credentials=credentials, api_key=api_key
+        ) as client:
             yield client
     else:
+        if tls_flags.client_credentials_given(args):
+            raise ValueError("--tls, --tls-ca, --tls-cert and --tls-key are for a gateway's connection (--server)")
         from unclip.local import LocalStages
         from unclip.local_client import LocalClient
 

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from unclip import logs, tracing
+from unclip.cli import auth_flags, limit_flags, tls_flags
 from unclip.cli.common import add_compute_batch_flag, batch_settings
 from unclip.logs import FORMATS
 from unclip.stage import DEFAULT_GATEWAY_PORT, GATEWAY, SERVICE_NAMES, Stage
+from unclip.transport import SHUTDOWN_GRACE_SECONDS
 
 TARGETS = (*SERVICE_NAMES, GATEWAY, "all", "ray")
 
@@ -42,6 +47,13 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         "(the gateway's are at /metrics on its HTTP port)",
     )
     parser.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=SHUTDOWN_GRACE_SECONDS,
+        help="on SIGTERM or Ctrl-C: seconds requests in flight get to finish while new ones are refused "
+        f"(default {SHUTDOWN_GRACE_SECONDS:g})",
+    )
+    parser.add_argument(
         "--log-format",
         choices=FORMATS,
         default="text",
@@ -60,6 +72,9 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         default=8080,
         help="gateway/all: port of the OpenAI-compatible HTTP API (default 8080; 0 turns it off)",
     )
+    tls_flags.add_serve_flags(parser)
+    limit_flags.add_serve_flags(parser)
+    auth_flags.add_serve_flags(parser)
     return parser
 
 
@@ -75,34 +90,48 @@ def run(args: argparse.Namespace) -> int:
         print(f"unclip serve {args.target}: --metrics-port is for the stages and all; the gateway's metrics are at "
               "/metrics on its HTTP port", file=sys.stderr)  # fmt: skip
         return 2
+    try:
+        tls_flags.check_serve_flags(args)
+        tls = tls_flags.server_tls(args)  # this server's own endpoint: a stage's, or the gateway's public one
+        credentials = None if tls is None or args.target in ("all", "ray") else tls.server_credentials()
+    except (tls_flags.TlsFlagError, OSError) as error:
+        print(f"unclip serve {args.target}: {error}", file=sys.stderr)
+        return 2
+    try:
+        auth_flags.check_serve_flags(args)  # no gateway beyond loopback without keys, unless --insecure-no-auth
+        access = auth_flags.gateway_access(args) if args.target in (GATEWAY, "all") else None  # the keys file must parse
+    except ValueError as error:  # also gateway.auth.KeysFileError
+        print(f"unclip serve {args.target}: {error}", file=sys.stderr)
+        return 2
     if args.target == "all":
         return _serve_all(args)
     if args.target == "ray":
         return _serve_ray(args)
     if args.target == GATEWAY:
-        return _serve_gateway(args)
+        return _serve_gateway(args, access)
     from unclip.serving import serve_forever, stage_server
 
     stage = Stage(args.target)
     port = stage.port if args.port is None else args.port
     settings = batch_settings(args)[stage]
-    asyncio.run(
-        serve_forever(
-            lambda: stage_server(
-                stage, args.checkpoint, host=args.host, port=port, settings=settings, metrics_port=args.metrics_port
-            )
-        )
-    )
+
+    def make_server() -> Any:
+        return stage_server(
+            stage, args.checkpoint, host=args.host, port=port, settings=settings, metrics_port=args.metrics_port,
+            credentials=credentials, default_timeout=args.default_timeout,
+        )  # fmt: skip
+
+    asyncio.run(serve_forever(make_server, shutdown_grace=args.shutdown_grace))
     return 0
 
 
-def _serve_gateway(args: argparse.Namespace) -> int:
+def _serve_gateway(args: argparse.Namespace, access: Any) -> int:
     missing = [stage.value for stage in Stage if not getattr(args, stage.value)]
     if missing:
         print(f"unclip serve gateway: give the address of: {', '.join('--' + m for m in missing)}", file=sys.stderr)
         return 2
     from gateway.app import build_gateway
-    from gateway.remote import RemoteStages
+    from gateway.remote import GrpcTransport, RemoteStages
     from unclip.serving import serve_forever
     from unclip.storage import StorageConfig
 
@@ -113,12 +142,23 @@ def _serve_gateway(args: argparse.Namespace) -> int:
         return 2
     http_port = None if args.http_port == 0 else args.http_port
     port = DEFAULT_GATEWAY_PORT if args.port is None else args.port
+    stage_tls = tls_flags.stage_channel_tls(args)
+    try:
+        stage_credentials = None if stage_tls is None else stage_tls.channel_credentials()
+    except OSError as error:
+        print(f"unclip serve gateway: {error}", file=sys.stderr)
+        return 2
 
     def make_server() -> Any:
-        backend = RemoteStages(args.encoder, args.prior, args.decoder, args.upsampler)
-        return build_gateway(backend, host=args.host, port=port, http_port=http_port, storage=storage)
+        transport = functools.partial(GrpcTransport, credentials=stage_credentials)
+        backend = RemoteStages(args.encoder, args.prior, args.decoder, args.upsampler, transport=transport)
+        tls = tls_flags.server_tls(args)
+        limits = limit_flags.gateway_limits(args)
+        return build_gateway(
+            backend, host=args.host, port=port, http_port=http_port, storage=storage, tls=tls, limits=limits, access=access
+        )
 
-    asyncio.run(serve_forever(make_server))
+    asyncio.run(serve_forever(make_server, shutdown_grace=args.shutdown_grace))
     return 0
 
 
@@ -127,8 +167,22 @@ def _serve_all(args: argparse.Namespace) -> int:
     import time
 
     from unclip.launcher import LocalCluster, check_health
+    from unclip.tls import GATEWAY_CLIENT, GATEWAY_SERVER, CertificateDirectory
 
     settings = batch_settings(args)
+    tls_dir, temporary = args.tls_dir, None
+    if args.tls:
+        from unclip.certs import init
+
+        tls_dir = temporary = Path(tempfile.mkdtemp(prefix="unclip-tls-"))
+        init(temporary, [args.host])
+        print(f"unclip: TLS with a new development CA; clients: --tls-ca {temporary / 'ca.crt'}", flush=True)
+    elif tls_dir is not None:
+        missing = CertificateDirectory(tls_dir).missing([*SERVICE_NAMES, GATEWAY_CLIENT, GATEWAY_SERVER])
+        if missing:
+            print(f"unclip serve all: not in --tls-dir (unclip certs init {tls_dir} writes them): "
+                  f"{', '.join(p.name for p in missing)}", file=sys.stderr)  # fmt: skip
+            return 2
     cluster = LocalCluster(
         host=args.host,
         gateway_port=args.port or DEFAULT_GATEWAY_PORT,
@@ -136,7 +190,11 @@ def _serve_all(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port or 0,
         weights=args.weights,
         log_format=args.log_format,
+        shutdown_grace=args.shutdown_grace,
         settings=settings,
+        tls_dir=tls_dir,
+        limits=limit_flags.gateway_limits(args),
+        gateway_flags=auth_flags.gateway_args(args),
     )
     stop_requested = False
 
@@ -150,11 +208,8 @@ def _serve_all(args: argparse.Namespace) -> int:
     try:
         ready_reported = False
         while not stop_requested:
-            failed = cluster.failed()
-            if failed is not None:
-                print(f"unclip: {failed.name} exited with code {failed.returncode}; stopping", file=sys.stderr)
-                return 1
-            if not ready_reported and all(check_health(s.address, timeout=1.0) for s in cluster.services):
+            cluster.supervise(lambda line: print(line, file=sys.stderr, flush=True))
+            if not ready_reported and all(check_health(s.address, 1.0, s.credentials) for s in cluster.services):
                 print(f"unclip: serving; gateway at {cluster.gateway_address}", flush=True)
                 ready_reported = True
             time.sleep(0.5)
@@ -162,6 +217,8 @@ def _serve_all(args: argparse.Namespace) -> int:
         return 0
     finally:
         cluster.stop()
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
 
 
 def _serve_ray(args: argparse.Namespace) -> int:
@@ -173,17 +230,29 @@ def _serve_ray(args: argparse.Namespace) -> int:
     from ray import serve
 
     from unclip.launcher import shared_cores_environment
-    from unclip.ray_apps import APP_NAMES, DEFAULT_CONFIG, deploy, grpc_proxy_address, load_config
+    from unclip.ray_apps import DEFAULT_CONFIG, deploy, grpc_proxy_address, load_config
 
     config = load_config(args.config or DEFAULT_CONFIG)
+    try:
+        auth_flags.configure_ray(config, args)
+    except ValueError as error:
+        print(f"unclip serve ray: {error}", file=sys.stderr)
+        return 2
+    if args.tls_cert:
+        # Ray 2.60's HTTP proxy takes a certificate; its gRPC proxy binds plaintext only (docs/security.md).
+        http_options = config.setdefault("http_options", {})
+        http_options |= {"ssl_certfile": str(args.tls_cert.resolve()), "ssl_keyfile": str(args.tls_key.resolve())}
     # Every replica shares this machine's cores; Ray's workers inherit this process's environment.
     os.environ.update(shared_cores_environment())
     # A fresh local cluster (never one already running on this host), without the dashboard.
     ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
     try:
         schema = deploy(config)
+        if args.tls_cert:
+            print("unclip: the HTTP proxy serves HTTPS; the gRPC proxy serves plaintext (Ray's has no TLS)", flush=True)
         print(f"unclip: serving on Ray; gRPC proxy at {grpc_proxy_address(schema)}", flush=True)
-        print(f"unclip: name the app in the 'application' metadata key: {', '.join(APP_NAMES)}", flush=True)
+        # Stage apps refuse what the proxy routes to them from outside (unless their args open them).
+        print(f"unclip: name the app in the 'application' metadata key: {GATEWAY}", flush=True)
         stop = threading.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: stop.set())

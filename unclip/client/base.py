@@ -1,4 +1,4 @@
-"""What both clients hold: the target, the default timeout, the retry policy, the routing metadata."""
+"""What both clients hold: the target, the default timeout, the retry policy, the metadata (routing, API key)."""
 
 from __future__ import annotations
 
@@ -20,11 +20,17 @@ class ClientBase:
         max_backoff: float = 5.0,
         credentials: grpc.ChannelCredentials | None = None,
         application: str | None = None,
+        api_key: str | None = None,
     ):
         self.target = target
         self.timeout = check_timeout(timeout)
         self._policy = RetryPolicy(retries, backoff, max_backoff)
-        self._metadata = (("application", application),) if application else None
+        metadata = [("application", application)] if application else []
+        if api_key:
+            if not api_key.isascii() or any(c.isspace() or not c.isprintable() for c in api_key):
+                raise ValueError("api_key: must be printable ASCII without spaces")  # the message never echoes the key
+            metadata.append(("authorization", f"Bearer {api_key}"))
+        self._metadata = tuple(metadata) or None
         self._credentials = credentials
         self._connect()
 

@@ -31,10 +31,17 @@ class Client(ClientBase, Operations[list[GeneratedImage], Animation, Iterator[St
         backoff: base of the exponential backoff between retries, in seconds; the wait before
             retry k (0-based) is uniform in [0, min(max_backoff, backoff * 2**k)].
         max_backoff: the longest wait between retries, in seconds.
-        credentials: TLS credentials for a secure channel; None for plaintext.
+        credentials: TLS credentials for a secure channel; None for plaintext. For a gateway
+            whose certificate a private CA signed (`unclip certs init` writes one):
+            `unclip.tls.channel_credentials(ca="ca.crt")`; add `cert=` and `key=` for a
+            gateway that asks for a client certificate; `grpc.ssl_channel_credentials()` for
+            a certificate from a public CA.
         application: the Ray Serve application to route to, sent as the `application` metadata
             key that Ray Serve's gRPC proxy routes by ("gateway" in the shipped Serve config);
             None for a gateway served directly (`unclip serve`).
+        api_key: the gateway's API key (`unclip keys create`), sent as `authorization: Bearer <key>`
+            metadata with every call; None for a gateway without keys. A missing or wrong key
+            raises `Unauthenticated`.
 
     Use it as a context manager, or call `close()` when done. Failed calls raise the
     `unclip.errors` class of their status code (an `UnclipError`: InvalidArgument,

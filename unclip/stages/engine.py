@@ -262,7 +262,7 @@ class DiffusionEngine(Engine):
         raise NotImplementedError
 
     def describe(self) -> dict[str, int]:
-        return {"max_steps": self.config.diffusion.timesteps}
+        return {"max_steps": self.config.diffusion.timesteps, "default_steps": self.config.sampling.steps}
 
     def sampling_options(self, sampling: SamplingOptions) -> ResolvedSampling:
         """A request's options completed with the checkpoint's defaults, and checked."""

@@ -15,9 +15,7 @@ from unclip.stage import Stage
 from unclip.stages.engine import DiffusionEngine, Job, ProgressFn, row_generators
 from unclip.stages.guidance import unguided
 from unclip.stages.tensors import floats_to_unit, image_finish, images_to_unit, unit_to_images
-from unclip.validation import check_array
-
-MAX_OUTPUT_SIDE = 1024
+from unclip.validation import MAX_OUTPUT_SIDE, check_array
 
 
 class ImageUpsampler(DiffusionEngine):

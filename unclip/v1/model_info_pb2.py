@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aunclip/v1/model_info.proto\x12\tunclip.v1\"\x91\x01\n\tModelInfo\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x11\n\tembed_dim\x18\x03 \x01(\r\x12\x12\n\nimage_size\x18\x04 \x01(\r\x12\x14\n\x0cscale_factor\x18\x05 \x01(\r\x12\x11\n\tmax_steps\x18\x06 \x01(\r\x12\x15\n\rcompute_batch\x18\x07 \x01(\rb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aunclip/v1/model_info.proto\x12\tunclip.v1\"\xa8\x01\n\tModelInfo\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x11\n\tembed_dim\x18\x03 \x01(\r\x12\x12\n\nimage_size\x18\x04 \x01(\r\x12\x14\n\x0cscale_factor\x18\x05 \x01(\r\x12\x11\n\tmax_steps\x18\x06 \x01(\r\x12\x15\n\rcompute_batch\x18\x07 \x01(\r\x12\x15\n\rdefault_steps\x18\x08 \x01(\rb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,5 +32,5 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'unclip.v1.model_info_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MODELINFO']._serialized_start=42
-  _globals['_MODELINFO']._serialized_end=187
+  _globals['_MODELINFO']._serialized_end=210
 # @@protoc_insertion_point(module_scope)

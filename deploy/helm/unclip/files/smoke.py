@@ -11,6 +11,7 @@ when given `application`.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -35,7 +36,9 @@ def main() -> int:
     args = parser.parse_args()
 
     deadline = time.monotonic() + args.timeout
-    with Client(args.server, application=args.application or None, timeout=args.timeout) as client:
+    # A gateway with API keys wants one (UNCLIP_API_KEY: the chart's tests.apiKeySecret).
+    api_key = os.environ.get("UNCLIP_API_KEY") or None
+    with Client(args.server, application=args.application or None, timeout=args.timeout, api_key=api_key) as client:
         while True:
             try:
                 (image,) = client.generate(

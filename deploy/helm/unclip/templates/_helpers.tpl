@@ -62,6 +62,32 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s-gateway" (include "unclip.fullname" .) }}
 {{- end }}
 
+{{- define "unclip.gatewayTlsSecretName" -}}
+{{- default (printf "%s-gateway-tls" (include "unclip.fullname" .)) .Values.gateway.tls.secretName }}
+{{- end }}
+
+{{/* With gateway.tls: a worker's readiness probe, replacing the one KubeRay injects, which asks
+     the Serve proxy for /-/healthz over plain HTTP and so would never pass against HTTPS. The
+     same checks, the raylet's (dashboard agent) and the proxy's, the latter over HTTPS; the
+     certificate names the public host, not localhost, so it is not verified here. */}}
+{{- define "unclip.workerReadinessProbe" -}}
+{{- if .Values.gateway.tls.enabled }}
+readinessProbe:
+  exec:
+    command:
+      - bash
+      - -c
+      - >-
+        wget --tries 1 -T 2 -q -O- http://localhost:52365/api/local_raylet_healthz | grep success &&
+        wget --tries 1 -T 2 -q -O- --no-check-certificate https://localhost:{{ .Values.serve.httpPort }}/-/healthz | grep success
+  initialDelaySeconds: 10
+  periodSeconds: 5
+  timeoutSeconds: 2
+  successThreshold: 1
+  failureThreshold: 1                # as KubeRay's: a worker whose proxy fails leaves the Service at once
+{{- end }}
+{{- end }}
+
 {{- define "unclip.s3ServiceName" -}}
 {{- printf "%s-s3" (include "unclip.fullname" .) }}
 {{- end }}
@@ -83,6 +109,10 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "unclip.serveConfig" -}}
 {{- $serve := .Values.serve }}
 {{- $http := dict "host" "0.0.0.0" "port" (int $serve.httpPort) }}
+{{- if .Values.gateway.tls.enabled }}
+{{- $_ := set $http "ssl_certfile" (printf "%s/tls.crt" .Values.gateway.tls.mountPath) }}
+{{- $_ := set $http "ssl_keyfile" (printf "%s/tls.key" .Values.gateway.tls.mountPath) }}
+{{- end }}
 {{- $grpc := dict "port" (int $serve.grpcPort) "grpc_servicer_functions" $serve.grpcServicerFunctions }}
 {{- if $serve.grpcRequestTimeoutSeconds }}
 {{- $_ := set $grpc "request_timeout_s" $serve.grpcRequestTimeoutSeconds }}
@@ -92,7 +122,11 @@ app.kubernetes.io/component: {{ .component }}
 {{- $app := get $serve.applications $name }}
 {{- if $app.enabled }}
 {{- $entry := dict "name" $name "import_path" $app.importPath "route_prefix" $app.routePrefix }}
-{{- if $app.args }}{{- $_ := set $entry "args" $app.args }}{{- end }}
+{{- $args := deepCopy (default (dict) $app.args) }}
+{{- if hasSuffix ":gateway_app" $app.importPath }}
+{{- include "unclip.gatewayAuthArgs" (dict "ctx" $ "args" $args) }}
+{{- end }}
+{{- if $args }}{{- $_ := set $entry "args" $args }}{{- end }}
 {{- if $app.deployments }}{{- $_ := set $entry "deployments" $app.deployments }}{{- end }}
 {{- if $app.runtimeEnv }}{{- $_ := set $entry "runtime_env" $app.runtimeEnv }}{{- end }}
 {{- $apps = append $apps $entry }}
@@ -100,6 +134,22 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- $config := dict "proxy_location" $serve.proxyLocation "http_options" $http "grpc_options" $grpc "applications" $apps }}
 {{- toYaml $config }}
+{{- end }}
+
+{{/* A gateway app's API-key args (auth.*): the keys file where the Secret is mounted, and the
+     per-key quota defaults. Sets them in "args"; renders nothing. */}}
+{{- define "unclip.gatewayAuthArgs" -}}
+{{- $auth := .ctx.Values.auth }}
+{{- if $auth.existingSecret }}
+{{- $_ := set .args "api_keys_file" (printf "%s/%s" $auth.mountPath $auth.secretKey) }}
+{{- end }}
+{{- if or $auth.imagesPerMinute $auth.maxConcurrentPerKey }}
+{{- if not $auth.existingSecret }}
+{{- fail "auth.imagesPerMinute and auth.maxConcurrentPerKey are per API key: set auth.existingSecret" }}
+{{- end }}
+{{- with $auth.imagesPerMinute }}{{- $_ := set $.args "images_per_minute" (int .) }}{{- end }}
+{{- with $auth.maxConcurrentPerKey }}{{- $_ := set $.args "max_concurrent_per_key" (int .) }}{{- end }}
+{{- end }}
 {{- end }}
 
 {{/* Env shared by every Ray container: the object store settings the gateway reads. */}}
@@ -154,6 +204,18 @@ app.kubernetes.io/component: {{ .component }}
 - name: weights
   emptyDir:
     sizeLimit: {{ .Values.weights.s3.sizeLimit }}
+{{- end }}
+{{- if .Values.auth.existingSecret }}
+- name: api-keys
+  secret:
+    secretName: {{ .Values.auth.existingSecret }}
+    defaultMode: 0440                # hashes only, but no one else's business
+{{- end }}
+{{- if .Values.gateway.tls.enabled }}
+- name: gateway-tls
+  secret:
+    secretName: {{ include "unclip.gatewayTlsSecretName" . }}
+    defaultMode: 0440                # the key: owner and fsGroup (the Ray user's group) only
 {{- end }}
 {{- end }}
 
@@ -210,6 +272,17 @@ initContainers:
   mountPath: {{ .Values.weights.mountPath }}
   readOnly: true
 {{- end }}
+{{- if .Values.auth.existingSecret }}
+# A directory, not a subPath: kubelet swaps the files when the Secret changes, so keys rotate live.
+- name: api-keys
+  mountPath: {{ .Values.auth.mountPath }}
+  readOnly: true
+{{- end }}
+{{- if .Values.gateway.tls.enabled }}
+- name: gateway-tls
+  mountPath: {{ .Values.gateway.tls.mountPath }}
+  readOnly: true
+{{- end }}
 {{- end }}
 
 {{/* Container ports of a Ray node: Serve's HTTP and gRPC proxies. Names "serve" and "serve-grpc"
@@ -226,6 +299,7 @@ initContainers:
 {{/* Pod spec fields common to head and workers. */}}
 {{- define "unclip.rayPodCommon" -}}
 serviceAccountName: {{ include "unclip.serviceAccountName" . }}
+terminationGracePeriodSeconds: {{ include "unclip.terminationGracePeriod" . }}
 automountServiceAccountToken: {{ .Values.serviceAccount.automountServiceAccountToken }}
 securityContext:
   {{- toYaml .Values.podSecurityContext | nindent 2 }}
@@ -270,4 +344,29 @@ unclip.dev/serve-proxy: "true"
 - name: metrics
   containerPort: {{ .Values.metrics.port }}
   protocol: TCP
+{{- end }}
+
+{{/* Seconds the longest Serve deployment drains for (Ray's default graceful_shutdown_timeout_s is 20). */}}
+{{- define "unclip.drainSeconds" -}}
+{{- $longest := 0 }}
+{{- range $name, $app := .Values.serve.applications }}
+{{- if $app.enabled }}
+{{- range $app.deployments }}
+{{- $longest = max $longest (int (default 20 .graceful_shutdown_timeout_s)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $longest }}
+{{- end }}
+
+{{/* A Ray container's stop: leave the Service's endpoints, then let Serve's replicas drain. */}}
+{{- define "unclip.rayLifecycle" -}}
+preStop:
+  exec:
+    command: ["/bin/sh", "-c", "sleep {{ .Values.ray.shutdown.preStopSleepSeconds }}; ray stop --grace-period {{ include "unclip.drainSeconds" . }}"]
+{{- end }}
+
+{{/* How long Kubernetes waits before it kills a stopping Ray pod: more than the drain. */}}
+{{- define "unclip.terminationGracePeriod" -}}
+{{- add .Values.ray.shutdown.preStopSleepSeconds (include "unclip.drainSeconds" . | int) .Values.ray.shutdown.stopMarginSeconds }}
 {{- end }}
