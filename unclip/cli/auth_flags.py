@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from unclip import settings
+from unclip.cli.common import positive_int
 from unclip.stage import GATEWAY
 
 # The targets that run a gateway here (ray takes the keys file too, for its gateway app).
@@ -15,12 +16,6 @@ GATEWAY_TARGETS = (GATEWAY, "all", "ray")
 
 class AuthFlagError(ValueError):
     """Auth flags that do not fit the target, or a gateway that would be exposed without keys."""
-
-
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return int(text)
 
 
 def add_serve_flags(parser: argparse.ArgumentParser) -> None:
@@ -40,14 +35,14 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     )
     auth.add_argument(
         "--images-per-minute",
-        type=_positive,
+        type=positive_int,
         metavar="N",
         help="gateway, all, ray: images each API key may make per minute (a key's own limit in the keys file wins; "
         "counted per gateway process)",
     )
     auth.add_argument(
         "--max-concurrent-per-key",
-        type=_positive,
+        type=positive_int,
         metavar="N",
         help="gateway, all, ray: requests each API key may have in flight (a key's own limit in the keys file wins; "
         "counted per gateway process)",

@@ -26,6 +26,13 @@ STEPS_FLAG = "--steps"
 NOT_SAMPLING = ("n", "size", "seed")
 
 
+def positive_int(text: str) -> int:
+    """argparse type of a count that must be at least 1 (a quota, a limit per key)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return int(text)
+
+
 def _taken(operation: str, skip: tuple[str, ...]) -> list[Any]:
     return [item for item in parameters(operation) if spec_of(item).group is not Group.PROMPT and item.name not in skip]
 

@@ -17,12 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from unclip import settings
-
-
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return int(text)
+from unclip.cli.common import positive_int
 
 
 def add_parser(commands: Any) -> argparse.ArgumentParser:
@@ -37,9 +32,9 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
 
     create = with_file(actions.add_parser("create", help="add a key; prints it once"))
     create.add_argument("name", help="who the key is for (1-64 characters of A-Z a-z 0-9 . _ @ -); unique in the file")
-    create.add_argument("--images-per-minute", type=_positive, metavar="N", help="this key's limit (default: the gateway's)")
+    create.add_argument("--images-per-minute", type=positive_int, metavar="N", help="this key's limit (default: the gateway's)")
     create.add_argument(
-        "--max-concurrent", type=_positive, metavar="N", help="this key's concurrent requests (default: the gateway's)"
+        "--max-concurrent", type=positive_int, metavar="N", help="this key's concurrent requests (default: the gateway's)"
     )
     with_file(actions.add_parser("list", help="the keys: name, id, created, limits (never the keys)"))
     revoke = with_file(actions.add_parser("revoke", help="remove a key; gateways refuse it from their next request"))
