@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import subprocess
+import sys
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
 
 from unclip.serving import Server
 
@@ -49,3 +55,42 @@ class BackgroundServer:
             asyncio.run_coroutine_threadsafe(self.server.stop(0.5), self._loop).result(timeout=30)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=30)
+
+
+@contextlib.contextmanager
+def serve_all_process(
+    args: list[str], port: int, *, env: dict[str, str] | None = None, timeout: float = 240.0, stop_timeout: float = 60.0
+) -> Iterator[tuple[subprocess.Popen, list[str]]]:
+    """`unclip serve all --port PORT ARGS` until the block ends: yields the launcher's process and
+    every line its five processes print, read as it comes (a pipe nobody reads would fill up and
+    block them), once the gateway on 127.0.0.1:PORT answers SERVING."""
+    from unclip.launcher import check_health
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "unclip", "serve", "all", "--port", str(port), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )  # fmt: skip
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(process.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not check_health(f"127.0.0.1:{port}", timeout=1.0):
+            if process.poll() is not None:
+                reader.join(timeout=10)
+                pytest.fail("unclip serve all exited early:\n" + "".join(output))
+            if time.monotonic() > deadline:
+                pytest.fail(f"unclip serve all did not become healthy in {timeout:.0f} s")
+            time.sleep(0.5)
+        yield process, output
+    finally:
+        if process.poll() is None:
+            # SIGTERM first: the launcher stops its services (they run in sessions of their own,
+            # so killing the launcher alone would leave them running).
+            process.terminate()
+            try:
+                process.wait(timeout=stop_timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        reader.join(timeout=10)

@@ -11,8 +11,6 @@ import random
 import signal
 import socket
 import subprocess
-import sys
-import threading
 import time
 import urllib.request
 from contextlib import ExitStack
@@ -26,9 +24,9 @@ from otlp_receiver import OTLPReceiver
 from parameter_cases import BASE, BATCHED, PARAMETER_NAMES, SENDS_PREVIEWS, as_keyword_arguments, generate_in_process, varied
 from s3server import S3Server, running_s3_server
 from scrape import scrape, value
+from servers import serve_all_process
 
 from unclip.client import AsyncClient, Client, Preview, StageProgress, UnclipError
-from unclip.launcher import check_health
 from unclip.parameters import GenerationParameters
 from unclip.pipeline import generate
 from unclip.stage import Stage
@@ -86,37 +84,11 @@ def serve_all():
             "OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": traces.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100",
             "UNCLIP_S3_ENDPOINT": s3.endpoint, "UNCLIP_S3_ACCESS_KEY": s3.access_key, "UNCLIP_S3_SECRET_KEY": s3.secret_key,
         }  # fmt: skip
-        process = subprocess.Popen(
-            # Batched here (Ray Serve's tests use 1 as well): in-process equality must hold at both.
-            [sys.executable, "-m", "unclip", "serve", "all", "--port", str(port), "--http-port", str(port + 5),
-             "--compute-batch", BATCHED, "--metrics-port", str(port + 5), "--log-format", "json"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-        )  # fmt: skip
-        served = ServeAll(process, f"127.0.0.1:{port}", port, traces, s3)
-        # Read as it comes: five processes logging every request would fill a pipe nobody reads.
-        reader = threading.Thread(target=lambda: served.output.extend(process.stdout), daemon=True)
-        reader.start()
-        try:
-            deadline = time.monotonic() + 240
-            while not check_health(served.address, timeout=1.0):
-                if process.poll() is not None:
-                    reader.join(timeout=10)
-                    pytest.fail("unclip serve all exited early:\n" + "".join(served.output))
-                if time.monotonic() > deadline:
-                    pytest.fail("unclip serve all did not become healthy in 240 s")
-                time.sleep(0.5)
-            yield served
-        finally:
-            if process.poll() is None:
-                # SIGTERM first: the launcher stops its services (they run in sessions of their own,
-                # so killing the launcher alone would leave them running).
-                process.terminate()
-                try:
-                    process.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
-            reader.join(timeout=10)
+        # Batched here (Ray Serve's tests use 1 as well): in-process equality must hold at both.
+        args = ["--http-port", str(port + 5), "--compute-batch", BATCHED, "--metrics-port", str(port + 5),
+                "--log-format", "json"]  # fmt: skip
+        process, output = stack.enter_context(serve_all_process(args, port, env=env))
+        yield ServeAll(process, f"127.0.0.1:{port}", port, traces, s3, output)
 
 
 def test_distributed_images_equal_in_process_images(serve_all, local_stages_batched):

@@ -10,8 +10,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -22,6 +20,7 @@ import pytest
 from conftest import FAST_STEPS
 from s3server import running_s3_server
 from scrape import scrape, value
+from servers import serve_all_process
 from test_e2e import _free_port_block
 
 from unclip.client import Client, UnclipError
@@ -56,11 +55,9 @@ def _pid_listening(port: int) -> int:
 
 
 class Cluster:
-    def __init__(self, port: int, process: subprocess.Popen, s3) -> None:
-        self.port, self.process, self.s3 = port, process, s3
+    def __init__(self, port: int, process: subprocess.Popen, output: list[str], s3) -> None:
+        self.port, self.process, self.output, self.s3 = port, process, output, s3
         self.address = f"127.0.0.1:{port}"
-        self.output: list[str] = []
-        threading.Thread(target=lambda: self.output.extend(process.stdout), daemon=True).start()
 
     def stage_address(self, stage: Stage) -> str:
         return f"127.0.0.1:{stage.port_next_to(self.port)}"
@@ -85,22 +82,9 @@ def cluster():
         s3 = stack.enter_context(running_s3_server())
         env = os.environ | {"UNCLIP_S3_ENDPOINT": s3.endpoint, "UNCLIP_S3_ACCESS_KEY": s3.access_key,
                             "UNCLIP_S3_SECRET_KEY": s3.secret_key}  # fmt: skip
-        process = subprocess.Popen(
-            [sys.executable, "-m", "unclip", "serve", "all", "--port", str(port), "--http-port", str(port + 5),
-             "--metrics-port", str(port + 5), "--shutdown-grace", "20"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-        )  # fmt: skip
-        served = Cluster(port, process, s3)
-        try:
-            served.wait(lambda: check_health(served.address, timeout=1.0), "serve all healthy", 240)
-            yield served
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        args = ["--http-port", str(port + 5), "--metrics-port", str(port + 5), "--shutdown-grace", "20"]
+        process, output = stack.enter_context(serve_all_process(args, port, env=env, stop_timeout=90))
+        yield Cluster(port, process, output, s3)
 
 
 def test_a_killed_stage_fails_its_request_and_comes_back(cluster):
