@@ -19,6 +19,7 @@ import pytest
 import torch
 from diffusers import UnCLIPScheduler
 from PIL import Image
+from servers import serve_all_process
 
 from unclip.errors import FailedPrecondition
 from unclip.importers.diffusers_format import WeightsImportError, import_pipeline
@@ -448,29 +449,16 @@ def test_karlos_real_geometry_maps_completely():
 def test_serve_all_with_imported_weights_gives_the_in_process_images(karlo):
     """`unclip serve all --weights DIR`: every stage service loads its imported checkpoint, and
     generations (with previews) and variations come back byte-identical to in-process ones."""
-    import subprocess
-    import time
 
     from test_e2e import _free_port_block
 
     from unclip.client import Client
     from unclip.images import upload_to_rgb
-    from unclip.launcher import check_health
     from unclip.manipulations import variations
 
     port = _free_port_block(6)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "unclip", "serve", "all", "--weights", str(karlo["weights"]), "--port", str(port),
-         "--http-port", str(port + 5)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
     address = f"127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while not check_health(address, timeout=1.0):
-            assert process.poll() is None, process.stdout.read() if process.stdout else ""
-            assert time.monotonic() < deadline, "serve all did not become healthy in 240 s"
-            time.sleep(0.5)
+    with serve_all_process(["--weights", str(karlo["weights"]), "--http-port", str(port + 5)], port):
         steps = dict(prior_steps=4, decoder_steps=4, upsampler_steps=2)
         expected = asyncio.run(generate(karlo["stages"], GenerationParameters(prompt=PROMPT, n=2, seed=21, **steps)))
         image = np.random.default_rng(6).integers(0, 256, (kf.IMAGE_SIZE, kf.IMAGE_SIZE, 3), dtype=np.uint8)
@@ -485,13 +473,6 @@ def test_serve_all_with_imported_weights_gives_the_in_process_images(karlo):
             remote_variation = client.variations(upload.getvalue(), seed=2, **decode_steps)
         assert [i.png for i in remote] == [i.png for i in expected]
         np.testing.assert_array_equal(np.asarray(remote_variation[0].image), varied[0].pixels)
-    finally:
-        process.terminate()  # the launcher stops its services
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def test_every_operation_runs_on_imported_weights(karlo):
