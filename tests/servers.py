@@ -80,7 +80,7 @@ def serve_all_process(
                 reader.join(timeout=10)
                 pytest.fail("unclip serve all exited early:\n" + "".join(output))
             if time.monotonic() > deadline:
-                pytest.fail(f"unclip serve all did not become healthy in {timeout:.0f} s")
+                pytest.fail(f"unclip serve all did not become healthy in {timeout:.0f} s:\n" + "".join(output[-60:]))
             time.sleep(0.5)
         yield process, output
     finally:
