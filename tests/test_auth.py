@@ -1,9 +1,11 @@
 """Who may call the gateway: API keys (gateway.auth), per-key quotas (gateway.quotas) and the
 `unclip keys` / `unclip serve --api-keys` command line, against a real gateway (gRPC and HTTP)
-in front of a stage backend without models (tests/fake_stages.py)."""
+in front of a stage backend without models (tests/fake_stages.py), and once end to end through
+`unclip serve all --api-keys`."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import http.client
 import json
@@ -17,11 +19,13 @@ from typing import Any
 import grpc
 import openai
 import pytest
+from conftest import FAST_STEPS
 from fake_stages import FakeStages
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
-from servers import BackgroundServer
+from servers import BackgroundServer, serve_all_process
+from test_e2e import _free_port_block
 
 from gateway.app import build_gateway
 from gateway.auth import Access, KeysFile, KeysFileError, check_exposure, hash_key
@@ -350,3 +354,42 @@ def test_serve_all_and_ray_hand_the_keys_to_their_gateway(tmp_path, capsys):
     with pytest.raises(ValueError, match="without API keys"):
         auth_flags.configure_ray(load_config() | {"http_options": {"host": "0.0.0.0", "port": 8000}}, open_args)
     auth_flags.configure_ray(load_config(), open_args)  # loopback, as shipped: fine
+
+
+# -- `unclip serve all --api-keys`, end to end -------------------------------------------------
+
+
+@pytest.mark.slow
+def test_serve_all_enforces_its_keys_across_its_processes(tmp_path):
+    """One `serve all --api-keys FILE` (five processes), a key made by the CLI: the gateway
+    process refuses gRPC and HTTP calls without it before any stage works, answers with it
+    through the four stage processes, and keeps health checks open."""
+    path = tmp_path / "keys.json"
+    made = subprocess.run([sys.executable, "-m", "unclip", "keys", "create", "e2e", "--file", str(path)],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    (key,) = made.stdout.split()
+    assert key.startswith("uk_")
+    port = _free_port_block(10)
+    args = ["--http-port", str(port + 5), "--metrics-port", str(port + 5), "--api-keys", str(path)]
+    with serve_all_process(args, port), grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        # Health needs no key (serve_all_process has waited on it without one, too).
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        stub = images_pb2_grpc.ImageServiceStub(channel)
+        for metadata in (None, bearer("uk_000000000000_" + "z" * 43)):
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Generate(generate_request(), metadata=metadata, timeout=60)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with Client(f"127.0.0.1:{port}", api_key=key, timeout=120) as client:
+            images = client.generate("a red circle", size=32, seed=5, **FAST_STEPS)
+        assert len(images) == 1 and images[0].width == 32 and images[0].png.startswith(b"\x89PNG")
+
+        body = {"prompt": "a red circle", "size": "32x32", "response_format": "b64_json", "seed": 5, **FAST_STEPS}
+        status, headers, answer = http_request(port + 5, "POST", "/v1/images/generations", body)
+        assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer")
+        assert answer["error"]["type"] == "invalid_request_error" and answer["error"]["code"] == "invalid_api_key"
+        status, _, answer = http_request(port + 5, "POST", "/v1/images/generations", body, key=key)
+        assert status == 200, answer
+        assert len(answer["data"]) == 1 and base64.b64decode(answer["data"][0]["b64_json"]).startswith(b"\x89PNG")
+        assert http_request(port + 5, "GET", "/healthz")[0] == 200

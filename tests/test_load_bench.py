@@ -1,4 +1,5 @@
-"""`unclip bench load` against a gateway on 127.0.0.1 over the shipped stages in this process."""
+"""`unclip bench load` against a gateway on 127.0.0.1 over the shipped stages in this process,
+in plaintext and over (mutual) TLS."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import pytest
 from servers import BackgroundServer
 
 from gateway.app import build_gateway
+from unclip import certs
 from unclip.load_bench import run_load
+from unclip.tls import GATEWAY_CLIENT, GATEWAY_SERVER, CertificateDirectory, TlsFiles, channel_credentials
 
 pytestmark = pytest.mark.slow
 FAST = dict(prior_steps=2, decoder_steps=2, size=32)
@@ -54,3 +57,43 @@ def test_the_command_prints_and_writes_its_figures(gateway, tmp_path):
     assert "answered   2 of 2" in done.stdout and "p95" in done.stdout
     figures = json.loads(out.read_text())
     assert figures["answered"] == 2 and figures["errors"] == {} and len(figures["latencies_s"]) == 2
+
+
+@pytest.fixture(scope="module")
+def tls_gateway(local_stages, tmp_path_factory):
+    """A gateway whose public endpoint serves TLS and asks for a client certificate its CA signed."""
+    path = tmp_path_factory.mktemp("load-tls") / "certs"
+    certs.init(path)
+    files = CertificateDirectory(path)
+    public = TlsFiles(*files.pair(GATEWAY_SERVER), ca=files.ca)
+    make = lambda: build_gateway(local_stages, host="127.0.0.1", port=0, http_port=None, storage=None, tls=public)
+    with BackgroundServer(make) as server:
+        yield server.address, files
+
+
+def test_the_command_loads_a_gateway_that_serves_tls(tls_gateway, tmp_path):
+    address, files = tls_gateway
+    client_cert, client_key = files.pair(GATEWAY_CLIENT)
+    argv = [sys.executable, "-m", "unclip", "bench", "load", "--server", address, "--concurrency", "2",
+            "--requests", "2", "--steps", "2", "--size", "32", "--json", str(tmp_path / "load.json")]  # fmt: skip
+    mutual = ["--tls-ca", str(files.ca), "--tls-cert", str(client_cert), "--tls-key", str(client_key)]
+    done = subprocess.run([*argv, *mutual], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "answered   2 of 2" in done.stdout
+    assert json.loads((tmp_path / "load.json").read_text())["errors"] == {}
+    # Without the client certificate the gateway's handshake refuses every request: counted, exit code 1.
+    refused = subprocess.run([*argv, "--tls-ca", str(files.ca)], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1 and "answered   0 of 2" in refused.stdout, refused.stderr
+    assert json.loads((tmp_path / "load.json").read_text())["errors"] == {"UNAVAILABLE": 2}
+    # Half a client certificate is one line, not a traceback.
+    half = subprocess.run([*argv, "--tls-ca", str(files.ca), "--tls-cert", str(client_cert)], capture_output=True, text=True)
+    assert half.returncode == 1 and half.stderr.startswith("unclip bench load:") and "its key" in half.stderr
+
+
+def test_run_load_takes_channel_credentials(tls_gateway):
+    address, files = tls_gateway
+    credentials = channel_credentials(ca=files.ca, cert=files.pair(GATEWAY_CLIENT)[0], key=files.pair(GATEWAY_CLIENT)[1])
+    report = asyncio.run(run_load(address, concurrency=1, requests=1, credentials=credentials, **FAST))
+    assert (report.answered, report.errors) == (1, {})
+    plaintext = asyncio.run(run_load(address, concurrency=1, requests=1, timeout=10, **FAST))
+    assert (plaintext.answered, plaintext.errors) == (0, {"UNAVAILABLE": 1})

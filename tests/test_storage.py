@@ -4,7 +4,11 @@ atomicity of a failed save, outages and bad credentials."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
+import logging
+import socket
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -15,6 +19,7 @@ import pytest
 from PIL import Image
 from s3server import S3Server, free_ports, running_s3_server, s3_server_fixture
 
+from unclip import storage
 from unclip.errors import Unavailable
 from unclip.storage import ResultStore, StorageConfig
 
@@ -138,6 +143,180 @@ def test_a_failed_save_leaves_nothing_behind(s3_server: S3Server):
 
     assert asyncio.run(scenario()) is None
     assert list(s3_server.client().list_objects("unclip", prefix="results/half/", recursive=True)) == []
+
+
+class Link:
+    """A TCP proxy on loopback in front of the S3 server whose link can be cut: then it closes every
+    connection, and each new one at once, so the store's requests fail without an answer (and
+    never reach the server). `cut_at(marker)` cuts it when a request naming `marker` comes
+    through, before that request is passed on."""
+
+    def __init__(self, target: str):
+        host, port = target.rsplit(":", 1)
+        self._target = (host, int(port))
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.2)
+        self.endpoint = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._cut, self._stopped = threading.Event(), threading.Event()
+        self._marker: bytes | None = None
+        self._lock = threading.Lock()
+        self._open: set[socket.socket] = set()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def cut_at(self, marker: bytes) -> None:
+        self._marker = marker
+
+    def cut(self) -> None:
+        self._cut.set()
+        with self._lock:
+            doomed, self._open = self._open, set()
+        for sock in doomed:
+            self._shut(sock)
+
+    def restore(self) -> None:
+        self._marker = None
+        self._cut.clear()
+
+    def close(self) -> None:
+        self._stopped.set()
+        self._thread.join(timeout=5)
+        self._listener.close()
+        self.cut()
+
+    @staticmethod
+    def _shut(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)  # wakes the pump blocked in recv, which close alone would not
+        sock.close()
+
+    def _accept(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            if self._cut.is_set():
+                self._shut(client)
+                continue
+            upstream = socket.create_connection(self._target)
+            with self._lock:
+                self._open |= {client, upstream}
+            for source, sink, requests in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pump, args=(source, sink, requests), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, requests: bool) -> None:
+        try:
+            while chunk := source.recv(65536):
+                if requests and self._marker is not None and self._marker in chunk:
+                    self.cut()
+                    return
+                sink.sendall(chunk)
+        except OSError:
+            pass
+        with self._lock:
+            self._open -= {source, sink}
+        self._shut(source)
+        self._shut(sink)
+
+
+@pytest.fixture
+def link(s3_server: S3Server):
+    proxy = Link(s3_server.endpoint)
+    yield proxy
+    proxy.close()
+
+
+def _objects(server: S3Server, bucket: str, prefix: str) -> list[str]:
+    return sorted(o.object_name for o in server.client().list_objects(bucket, prefix=prefix, recursive=True))
+
+
+def _wait_for(condition, what: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout:g} s"
+        time.sleep(0.2)
+
+
+async def _save_cut_at_second_image(store: ResultStore, link: Link, request_id: str) -> None:
+    """A save whose first image lands and whose second finds the store gone; its cleanup, too."""
+    link.cut_at(f"{request_id}/image-1.png".encode())
+    with pytest.raises(Unavailable, match="unreachable"):
+        await store.save(request_id, IMAGES[:3], {"x": 1})
+
+
+def test_a_cleanup_the_store_could_not_take_is_retried_until_it_can(s3_server: S3Server, link: Link, caplog):
+    caplog.set_level(logging.INFO, logger="unclip.storage")
+    config = replace(config_for(s3_server, bucket="cut-retried"), endpoint=link.endpoint)
+
+    async def scenario():
+        store = ResultStore(config)
+        try:
+            await store.save("before-cut", IMAGES[:1], {})  # makes the bucket
+            await _save_cut_at_second_image(store, link, "cut-1")
+            # The store is down: its first image stays for now, without a record.
+            assert _objects(s3_server, "cut-retried", "results/cut-1/") == ["results/cut-1/image-0.png"]
+            await asyncio.sleep(2.5)  # a retry or two fail meanwhile
+            assert _objects(s3_server, "cut-retried", "results/cut-1/") == ["results/cut-1/image-0.png"]
+            link.restore()
+            # Back: removed by the store's own retries, while it stays open.
+            await asyncio.to_thread(
+                _wait_for, lambda: not _objects(s3_server, "cut-retried", "results/cut-1/"), "the orphan removed", 30
+            )
+            assert await store.load("cut-1") is None
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+    messages = [r.getMessage() for r in caplog.records if r.name == "unclip.storage"]
+    assert any("result cut-1" in m and "removing them again in the background" in m for m in messages)
+    assert any("result cut-1" in m and "again in" in m for m in messages)  # a retry that failed
+    assert any("result cut-1: removed the objects" in m for m in messages)
+
+
+def test_closing_the_store_finishes_a_pending_cleanup(s3_server: S3Server, link: Link):
+    config = replace(config_for(s3_server, bucket="cut-closed"), endpoint=link.endpoint)
+
+    async def scenario():
+        store = ResultStore(config)
+        await store.save("before-cut", IMAGES[:1], {})
+        await _save_cut_at_second_image(store, link, "cut-2")
+        assert _objects(s3_server, "cut-closed", "results/cut-2/") == ["results/cut-2/image-0.png"]
+        link.restore()
+        started = time.monotonic()
+        await store.close()
+        return time.monotonic() - started
+
+    elapsed = asyncio.run(scenario())
+    assert _objects(s3_server, "cut-closed", "results/cut-2/") == []  # gone when close returns
+    assert elapsed < storage.CLEANUP_DRAIN_SECONDS + 1
+
+
+def test_a_cleanup_gives_up_after_its_tries(s3_server: S3Server, link: Link, caplog, monkeypatch):
+    monkeypatch.setattr(storage, "CLEANUP_FIRST_DELAY", 0.05)
+    monkeypatch.setattr(storage, "CLEANUP_ATTEMPTS", 3)
+    caplog.set_level(logging.INFO, logger="unclip.storage")
+    config = replace(config_for(s3_server, bucket="cut-given-up"), endpoint=link.endpoint)
+
+    def gave_up() -> bool:
+        return any("result cut-3: gave up" in r.getMessage() for r in caplog.records)
+
+    async def scenario():
+        store = ResultStore(config)
+        try:
+            await store.save("before-cut", IMAGES[:1], {})
+            await _save_cut_at_second_image(store, link, "cut-3")
+            await asyncio.to_thread(_wait_for, gave_up, "giving up", 30)
+            link.restore()
+            await asyncio.sleep(1.0)
+        finally:
+            await store.close()  # nothing pending any more: returns at once
+
+    asyncio.run(scenario())
+    message = next(r.getMessage() for r in caplog.records if "result cut-3: gave up" in r.getMessage())
+    assert "after 3 tries" in message and "results/cut-3/image-0.png" in message
+    # Left as it was: an unreferenced object, never a visible result.
+    assert _objects(s3_server, "cut-given-up", "results/cut-3/") == ["results/cut-3/image-0.png"]
 
 
 def test_load_of_an_unknown_result_is_none(s3_server: S3Server):

@@ -88,10 +88,13 @@ async def run_load(
     prompt: str = "a red circle in the top left corner",
     timeout: float = 600.0,
     application: str | None = None,
+    credentials: Any = None,
     **parameters: Any,
 ) -> LoadReport:
     """Send `requests` generate calls from `concurrency` clients and measure them; `application`
-    names the Ray Serve application behind a Ray gRPC proxy ("gateway")."""
+    names the Ray Serve application behind a Ray gRPC proxy ("gateway"); `credentials`
+    (grpc.ChannelCredentials, e.g. `unclip.tls.channel_credentials(ca=...)`): a gateway that
+    serves TLS, None for plaintext."""
     from unclip.client import AsyncClient, UnclipError
 
     if concurrency < 1 or requests < 1:
@@ -119,7 +122,7 @@ async def run_load(
             if images and images[0].request_id:
                 report.answers[images[0].request_id] = [hashlib.sha256(image.png).hexdigest() for image in images]
 
-    async with AsyncClient(server, application=application) as client:
+    async with AsyncClient(server, application=application, credentials=credentials) as client:
         await asyncio.gather(*(one(i, client) for i in range(requests)))
     report.seconds = time.perf_counter() - started
     return report
@@ -148,7 +151,7 @@ async def check_store(report: LoadReport, store: Any) -> None:
 
 def run_load_benchmark(
     server: str, concurrency: int, requests: int, rate: float | None, parameters: dict[str, Any], out: Path,
-    application: str | None = None, check_stored: bool = False,
+    application: str | None = None, check_stored: bool = False, credentials: Any = None,
 ) -> int:  # fmt: skip
     store = None
     if check_stored:
@@ -159,8 +162,11 @@ def run_load_benchmark(
             raise SystemExit("unclip bench load: --check-store reads the gateway's store from UNCLIP_S3_*; none is set")
         store = ResultStore(config)
     report = asyncio.run(
-        run_load(server, concurrency=concurrency, requests=requests, rate=rate, application=application, **parameters)
-    )
+        run_load(
+            server, concurrency=concurrency, requests=requests, rate=rate, application=application,
+            credentials=credentials, **parameters,
+        )
+    )  # fmt: skip
     if store is not None:
         asyncio.run(check_store(report, store))
     print(report.table())

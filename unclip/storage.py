@@ -2,7 +2,9 @@
 
 A result is a folder of objects under `{prefix}{request_id}/`: `image-{i}.png`, any extras (e.g. an
 animated GIF), and `record.json`, written last. The record's presence marks a complete result, so a
-reader never sees a half-written one; a save that fails part-way deletes what it wrote.
+reader never sees a half-written one; a save that fails part-way deletes what it wrote, and when
+the store cannot take that deletion either (it went down mid-save), the store tries again in the
+background, with backoff, until it can (or gives up after a while).
 
 Clients download through presigned URLs signed for the endpoint *they* reach (`public_endpoint`),
 which may differ from the one the gateway writes to (e.g. a cluster-internal service name).
@@ -28,7 +30,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -61,6 +63,17 @@ _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
 _MISSING = {"NoSuchKey", "NoSuchBucket"}
 _BUCKET_EXISTS = {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}
 _MAX_PRESIGN_SECONDS = 7 * 24 * 3600  # the S3 limit for a presigned URL
+# Removing a failed save's objects again: the first retry after this many seconds, doubling up to
+# the cap, at most this many tries (about 8 minutes in all: an outage longer than that leaves
+# unreferenced objects, logged, never a visible result).
+CLEANUP_FIRST_DELAY = 1.0
+CLEANUP_MAX_DELAY = 60.0
+CLEANUP_ATTEMPTS = 10
+# A removal counts once a second one, this much later, also succeeds: a PUT that timed out on the
+# client may still land after the first (a store that stalled answers its backlog when it resumes).
+CLEANUP_SETTLE = 5.0
+# How long closing the store waits for pending removals.
+CLEANUP_DRAIN_SECONDS = 15.0
 
 
 def _check_endpoint(name: str, endpoint: str) -> None:
@@ -133,6 +146,74 @@ class Lease:
     etag: str
 
 
+@dataclass
+class _Orphans:
+    """Objects of a failed save that are still to be removed."""
+
+    request_id: str
+    keys: list[str]
+    record: tuple[str, str] | None = None  # (record key, writer): keep them if that writer's record landed after all
+    attempts: int = 0  # failed tries
+    removed: bool = False  # the last try removed them; the next one, after CLEANUP_SETTLE, confirms it
+    due: float = 0.0  # time.monotonic() of the next try
+
+
+class _DeferredRemovals:
+    """A thread of the store's that retries removals the store could not take when a save failed
+    (`_Orphans`), so that an outage mid-save leaves no objects without a record once the store is
+    back. It runs only while some are pending."""
+
+    def __init__(self, attempt: Callable[[_Orphans, bool], bool]):
+        self._attempt = attempt  # one try; True when the orphans are done with (removed, kept or given up)
+        self._pending: list[_Orphans] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._closing = False
+
+    def add(self, orphans: _Orphans) -> None:
+        with self._lock:
+            self._pending.append(orphans)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="unclip-storage-cleanup", daemon=True)
+                self._thread.start()
+        self._wake.set()
+
+    def pending(self) -> list[_Orphans]:
+        with self._lock:
+            return list(self._pending)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                if not self._pending:
+                    self._thread = None
+                    return
+                closing, now = self._closing, time.monotonic()
+                # Closing: what waits for a retry is tried once more now; a confirmation still waits its settle.
+                ready = [o for o in self._pending if o.due <= now or (closing and not o.removed)]
+                wait = None if ready else min(o.due for o in self._pending) - now
+            if wait is not None:
+                self._wake.wait(wait)
+                self._wake.clear()
+                continue
+            for orphans in ready:
+                if self._attempt(orphans, closing):
+                    with self._lock:
+                        self._pending.remove(orphans)
+
+    def drain(self, timeout: float) -> list[_Orphans]:
+        """Try what is pending once more (confirmations included) for up to `timeout` seconds;
+        what is still pending then."""
+        with self._lock:
+            self._closing = True
+            thread = self._thread
+        self._wake.set()
+        if thread is not None:
+            thread.join(timeout)
+        return self.pending()
+
+
 def new_writer() -> str:
     """A writer id: unique to one attempt at saving a result."""
     return uuid.uuid4().hex[:16]
@@ -182,6 +263,7 @@ class ResultStore:
         )
         self._bucket_ready = False
         self._bucket_lock = threading.Lock()
+        self._deferred = _DeferredRemovals(self._retry_removal)
 
     def _folder(self, request_id: str) -> str:
         _check_name("request_id", request_id)
@@ -252,12 +334,12 @@ class ResultStore:
         size = sum(len(data) for _, data, _ in objects)
         with tracing.span("storage.save", SpanKind.CLIENT, unclip__objects=len(objects), unclip__bytes=size):
             if writer is None:
-                await asyncio.to_thread(self._save_sync, objects)
+                await asyncio.to_thread(self._save_sync, request_id, objects)
             else:
-                await asyncio.to_thread(self._save_exclusive_sync, objects, writer)
+                await asyncio.to_thread(self._save_exclusive_sync, request_id, objects, writer)
         return image_keys
 
-    def _save_sync(self, objects: list[tuple[str, bytes, str]]) -> None:
+    def _save_sync(self, request_id: str, objects: list[tuple[str, bytes, str]]) -> None:
         try:
             self._ensure_bucket()
         except _STORE_ERRORS as error:
@@ -269,16 +351,21 @@ class ResultStore:
                 attempted.append(key)
                 self._client.put_object(self.config.bucket, key, io.BytesIO(data), len(data), content_type=content_type)
         except BaseException as error:
-            self._remove(attempted)
+            # Without an answer from the store, a put that timed out may still land after the
+            # removal: a removal that fails, or one that may have come too early, is tried again later.
+            removed = self._remove(attempted)
+            unanswered = isinstance(error, _STORE_ERRORS) and not isinstance(error, S3Error)
+            if not removed or unanswered:
+                self._defer(_Orphans(request_id, attempted, removed=removed))
             if isinstance(error, _STORE_ERRORS):
                 raise self._unavailable(error) from error
             raise
 
-    def _save_exclusive_sync(self, objects: list[tuple[str, bytes, str]], writer: str) -> None:
+    def _save_exclusive_sync(self, request_id: str, objects: list[tuple[str, bytes, str]], writer: str) -> None:
         """The writer's objects, then its record if the result has none. Every object but the
         record is the writer's own, so removing them on failure touches nobody else's."""
         *own, (record_key, record_data, _) = objects
-        self._save_sync(own)  # removes what it wrote if it fails
+        self._save_sync(request_id, own)  # removes what it wrote if it fails
         failure: Exception | None = None
         try:
             self._ensure_bucket()
@@ -295,7 +382,11 @@ class ResultStore:
             raise self._as_unavailable(failure or error) from error
         if existing is not None and existing[0].get(WRITER_KEY) == writer:
             return  # the record that landed is this writer's
-        self._remove([key for key, _, _ in own])
+        own_keys = [key for key, _, _ in own]
+        if not self._remove(own_keys):
+            # Retried later, unless this writer's record turns up by then (a PUT that timed out
+            # can still land): then they are its result.
+            self._defer(_Orphans(request_id, own_keys, record=(record_key, writer)))
         if existing is not None:
             raise ResultExists(record_key)
         raise self._as_unavailable(failure or Unavailable(f"{self.config.where} lost the record {record_key}"))
@@ -405,13 +496,64 @@ class ResultStore:
         except (*_STORE_ERRORS, Unavailable) as error:
             log.warning("could not release the lease %s: %s", lease.key, error)
 
-    def _remove(self, keys: list[str]) -> None:
-        """Best effort: one batch request, so cleanup during an outage costs one timeout, not one per key."""
+    def _remove(self, keys: list[str]) -> bool:
+        """Whether all `keys` are removed (or were never there). One batch request, so cleanup
+        during an outage costs one timeout, not one per key."""
+        removed = True
         try:
             for failure in self._client.remove_objects(self.config.bucket, [DeleteObject(key) for key in keys]):
                 log.warning("could not remove %s from %s: %s", failure.name, self.config.where, failure.message)
+                removed = False
         except Exception as error:  # noqa: BLE001 - best effort: the save's own error is what the caller gets
             log.warning("could not remove %d objects of a failed save from %s: %s", len(keys), self.config.where, error)
+            removed = False
+        return removed
+
+    def _defer(self, orphans: _Orphans) -> None:
+        orphans.due = time.monotonic() + (CLEANUP_SETTLE if orphans.removed else CLEANUP_FIRST_DELAY)
+        if not orphans.removed:
+            log.warning(
+                "result %s: %d objects of its failed save are left in %s; removing them again in the background",
+                orphans.request_id, len(orphans.keys), self.config.where,
+            )  # fmt: skip
+        self._deferred.add(orphans)
+
+    def _retry_removal(self, orphans: _Orphans, closing: bool) -> bool:
+        """One more try at removing `orphans` (on the cleanup thread); True when they are done with."""
+        try:
+            if orphans.record is not None:
+                record_key, writer = orphans.record
+                existing = self._read_json(record_key)
+                if existing is not None and existing[0].get(WRITER_KEY) == writer:
+                    log.info("result %s: the record of its failed save landed after all; its objects stay", orphans.request_id)
+                    return True
+            self._client_remove(orphans.keys)
+        except (*_STORE_ERRORS, Unavailable) as error:
+            orphans.attempts += 1
+            orphans.removed = False
+            if closing or orphans.attempts >= CLEANUP_ATTEMPTS:
+                log.error(
+                    "result %s: gave up removing the %d objects of its failed save from %s after %d tries (%s); "
+                    "they stay, unreferenced (no record points at them): %s",
+                    orphans.request_id, len(orphans.keys), self.config.where, orphans.attempts, error,
+                    ", ".join(orphans.keys),
+                )  # fmt: skip
+                return True
+            delay = min(CLEANUP_FIRST_DELAY * 2 ** (orphans.attempts - 1), CLEANUP_MAX_DELAY)
+            orphans.due = time.monotonic() + delay
+            log.info("result %s: removing its failed save's objects failed (%s); again in %g s", orphans.request_id, error, delay)
+            return False
+        if orphans.removed:
+            log.info("result %s: removed the objects its failed save left in %s", orphans.request_id, self.config.where)
+            return True
+        orphans.removed = True
+        orphans.due = time.monotonic() + CLEANUP_SETTLE
+        return False
+
+    def _client_remove(self, keys: list[str]) -> None:
+        """Remove `keys`; raises on any failure (an error answer for one key included)."""
+        for failure in self._client.remove_objects(self.config.bucket, [DeleteObject(key) for key in keys]):
+            raise Unavailable(f"{self.config.where} failed: could not remove {failure.name}: {failure.code}: {failure.message}")
 
     async def load(self, request_id: str) -> StoredResult | None:
         """The complete result, or None when its record does not exist (never saved, or a save that failed)."""
@@ -475,5 +617,13 @@ class ResultStore:
         )
 
     async def close(self) -> None:
-        """Close pooled connections."""
+        """Try pending removals of failed saves once more (waiting at most CLEANUP_DRAIN_SECONDS),
+        then close pooled connections."""
+        if self._deferred.pending():
+            left = await asyncio.to_thread(self._deferred.drain, CLEANUP_DRAIN_SECONDS)
+            for orphans in left:
+                log.error(
+                    "result %s: %d objects of its failed save stay in %s, unreferenced: %s",
+                    orphans.request_id, len(orphans.keys), self.config.where, ", ".join(orphans.keys),
+                )  # fmt: skip
         self._http.clear()

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from unclip.cli import tls_flags
 from unclip.cli.common import NOT_SAMPLING, add_parameter_flags, compute_batch_spec, parameters_from_args
 
 OPERATION = "generate"
@@ -74,12 +75,15 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         help="afterwards, read every answered request's PNGs and record back from the gateway's object store "
         "(UNCLIP_S3_*) and report any missing or different",
     )
+    tls_flags.add_client_flags(load)  # the same as `unclip generate --server` takes
     add_parameter_flags(parser, OPERATION, skip=NOT_SAMPLING)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     parameters = parameters_from_args(args, OPERATION, skip=NOT_SAMPLING)
+    if args.what != "load" and tls_flags.client_credentials_given(args):
+        raise SystemExit("unclip bench: --tls, --tls-ca, --tls-cert and --tls-key are for `bench load --server`")
     if args.what == "karlo":
         from unclip.peer_bench import run_peer_benchmark
 
@@ -104,6 +108,10 @@ def run(args: argparse.Namespace) -> int:
         size = {} if args.size is None else {"size": args.size}
         out = args.json if args.json != Path("bench-throughput.json") else Path("bench-load.json")
         parameters = {**parameters, "n": args.images, **size}
+        try:
+            credentials = tls_flags.client_credentials(args)
+        except (OSError, ValueError) as error:  # a certificate that cannot be read, or half a client pair
+            raise SystemExit(f"unclip bench load: {error}") from None
         return run_load_benchmark(
             args.server,
             args.concurrency[0],
@@ -113,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
             out,
             application=args.application,
             check_stored=args.check_store,
+            credentials=credentials,
         )
     if args.what == "pipeline":
         from unclip.bench import run_pipeline_benchmark

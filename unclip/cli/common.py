@@ -26,11 +26,25 @@ STEPS_FLAG = "--steps"
 NOT_SAMPLING = ("n", "size", "seed")
 
 
-def positive_int(text: str) -> int:
-    """argparse type of a count that must be at least 1 (a quota, a limit per key)."""
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return int(text)
+def positive(kind: type[int] | type[float]) -> Callable[[str], Any]:
+    """argparse type of a number above 0: an int (a count: a quota, a limit per key; digits
+    only) or a float (seconds)."""
+    noun = "integer" if kind is int else "number"
+
+    def parse(text: str) -> int | float:
+        # Digits only for a count: int() would also take "+3", " 3" and "3_000".
+        if kind is int and not text.isdigit():
+            raise argparse.ArgumentTypeError(f"must be a positive {noun}, got {text!r}")
+        value = kind(text)  # a ValueError: argparse says "invalid float value"
+        if not value > 0:  # not `<= 0`: NaN is no positive number either
+            raise argparse.ArgumentTypeError(f"must be a positive {noun}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error messages
+    return parse
+
+
+positive_int = positive(int)
 
 
 def _taken(operation: str, skip: tuple[str, ...]) -> list[Any]:

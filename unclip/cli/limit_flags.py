@@ -7,19 +7,9 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway.admission import DEFAULT_BODY_TIMEOUT_SECONDS, DEFAULT_MAX_CONCURRENT_REQUESTS, GatewayLimits
+from unclip.cli.common import positive
 from unclip.cost import DEFAULT_MAX_REQUEST_COST
 from unclip.limits import DEFAULT_TIMEOUT_SECONDS
-
-
-def _positive(kind: type) -> Callable[[str], Any]:
-    def parse(text: str) -> float | int:
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-        return value
-
-    parse.__name__ = kind.__name__  # argparse names the type in its error messages
-    return parse
 
 
 def _limit(kind: type) -> Callable[[str], Any]:
@@ -63,7 +53,7 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     )
     limits.add_argument(
         "--body-timeout",
-        type=_positive(float),
+        type=positive(float),
         default=DEFAULT_BODY_TIMEOUT_SECONDS,
         metavar="SECONDS",
         help="gateway, all: an HTTP request's body must arrive within this many seconds, or it gets 408 and the "

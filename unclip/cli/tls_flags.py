@@ -115,7 +115,7 @@ def stage_channel_tls(args: argparse.Namespace) -> Any:
 # -- clients of a gateway (--server) -----------------------------------------------------------
 
 
-def add_client_flags(parser: argparse.ArgumentParser) -> None:
+def add_client_flags(parser: argparse._ActionsContainer) -> None:  # a parser or one of its groups
     parser.add_argument(
         "--tls-ca",
         type=Path,
