@@ -11,7 +11,7 @@ PROMPT ?= a red circle in the top left corner
 
 PYTHON_SOURCES := unclip encoder_svc prior_svc decoder_svc gateway tools tests deploy
 
-.PHONY: demo test test-fast test-sdk-floor test-kind install tools protos lint typecheck lint-protos docs bench clean
+.PHONY: demo test test-fast test-sdk-floor test-kind install tools chromium protos lint typecheck lint-protos docs bench clean
 
 # The venv is reinstalled whenever pyproject.toml changes.
 $(INSTALLED): pyproject.toml
@@ -34,12 +34,22 @@ $(KUBECTL): $(INSTALLED)
 
 tools: $(BUF) $(HELM) $(KUBECTL)
 
+# Debian's Chromium for the playground's browser tests (tests/browser.py), where apt-get runs as
+# root; elsewhere those tests skip and say why.
+chromium:
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null \
+		|| (apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null) \
+		|| echo "chromium could not be installed: the browser tests will skip"; \
+	else echo "no apt-get as root here: the browser tests will skip"; fi
+
 demo: $(INSTALLED)
 	$(BIN)/unclip generate "$(PROMPT)" --seed 0 --out out
 
 # The quality gates first (style, types, protos; the SDK at its dependency floor), then every test;
 # -rfEs lists failures and says why a test skipped.
-test: lint typecheck test-sdk-floor $(INSTALLED) $(BUF) $(HELM)
+test: lint typecheck test-sdk-floor $(INSTALLED) $(BUF) $(HELM) chromium
 	$(BIN)/python -m pytest -q -rfEs
 
 # The inner loop: no test that starts servers, a Ray cluster or full-quality sampling.

@@ -16,7 +16,7 @@ import time
 import uuid
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import unclip
@@ -64,7 +64,7 @@ class Result:
 class RequestOptions:
     """How one request is served, whatever its operation: images as bytes or as URLs of the
     stored PNGs, the key that makes a retry return the stored result, the deadline (a
-    time.monotonic() value), and the callbacks that report progress (previews: generations only)."""
+    time.monotonic() value), and the callbacks that report progress (previews: generations and edits)."""
 
     want_url: bool = False
     idempotency_key: str | None = None
@@ -150,7 +150,11 @@ class ImageAPI:
             inpaint = Inpaint(pixels, regenerate)
 
             async def produce(on_stage: StageCallback) -> Produced:
-                return await generate(self.backend, params, deadline=options.deadline, on_stage=on_stage, inpaint=inpaint), None
+                images = await generate(
+                    self.backend, params, deadline=options.deadline, on_stage=on_stage, on_preview=options.on_preview,
+                    inpaint=inpaint,
+                )  # fmt: skip
+                return images, None
 
             inputs = {"image": _digest(image), "mask": _digest(mask or b"")}
             return await self._deliver("edit", params, inputs, produce, options)
@@ -232,7 +236,10 @@ class ImageAPI:
             needs = "response format URL" if want_url else "an idempotency key"
             raise InvalidArgument(f"{needs} needs the gateway's object store; none is configured (UNCLIP_S3_ENDPOINT)")
         fingerprint = _digest(
-            json.dumps({"operation": operation, "parameters": asdict(params), "inputs": inputs}, sort_keys=True).encode()
+            # Previews do not change the images: a streamed request and a plain one are the same request.
+            json.dumps(
+                {"operation": operation, "parameters": asdict(replace(params, preview_every=0)), "inputs": inputs}, sort_keys=True
+            ).encode()
         )
         if idempotency_key is None:
             return await self._produce_and_store(uuid.uuid4().hex, operation, params, fingerprint, produce, options)

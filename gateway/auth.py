@@ -44,6 +44,7 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gateway.page import OPEN_PAGE_ROUTES
 from gateway.quotas import QuotaLimits, Quotas
 from unclip.errors import Unauthenticated
 
@@ -57,7 +58,8 @@ FILE_VERSION = 1
 LIMIT_FIELDS = ("images_per_minute", "max_concurrent")
 AUTHORIZATION = "authorization"
 # Routes any caller may use: health checks and Prometheus scrapes carry no key.
-OPEN_ROUTES = frozenset({("GET", "/healthz"), ("HEAD", "/healthz"), ("GET", "/metrics"), ("HEAD", "/metrics")})
+# The playground's files too: a page must load before it can ask for a key (it holds no data).
+OPEN_ROUTES = frozenset({("GET", "/healthz"), ("HEAD", "/healthz"), ("GET", "/metrics"), ("HEAD", "/metrics")}) | OPEN_PAGE_ROUTES
 MISSING_KEY = "missing API key: send it as 'authorization: Bearer <key>'"
 INVALID_KEY = "invalid API key"
 # How long the rest of a refused request's body is read and dropped (as http_api's 413s): a

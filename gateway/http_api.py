@@ -3,6 +3,14 @@
     POST /v1/images/generations   JSON       prompt, n, size, response_format (+ model, quality, style, user: ignored)
     POST /v1/images/variations    multipart  image, n, size, response_format (+ model, user: ignored)
     POST /v1/images/edits         multipart  image, mask, prompt, n, size, response_format (+ model, user: ignored)
+         generations and edits also take OpenAI's `stream` and `partial_images` (0-3): the answer
+         is then server-sent events in OpenAI's shape (gateway.image_stream)
+    POST /v1/images/interpolations   (unclip's own) JSON with prompts: [first, second], or multipart
+                                  with files first_image and second_image; frames, size, seed, ...:
+                                  the frames between the two ends' image embeddings
+    GET  /v1/unclip/info          what the deployed models offer: sizes, default steps, versions,
+                                  and every parameter with its default, bounds and help
+    GET  /                        the playground: a page in the browser over this API (gateway.page)
     GET  /healthz
     GET  /metrics                 Prometheus text exposition of the gateway process (unclip.metrics);
                                   not mounted under Ray Serve, which exports metrics on its own port
@@ -46,6 +54,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -63,17 +72,21 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.admission import DEFAULT_BODY_TIMEOUT_SECONDS
 from gateway.api import ImageAPI, RequestOptions, Result
 from gateway.auth import HTTPAuthMiddleware
+from gateway.image_stream import EVENT_PREFIXES, MAX_PARTIAL_IMAGES, ImageStream, preview_every
+from gateway.page import page_routes
 from unclip import metrics, observe
 from unclip.errors import ResourceExhausted, UnclipError
 from unclip.images import MAX_UPLOAD_BYTES
-from unclip.parameters import OPERATIONS, GenerationParameters, Group, parameters, value_type
+from unclip.manipulations import DEFAULT_FRAMES, MAX_FRAMES
+from unclip.parameters import OPERATIONS, GenerationParameters, Group, parameters, spec_of, value_type
+from unclip.stage import Stage
 from unclip.transport import REQUEST_ID_HEADER
 
 if TYPE_CHECKING:
@@ -101,13 +114,16 @@ _ROUTE_FIELDS = {
     "generate": frozenset({"response_format", "quality", "style"}) | _IGNORED,
     "variations": frozenset({"response_format", "image"}) | _IGNORED,
     "edit": frozenset({"response_format", "image", "mask"}) | _IGNORED,
+    "interpolate": frozenset({"response_format", "prompts", "first_image", "second_image", "frames"}),
 }
-FILE_FIELDS = frozenset({"image", "mask"})
+_STREAM_FIELDS = frozenset({"stream", "partial_images", "stage_events"})  # generations and edits
+_STREAMED = frozenset(EVENT_PREFIXES)
+FILE_FIELDS = frozenset({"image", "mask", "first_image", "second_image"})
 # The openai SDK names a list of images "image[]"; one image sent that way is still one image.
 _FIELD_ALIASES = {"image[]": "image"}
 # InvalidArgument messages start with the field they are about ("size: ...").
 _FIELD_PREFIX = re.compile(r"^(\w+):")
-_KNOWN_FIELDS = frozenset(item.name for item in parameters()) | frozenset().union(*_ROUTE_FIELDS.values())
+_KNOWN_FIELDS = frozenset(item.name for item in parameters()) | frozenset().union(*_ROUTE_FIELDS.values()) | _STREAM_FIELDS
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
 _FORM_INTEGER = re.compile(r"^-?\d+$")
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string"}
@@ -115,7 +131,8 @@ _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string"}
 
 def allowed_fields(operation: str) -> frozenset[str]:
     """The fields a route of `operation` accepts: its generation parameters, and OpenAI's own."""
-    return frozenset(item.name for item in parameters(operation)) | _ROUTE_FIELDS[operation]
+    streaming = _STREAM_FIELDS if operation in _STREAMED else frozenset()
+    return frozenset(item.name for item in parameters(operation)) | _ROUTE_FIELDS[operation] | streaming
 
 
 class HTTPAPIError(Exception):
@@ -139,12 +156,14 @@ class HTTPAPIError(Exception):
         self.code = code
         self.headers = headers or {}
 
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
     def response(self, headers: dict[str, str] | None = None) -> Response:
-        error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
         headers = self.headers | dict(headers or {})
         if self.status in (408, 413):
             headers["Connection"] = "close"  # what is left of a refused body may be unread: don't reuse the connection
-        return JSONResponse({"error": error}, status_code=self.status, headers=headers)
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
 def _invalid(message: str, param: str | None = None) -> HTTPAPIError:
@@ -178,6 +197,14 @@ def error_from_unclip(error: UnclipError) -> HTTPAPIError:
     if isinstance(error, ResourceExhausted):  # when to come back, in whole seconds (RFC 9110)
         headers = {"Retry-After": str(max(1, math.ceil(error.retry_after or DEFAULT_RETRY_AFTER_SECONDS)))}
     return HTTPAPIError(status, message, type=type_, param=param, code=code, headers=headers)
+
+
+def error_body(error: BaseException) -> dict[str, Any]:
+    """The OpenAI-shaped body of an error a streamed request met after its first event (an
+    unexpected one is logged where it is caught)."""
+    if isinstance(error, UnclipError):
+        return error_from_unclip(error).body()
+    return HTTPAPIError(500, INTERNAL_ERROR_MESSAGE, type="server_error").body()
 
 
 def _openai_errors(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
@@ -387,6 +414,45 @@ def _options(fields: dict[str, object], deadline: float, idempotency_key: str | 
     return RequestOptions(want_url=response_format == "url", idempotency_key=idempotency_key, deadline=deadline)
 
 
+def _flag(name: str, value: object, from_form: bool) -> bool:
+    """A boolean field: JSON true/false, or the text "true"/"false" in a form."""
+    if isinstance(value, bool):
+        return value
+    if from_form and isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise _invalid(f"{name}: must be a boolean, got {_shown(value)}", name)
+
+
+def _streaming(fields: dict[str, object], *, from_form: bool) -> tuple[bool, int, bool]:
+    """(stream, partial_images, stage_events) of a generation or edit request."""
+    stream = fields.get("stream")
+    stream = stream is not None and _flag("stream", stream, from_form)
+    partial = fields.get("partial_images")
+    partial_images = 0 if partial is None else _typed_int("partial_images", partial, from_form)
+    if not 0 <= partial_images <= MAX_PARTIAL_IMAGES:
+        raise _invalid(f"partial_images: must be between 0 and {MAX_PARTIAL_IMAGES}, got {partial_images}", "partial_images")
+    stage_events = fields.get("stage_events")
+    stage_events = stage_events is not None and _flag("stage_events", stage_events, from_form)
+    if not stream:
+        for name, given in (("partial_images", partial is not None), ("stage_events", stage_events)):
+            if given:
+                raise _invalid(f"{name}: only applies to streamed requests (stream: true)", name)
+    elif fields.get("response_format") not in (None, "b64_json"):
+        raise _invalid("response_format: a streamed request's images come as b64_json", "response_format")
+    return stream, partial_images, stage_events
+
+
+def _typed_int(name: str, value: object, from_form: bool) -> int:
+    """An integer field that is not a generation parameter."""
+    if isinstance(value, _LongInteger):
+        return _integer(name, value)
+    if from_form and isinstance(value, str) and _FORM_INTEGER.match(value.strip()):
+        return _integer(name, _json_integer(value.strip()))
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise _invalid(f"{name}: must be an integer, got {_shown(value)}", name)
+
+
 async def _discard_rest(chunks: AsyncIterator[bytes]) -> None:
     """Read and drop the rest of a refused body, for up to LINGER_SECONDS: the 413 closes the
     connection, and a socket closed with unread data resets it, so the client would see a reset
@@ -488,6 +554,7 @@ class _FormReader:
 
 
 def _images_response(result: Result, want_url: bool) -> Response:
+    data: list[dict[str, Any]]
     if want_url:
         if any(image.url is None for image in result.images):
             raise _invalid(
@@ -497,6 +564,8 @@ def _images_response(result: Result, want_url: bool) -> Response:
         data = [{"url": image.url} for image in result.images]
     else:
         data = [{"b64_json": base64.b64encode(image.png).decode("ascii")} for image in result.images]
+    for item, image in zip(data, result.images, strict=True):
+        item["seed"] = image.seed  # unclip's own field (OpenAI clients keep it): image i was made with seed + i
     # The request's own id (x-request-id) is answered by the middleware; this names the stored result.
     return JSONResponse({"created": result.created, "data": data}, headers={RESULT_ID_HEADER: result.request_id})
 
@@ -588,8 +657,28 @@ class _Handlers:
         deadline, key = self._start(request)
         fields = await self._received(self._read_json(request))
         _reject_unknown(fields, allowed_fields("generate"))
-        params, options = _parameters(fields, "generate", from_form=False), _options(fields, deadline, key)
+        params = _parameters(fields, "generate", from_form=False)
+        stream, partial_images, stage_events = _streaming(fields, from_form=False)
+        if stream:
+            options = RequestOptions(idempotency_key=key, deadline=deadline)
+            return await self._stream("generate", self.api.generate, params, options, partial_images, stage_events)
+        options = _options(fields, deadline, key)
         return _images_response(await self.api.generate(params, options), options.want_url)
+
+    async def _stream(
+        self, operation: str, run: Callable[[GenerationParameters, RequestOptions], Awaitable[Result]],
+        params: GenerationParameters, options: RequestOptions, partial_images: int, stage_events: bool,
+    ) -> Response:  # fmt: skip
+        """A generation or edit answered as OpenAI's server-sent events (gateway.image_stream);
+        a request refused before its first event gets a plain error answer."""
+        if partial_images:
+            steps = (await self.api.backend.describe()).steps(params.decoder_steps, Stage.DECODER)
+            params = dataclasses.replace(params, preview_every=preview_every(partial_images, steps))
+        stream = ImageStream(operation, stage_events=stage_events, error_body=error_body)
+        await stream.start(functools.partial(run, params), options, previews=partial_images > 0)
+        # No caching or proxy buffering of the events (nginx honours X-Accel-Buffering).
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(stream.events(), media_type="text/event-stream", headers=headers)
 
     async def variations(self, request: Request) -> Response:
         deadline, key = self._start(request)
@@ -601,9 +690,67 @@ class _Handlers:
     async def edits(self, request: Request) -> Response:
         deadline, key = self._start(request)
         fields, files = await self._received(self._read_form(request, allowed_fields("edit")))
-        image = self._image(files)
-        params, options = _parameters(fields, "edit", from_form=True), _options(fields, deadline, key)
-        return _images_response(await self.api.edit(image, files.get("mask"), params, options), options.want_url)
+        image, mask = self._image(files), files.get("mask")
+        params = _parameters(fields, "edit", from_form=True)
+        stream, partial_images, stage_events = _streaming(fields, from_form=True)
+        if stream:
+            options = RequestOptions(idempotency_key=key, deadline=deadline)
+            edit = functools.partial(self.api.edit, image, mask)
+            return await self._stream("edit", edit, params, options, partial_images, stage_events)
+        options = _options(fields, deadline, key)
+        return _images_response(await self.api.edit(image, mask, params, options), options.want_url)
+
+    async def interpolations(self, request: Request) -> Response:
+        """unclip's own route: the frames between two prompts (JSON) or two images (multipart)."""
+        deadline, key = self._start(request)
+        allowed = allowed_fields("interpolate")
+        content_type, _ = parse_options_header(request.headers.get("content-type"))
+        from_form = content_type != b"application/json"
+        files: dict[str, bytes] = {}
+        if from_form:
+            fields, files = await self._received(self._read_form(request, allowed))
+        else:
+            fields = await self._received(self._read_json(request))
+            _reject_unknown(fields, allowed)
+            for name in ("first_image", "second_image"):
+                if name in fields:
+                    raise _invalid(f"{name}: must be a file in a multipart/form-data body", name)
+        frames = fields.get("frames")
+        frames = DEFAULT_FRAMES if frames is None else _typed_int("frames", frames, from_form)
+        prompts, images = fields.get("prompts"), (files.get("first_image"), files.get("second_image"))
+        params, options = _parameters(fields, "interpolate", from_form=from_form), _options(fields, deadline, key)
+        if prompts is not None:
+            if any(images):
+                raise _invalid("Give either prompts or first_image and second_image, not both", "prompts")
+            if not (isinstance(prompts, list) and len(prompts) == 2 and all(isinstance(p, str) for p in prompts)):
+                raise _invalid(f"prompts: must be a list of two strings (in a JSON body), got {_shown(prompts)}", "prompts")
+            for which, prompt in zip(("first", "second"), prompts, strict=True):
+                if not prompt.strip():
+                    raise _invalid(f"prompts: the {which} prompt must not be empty", "prompts")
+            result = await self.api.interpolate(params, frames, prompts=(prompts[0], prompts[1]), options=options)
+        elif images[0] is not None and images[1] is not None:
+            result = await self.api.interpolate(params, frames, images=(images[0], images[1]), options=options)
+        else:
+            missing = "second_image" if images[0] is not None else "first_image" if images[1] is not None else "prompts"
+            raise _invalid(f"Missing required parameter: '{missing}' (prompts: [first, second], or two image files).", missing)
+        return _images_response(result, options.want_url)
+
+    async def info(self, request: Request) -> Response:
+        """What the deployed models offer, and every parameter as unclip.parameters defines it."""
+        info = await self.api.backend.describe()
+        described = []
+        for item in parameters():
+            spec = spec_of(item)
+            described.append({
+                "name": item.name, "type": value_type(item.name).__name__, "default": item.default,
+                "low": spec.low, "high": spec.high, "choices": spec.choices, "help": spec.help,
+                "operations": sorted(op for op, groups in OPERATIONS.items() if spec.group in groups),
+            })  # fmt: skip
+        return JSONResponse({
+            "sizes": info.output_sizes(), "default_steps": info.default_steps, "models": info.model_versions,
+            "max_partial_images": MAX_PARTIAL_IMAGES, "max_frames": MAX_FRAMES, "default_frames": DEFAULT_FRAMES,
+            "api_keys": self.api.access.enabled, "parameters": described,
+        })  # fmt: skip
 
     @staticmethod
     async def healthz(request: Request) -> Response:
@@ -636,6 +783,9 @@ def create_http_app(
         Route("/v1/images/generations", _openai_errors(handlers.generations), methods=["POST"]),
         Route("/v1/images/variations", _openai_errors(handlers.variations), methods=["POST"]),
         Route("/v1/images/edits", _openai_errors(handlers.edits), methods=["POST"]),
+        Route("/v1/images/interpolations", _openai_errors(handlers.interpolations), methods=["POST"]),
+        Route("/v1/unclip/info", _openai_errors(handlers.info), methods=["GET"]),
+        *page_routes(),
         Route("/healthz", _openai_errors(handlers.healthz), methods=["GET"]),
     ]
     if metrics_route:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from gateway.app import HTTPServer
 from unclip.serving import Server
 
 
@@ -94,3 +95,26 @@ def serve_all_process(
                 process.kill()
                 process.wait()
         reader.join(timeout=10)
+
+
+class ServerThread:
+    """An ASGI app on 127.0.0.1, port chosen by the OS, in its own event loop: the SDK is sync."""
+
+    def __init__(self, app) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.http = HTTPServer(app, "127.0.0.1", 0)
+
+    @property
+    def port(self) -> int:
+        return self.http.port
+
+    def start(self) -> None:
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self.http.start(), self.loop).result(timeout=10)
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.http.stop(), self.loop).result(timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 import pytest
+from browser import browser_page, playground_flow
 from conftest import FAST_STEPS
 from otlp_receiver import OTLPReceiver
 from parameter_cases import BASE, BATCHED, PARAMETER_NAMES, SENDS_PREVIEWS, as_keyword_arguments, generate_in_process, varied
@@ -268,6 +269,15 @@ def test_under_load_every_answered_request_is_stored(serve_all):
     s3.client().remove_object("unclip", store.key(lost, "record.json"))
     asyncio.run(check_store(report, store))
     assert report.stored["missing"] == [lost] and report.stored["complete"] == 7
+
+
+def test_the_playground_in_a_browser(serve_all, tmp_path):
+    """The page the gateway serves, in Debian's Chromium against `serve all`: generate with live
+    previews, a variation, the interpolation slider, an edit with a painted mask, an error.
+    Screenshots of each state are left under the test's temporary directory."""
+    screenshots = tmp_path / "screenshots"
+    with browser_page(screenshots) as page:
+        playground_flow(page, f"http://127.0.0.1:{serve_all.port + 5}", screenshots)
 
 
 def test_ctrl_c_stops_every_service(serve_all):

@@ -347,7 +347,9 @@ FIELD_NAMES = [
     "prompt", "n", "size", "seed", "response_format", "model", "user", "quality", "style", "prior_guidance_scale",
     "decoder_guidance_scale", "decoder_text_guidance_scale", "prior_steps", "decoder_steps", "upsampler_steps",
     "sampler", "prior_candidates", "preview_every", "image", "mask", "unknown",
+    "stream", "partial_images", "stage_events", "prompts", "frames", "first_image", "second_image",
 ]  # fmt: skip
+JSON_ROUTES = ["/v1/images/generations", "/v1/images/interpolations"]
 # Bodies that mostly get past the parser, so the fields' checks are what is fuzzed.
 JSON_BODIES = st.one_of(
     st.dictionaries(st.sampled_from(FIELD_NAMES), JSON_VALUES, max_size=6).map(lambda d: {"prompt": "a red circle"} | d),
@@ -370,15 +372,21 @@ def _post(port: int, path: str, body: bytes, content_type: str) -> tuple[int, by
 
 def _check_http_answer(status: int, body: bytes) -> None:
     assert status < 500, (status, body)
+    if status == 200 and body.startswith(b"event: "):  # a streamed answer: no event is an internal error
+        for block in body.decode().strip().split("\n\n"):
+            name, data = (line.split(": ", 1)[1] for line in block.split("\n"))
+            if name == "error":
+                assert json.loads(data)["error"]["type"] != "server_error", data
+        return
     answer = json.loads(body)
     if status >= 400:  # OpenAI's error shape
         assert set(answer) == {"error"} and set(answer["error"]) == {"message", "type", "param", "code"}, answer
 
 
 @FUZZ
-@given(body=JSON_BODIES)
-def test_json_bodies_never_get_a_500(servers, body):
-    status, answer = _post(servers["http"], "/v1/images/generations", json.dumps(body).encode(), "application/json")
+@given(body=JSON_BODIES, route=st.sampled_from(JSON_ROUTES))
+def test_json_bodies_never_get_a_500(servers, body, route):
+    status, answer = _post(servers["http"], route, json.dumps(body).encode(), "application/json")
     _check_http_answer(status, answer)
 
 
@@ -388,18 +396,20 @@ def test_json_bodies_never_get_a_500(servers, body):
     content_type=st.sampled_from(["application/json", "multipart/form-data; boundary=x", "text/plain", ""]),
 )
 def test_raw_bodies_never_get_a_500(servers, body, content_type):
-    for path in ("/v1/images/generations", "/v1/images/variations", "/v1/images/edits"):
+    for path in ("/v1/images/generations", "/v1/images/variations", "/v1/images/edits", "/v1/images/interpolations"):
         status, answer = _post(servers["http"], path, body, content_type)
         _check_http_answer(status, answer)
 
 
 @FUZZ
 @given(
-    route=st.sampled_from(["/v1/images/variations", "/v1/images/edits"]),
+    route=st.sampled_from(["/v1/images/variations", "/v1/images/edits", "/v1/images/interpolations"]),
     fields=st.dictionaries(
-        st.sampled_from([name for name in FIELD_NAMES if name not in ("image", "mask")]), FORM_TEXT, max_size=5
+        st.sampled_from([name for name in FIELD_NAMES if "image" not in name and name != "mask"]), FORM_TEXT, max_size=5
     ),
-    files=st.dictionaries(st.sampled_from(["image", "mask", "image[]", "prompt"]), FILES, max_size=2),
+    files=st.dictionaries(
+        st.sampled_from(["image", "mask", "image[]", "prompt", "first_image", "second_image"]), FILES, max_size=2
+    ),
 )
 def test_multipart_forms_never_get_a_500(servers, route, fields, files):
     boundary = "fuzz-boundary"

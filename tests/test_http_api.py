@@ -4,13 +4,11 @@ gateway's image API."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import http.client
 import io
 import json
 import re
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -22,10 +20,10 @@ import pytest
 from parameter_cases import NON_DEFAULT
 from PIL import Image
 from prometheus_client import REGISTRY
+from servers import ServerThread
 from starlette.testclient import TestClient
 
 from gateway.api import RequestOptions, Result, ResultImage
-from gateway.app import HTTPServer
 from gateway.auth import Access
 from gateway.http_api import MAX_JSON_BYTES, MAX_TEXT_FIELD_BYTES, create_http_app
 from unclip.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
@@ -101,29 +99,6 @@ class FakeImageAPI:
 
     async def edit(self, image, mask, params, options) -> Result:
         return self._result(Call("edit", params, options, image=image, mask=mask))
-
-
-class ServerThread:
-    """An ASGI app on 127.0.0.1, port chosen by the OS, in its own event loop: the SDK is sync."""
-
-    def __init__(self, app) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.http = HTTPServer(app, "127.0.0.1", 0)
-
-    @property
-    def port(self) -> int:
-        return self.http.port
-
-    def start(self) -> None:
-        self.thread.start()
-        asyncio.run_coroutine_threadsafe(self.http.start(), self.loop).result(timeout=10)
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.http.stop(), self.loop).result(timeout=10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
-        self.loop.close()
 
 
 @pytest.fixture(scope="module")

@@ -325,6 +325,26 @@ def test_openai_client_through_the_http_proxy_equals_in_process(serve_cluster, l
     assert refused.value.param == "decoder_steps" and "decoder_steps" in refused.value.message
 
 
+def test_the_playground_and_streaming_through_the_http_proxy(serve_cluster, local_stages):
+    """The gateway app also serves the playground at / and OpenAI's streamed images through
+    Serve's HTTP proxy: partial images as they come, then the in-process image."""
+    expected, _ = generate_in_process(local_stages, dict(prompt=PROMPTS[0], n=1, seed=9, size=128, **TINY_STEPS))
+    root = f"http://127.0.0.1:{serve_cluster.http_port}"
+    with urllib.request.urlopen(root + "/", timeout=30) as page:
+        assert page.status == 200 and page.headers["Content-Type"].startswith("text/html")
+        assert "Content-Security-Policy" in page.headers and b"playground.js" in page.read()
+    with urllib.request.urlopen(root + "/playground/playground.js", timeout=30) as script:
+        assert script.status == 200
+    with openai.OpenAI(base_url=root + "/v1", api_key="unused", max_retries=0, timeout=120) as client:
+        events = list(
+            client.images.generate(
+                prompt=PROMPTS[0], size="128x128", stream=True, partial_images=1, extra_body={"seed": 9, **TINY_STEPS}
+            )
+        )
+    assert [event.type for event in events] == ["image_generation.partial_image", "image_generation.completed"]
+    assert base64.b64decode(events[-1].b64_json) == expected[0].png
+
+
 def test_imported_weights_give_the_in_process_images_through_ray_serve(ray_serve, karlo):
     """Karlo-family applications (`checkpoint:` an imported directory) answer with the PNGs the
     same weights give in-process, and refuse nothing they can do."""

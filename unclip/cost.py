@@ -39,12 +39,9 @@ def request_cost(params: GenerationParameters, info: PipelineInfo, *, images: in
     size = sizes[-1] if params.size is None else params.size
     upsamplers = sizes.index(size) if size in sizes else len(sizes) - 1
 
-    def steps(given: int | None, stage: Stage, index: int = 0) -> int:
-        return given if given is not None else info.default_steps.get(stage.version_key(index), 0)
-
-    prior = prior_samples * params.prior_candidates * steps(params.prior_steps, Stage.PRIOR)
-    per_image = steps(params.decoder_steps, Stage.DECODER)
-    per_image += sum(steps(params.upsampler_steps, Stage.UPSAMPLER, i) for i in range(upsamplers))
+    prior = prior_samples * params.prior_candidates * info.steps(params.prior_steps, Stage.PRIOR)
+    per_image = info.steps(params.decoder_steps, Stage.DECODER)
+    per_image += sum(info.steps(params.upsampler_steps, Stage.UPSAMPLER, i) for i in range(upsamplers))
     return prior + images * per_image
 
 

@@ -15,6 +15,7 @@ from unclip.pipeline import GeneratedImage, Run, StageBackend, StageCallback
 from unclip.stage import Stage
 
 MAX_FRAMES = 16
+DEFAULT_FRAMES = 5  # interpolations and text diffs when a request gives none
 
 
 def slerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:

@@ -57,6 +57,10 @@ class PipelineInfo:
             {key: info.default_steps for key, info in models.items() if info.default_steps},
         )
 
+    def steps(self, given: int | None, stage: Stage, index: int = 0) -> int:
+        """The steps a call of `stage` takes: those `given`, or its model's default (0: not diffusion)."""
+        return given if given is not None else self.default_steps.get(stage.version_key(index), 0)
+
     def output_sizes(self) -> list[int]:
         sizes = [self.base_size]
         for factor in self.upsampler_factors:
@@ -277,7 +281,9 @@ class Run:
         return await asyncio.to_thread(self._results, images, description)
 
     def _results(self, images: np.ndarray, description: dict[str, Any]) -> list[GeneratedImage]:
-        settings = {key: value for key, value in asdict(self.params).items() if key not in ("prompt", "seed", "n")}
+        # preview_every says how the image was watched, not what made it: a streamed image equals a plain one.
+        shown = ("prompt", "seed", "n", "preview_every")
+        settings = {key: value for key, value in asdict(self.params).items() if key not in shown}
         settings["size"] = self.size
         results = []
         for index, (image_seed, pixels) in enumerate(zip(self.seeds, images, strict=True)):

@@ -158,7 +158,11 @@ async def events_until_done(events: EventQueue, task: asyncio.Future) -> AsyncIt
     """
     while not task.done():
         getter = asyncio.ensure_future(events.get())
-        await asyncio.wait([getter, task], return_when=asyncio.FIRST_COMPLETED)
+        try:
+            await asyncio.wait([getter, task], return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            getter.cancel()  # the reader was cancelled here (its client went away)
+            raise
         if getter.done():
             yield getter.result()
         else:
