@@ -89,6 +89,10 @@ def playground_flow(page: Any, base: str, screenshots: Path) -> None:
     first = page.locator("#gallery .result").first
     assert first.locator("img").evaluate("img => img.naturalWidth") == 128
     assert "seed 3 · 128x128" in first.locator("figcaption").inner_text()
+    with page.expect_download() as download:
+        first.get_by_role("link", name="Download").click()
+    assert download.value.suggested_filename == "unclip-seed-3.png"
+    assert Path(download.value.path()).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     shot(page, screenshots, "1-generated")
 
     page.get_by_label("Images", exact=True).fill("1")
@@ -113,6 +117,12 @@ def playground_flow(page: Any, base: str, screenshots: Path) -> None:
     assert page.locator("#interpolation-position").inner_text() == "3 / 3"
     assert frame.get_attribute("src") != start
     shot(page, screenshots, "3-interpolation")
+    page.get_by_label("two prompts").check()  # between two prompts instead of two results
+    page.get_by_role("button", name="Interpolate").click()
+    page.locator("main[aria-busy]").wait_for(state="detached")
+    assert page.locator("#interpolation-position").inner_text() == "1 / 3"
+    assert frame.get_attribute("src") != start
+    assert page.get_by_role("alert").is_hidden()
 
     original = page.locator("#gallery .result").last
     original.get_by_role("button", name="Edit").click()
