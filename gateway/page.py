@@ -38,6 +38,11 @@ def _route(path: str, name: str, content_type: str) -> Route:
     }
 
     async def answer(request: Request) -> Response:
+        # Mounted below a prefix (a Ray Serve route prefix), the page's files are there too; the
+        # script finds the API next to itself.
+        root = request.scope.get("root_path", "").rstrip("/")
+        if root and name == "index.html":
+            return Response(body.replace(b'"/playground/', f'"{root}/playground/'.encode()), headers=headers)
         return Response(body, headers=headers)
 
     return Route(path, answer, methods=["GET", "HEAD"])

@@ -9,6 +9,7 @@ import base64
 import contextlib
 import http.client
 import json
+import os
 import subprocess
 import sys
 import time
@@ -393,3 +394,16 @@ def test_serve_all_enforces_its_keys_across_its_processes(tmp_path):
         assert status == 200, answer
         assert len(answer["data"]) == 1 and base64.b64decode(answer["data"][0]["b64_json"]).startswith(b"\x89PNG")
         assert http_request(port + 5, "GET", "/healthz")[0] == 200
+
+        # The command line: `unclip generate --server` with the key in $UNCLIP_API_KEY, and without it.
+        argv = [sys.executable, "-m", "unclip", "generate", "a red circle", "--server", f"127.0.0.1:{port}", "--size", "32",
+                "--seed", "5", "--steps", "2", "--out", str(tmp_path / "out")]  # fmt: skip
+        refused = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=_without_key())
+        assert refused.returncode != 0 and "UNAUTHENTICATED" in refused.stderr and "Traceback" not in refused.stderr
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=_without_key() | {"UNCLIP_API_KEY": key})
+        assert done.returncode == 0, done.stderr
+        assert len(list((tmp_path / "out").glob("*.png"))) == 1
+
+
+def _without_key() -> dict[str, str]:
+    return {name: value for name, value in os.environ.items() if name != "UNCLIP_API_KEY"}

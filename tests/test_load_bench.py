@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 
@@ -97,3 +98,25 @@ def test_run_load_takes_channel_credentials(tls_gateway):
     assert (report.answered, report.errors) == (1, {})
     plaintext = asyncio.run(run_load(address, concurrency=1, requests=1, timeout=10, **FAST))
     assert (plaintext.answered, plaintext.errors) == (0, {"UNAVAILABLE": 1})
+
+
+def test_the_command_sends_an_api_key(local_stages, tmp_path):
+    """A gateway with API keys on: the bench's requests are refused without a key, counted as
+    UNAUTHENTICATED, and answered with --api-key (or $UNCLIP_API_KEY, which the process list does not show)."""
+    from gateway.auth import Access, KeyRing, KeysFile
+
+    keys = tmp_path / "keys.json"
+    _, key = KeysFile(keys).create("bench")
+    make = lambda: build_gateway(
+        local_stages, host="127.0.0.1", port=0, http_port=None, storage=None, access=Access(KeyRing(keys))
+    )
+    with BackgroundServer(make) as server:
+        out = tmp_path / "load.json"
+        argv = [sys.executable, "-m", "unclip", "bench", "load", "--server", server.address, "--concurrency", "1",
+                "--requests", "2", "--steps", "2", "--size", "32", "--json", str(out)]  # fmt: skip
+        refused = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 1 and json.loads(out.read_text())["errors"] == {"UNAUTHENTICATED": 2}, refused.stderr
+        done = subprocess.run([*argv, "--api-key", key], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and "answered   2 of 2" in done.stdout, done.stderr
+        from_env = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=os.environ | {"UNCLIP_API_KEY": key})
+        assert from_env.returncode == 0 and json.loads(out.read_text())["errors"] == {}, from_env.stderr

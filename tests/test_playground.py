@@ -96,3 +96,26 @@ def test_every_control_is_labelled_and_keyboard_focus_is_visible(keyed, tmp_path
         page.keyboard.press("Enter")
         wait_for_results(page, 1)
         shot(page, tmp_path, "keyboard")
+
+
+def test_the_page_works_below_a_route_prefix(local_stages, tmp_path):
+    """Mounted below a prefix (as a Ray Serve route prefix mounts it), the page loads its files
+    and calls the API there."""
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    app = Starlette(routes=[Mount("/unclip", create_http_app(ImageAPI(local_stages)))])
+    server = ServerThread(app)
+    server.start()
+    try:
+        with browser_page(tmp_path) as page:
+            page.goto(f"http://127.0.0.1:{server.port}/unclip/")
+            page.locator("#size option").first.wait_for(state="attached")  # GET /unclip/v1/unclip/info answered
+            page.get_by_label("Size").select_option("32x32")
+            page.get_by_label("Decoder steps").fill("4")
+            page.get_by_role("button", name="Generate").click()
+            wait_for_results(page, 1)
+            assert page.get_by_role("alert").is_hidden()
+            assert not page.script_errors, page.script_errors
+    finally:
+        server.stop()

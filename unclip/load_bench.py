@@ -89,12 +89,13 @@ async def run_load(
     timeout: float = 600.0,
     application: str | None = None,
     credentials: Any = None,
+    api_key: str | None = None,
     **parameters: Any,
 ) -> LoadReport:
     """Send `requests` generate calls from `concurrency` clients and measure them; `application`
     names the Ray Serve application behind a Ray gRPC proxy ("gateway"); `credentials`
     (grpc.ChannelCredentials, e.g. `unclip.tls.channel_credentials(ca=...)`): a gateway that
-    serves TLS, None for plaintext."""
+    serves TLS, None for plaintext; `api_key`: the key a gateway with API keys on wants."""
     from unclip.client import AsyncClient, UnclipError
 
     if concurrency < 1 or requests < 1:
@@ -122,7 +123,7 @@ async def run_load(
             if images and images[0].request_id:
                 report.answers[images[0].request_id] = [hashlib.sha256(image.png).hexdigest() for image in images]
 
-    async with AsyncClient(server, application=application, credentials=credentials) as client:
+    async with AsyncClient(server, application=application, credentials=credentials, api_key=api_key) as client:
         await asyncio.gather(*(one(i, client) for i in range(requests)))
     report.seconds = time.perf_counter() - started
     return report
@@ -151,7 +152,7 @@ async def check_store(report: LoadReport, store: Any) -> None:
 
 def run_load_benchmark(
     server: str, concurrency: int, requests: int, rate: float | None, parameters: dict[str, Any], out: Path,
-    application: str | None = None, check_stored: bool = False, credentials: Any = None,
+    application: str | None = None, check_stored: bool = False, credentials: Any = None, api_key: str | None = None,
 ) -> int:  # fmt: skip
     store = None
     if check_stored:
@@ -164,7 +165,7 @@ def run_load_benchmark(
     report = asyncio.run(
         run_load(
             server, concurrency=concurrency, requests=requests, rate=rate, application=application,
-            credentials=credentials, **parameters,
+            credentials=credentials, api_key=api_key, **parameters,
         )
     )  # fmt: skip
     if store is not None:

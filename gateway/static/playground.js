@@ -2,6 +2,8 @@
 // Every request is one the API documents; errors show the API's own message.
 
 const KEY_STORAGE = "unclip-api-key";
+// The API is where the page is mounted: this script lives at <root>/playground/playground.js.
+const ROOT = new URL("..", import.meta.url);
 const state = { key: sessionStorage.getItem(KEY_STORAGE) || "", info: null, busy: false, frames: [], editing: null };
 const $ = (id) => document.getElementById(id);
 
@@ -28,7 +30,7 @@ async function errorOf(response) {
 }
 
 async function call(path, init = {}) {
-  const response = await fetch(path, { ...init, headers: authorized(init.headers) });
+  const response = await fetch(new URL(path, ROOT), { ...init, headers: authorized(init.headers) });
   if (!response.ok) {
     const error = await errorOf(response);
     if (response.status === 401) askForKey(error.message);
@@ -185,7 +187,7 @@ async function generate(event) {
   const params = formParameters();
   await busy("Generating", async () => {
     const body = { ...params, stream: true, stage_events: true, partial_images: Number($("partial-images").value || 0) };
-    const response = await call("/v1/images/generations", {
+    const response = await call("v1/images/generations", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify(body),
@@ -206,7 +208,7 @@ async function makeVariations(item) {
   if ($("seed").value !== "") params.seed = Number($("seed").value);
   await busy("Making variations", async () => {
     const body = form({ ...params, response_format: "b64_json" }, { image: [pngBlob(item.dataset.b64), "image.png"] });
-    const response = await call("/v1/images/variations", { method: "POST", body });
+    const response = await call("v1/images/variations", { method: "POST", body });
     const answer = await response.json();
     const first = params.seed;
     answer.data.forEach((image, index) => {
@@ -234,7 +236,7 @@ async function interpolate(event) {
     let response;
     if (ends === "prompts") {
       const prompts = [$("first-prompt").value, $("second-prompt").value];
-      response = await call("/v1/images/interpolations", {
+      response = await call("v1/images/interpolations", {
         method: "POST",
         headers: { "Content-Type": "application/json" },
         body: JSON.stringify({ ...params, prompts }),
@@ -244,7 +246,7 @@ async function interpolate(event) {
       if (picked.length !== 2) throw new APIError(0, `Tick exactly two results to interpolate between (${picked.length} ticked)`);
       params.size = picked[0].dataset.size;
       const files = { first_image: [pngBlob(picked[0].dataset.b64), "first.png"], second_image: [pngBlob(picked[1].dataset.b64), "second.png"] };
-      response = await call("/v1/images/interpolations", { method: "POST", body: form(params, files) });
+      response = await call("v1/images/interpolations", { method: "POST", body: form(params, files) });
     }
     state.frames = (await response.json()).data.map((image) => image.b64_json);
     const slider = $("interpolation-slider");
@@ -331,7 +333,7 @@ async function applyEdit(event) {
     const maskBlob = await new Promise((resolve) => mask.toBlob(resolve, "image/png"));
     const fields = { ...params, stream: true, stage_events: true, partial_images: Number($("partial-images").value || 0) };
     const files = { image: [pngBlob(item.dataset.b64), "image.png"], mask: [maskBlob, "mask.png"] };
-    const response = await call("/v1/images/edits", { method: "POST", body: form(fields, files) });
+    const response = await call("v1/images/edits", { method: "POST", body: form(fields, files) });
     await consume(response, params, `edit of seed ${item.dataset.seed}: “${params.prompt}”`);
   });
 }
@@ -341,7 +343,7 @@ async function applyEdit(event) {
 async function loadInfo() {
   let info;
   try {
-    info = await (await call("/v1/unclip/info")).json();
+    info = await (await call("v1/unclip/info")).json();
   } catch (error) {
     if (error.status !== 401) showError(error.message);
     return;

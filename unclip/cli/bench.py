@@ -7,7 +7,14 @@ from pathlib import Path
 from typing import Any
 
 from unclip.cli import tls_flags
-from unclip.cli.common import NOT_SAMPLING, add_parameter_flags, compute_batch_spec, parameters_from_args
+from unclip.cli.common import (
+    NOT_SAMPLING,
+    add_api_key_flag,
+    add_parameter_flags,
+    api_key,
+    compute_batch_spec,
+    parameters_from_args,
+)
 
 OPERATION = "generate"
 
@@ -76,6 +83,7 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         "(UNCLIP_S3_*) and report any missing or different",
     )
     tls_flags.add_client_flags(load)  # the same as `unclip generate --server` takes
+    add_api_key_flag(load)
     add_parameter_flags(parser, OPERATION, skip=NOT_SAMPLING)
     return parser
 
@@ -122,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
             application=args.application,
             check_stored=args.check_store,
             credentials=credentials,
+            api_key=api_key(args),
         )
     if args.what == "pipeline":
         from unclip.bench import run_pipeline_benchmark

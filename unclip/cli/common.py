@@ -109,6 +109,22 @@ def batch_settings(args: argparse.Namespace) -> dict[Any, Any]:
     return {stage: BatchSettings(compute_batch=n, **grouping) for stage, n in compute_batches(args.compute_batch).items()}
 
 
+def add_api_key_flag(parser: Any) -> None:
+    """--api-key: the key a command sends to a gateway (a parser or an argument group)."""
+    parser.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="with --server: the gateway's API key (default: $UNCLIP_API_KEY; a flag shows in the process list, the variable does not)",
+    )
+
+
+def api_key(args: argparse.Namespace) -> str | None:
+    """The API key given by --api-key, else $UNCLIP_API_KEY; None: send none."""
+    from unclip import settings
+
+    return getattr(args, "api_key", None) or settings.API_KEY.get()
+
+
 def add_image_flags(parser: argparse.ArgumentParser, operation: str) -> None:
     """An image command's flags: where it runs and where its files go, and its parameters."""
     parser.add_argument("--out", type=Path, default=Path("out"), help="directory for the files (default: ./out)")
@@ -119,11 +135,7 @@ def add_image_flags(parser: argparse.ArgumentParser, operation: str) -> None:
         help="with --server at a Ray Serve gRPC proxy: the gateway's application (e.g. gateway)",
     )
     tls_flags.add_client_flags(parser)
-    parser.add_argument(
-        "--api-key",
-        metavar="KEY",
-        help="with --server: the gateway's API key (default: $UNCLIP_API_KEY; a flag shows in the process list, the variable does not)",
-    )
+    add_api_key_flag(parser)
     parser.add_argument("--weights", type=Path, help="in-process: directory with clip/ prior/ decoder/ upsampler/ checkpoints")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds before giving up")
     add_compute_batch_flag(parser)
@@ -170,11 +182,8 @@ def backend(args: argparse.Namespace, progress: Progress | None = None) -> Itera
                 "--compute-batch: with --server the stages' own compute batch applies (unclip serve --compute-batch)"
             )
         credentials = tls_flags.client_credentials(args)
-        from unclip import settings
-
-        api_key = getattr(args, "api_key", None) or settings.API_KEY.get()
         with Client(
-            args.server, timeout=args.timeout, application=args.application, credentials=credentials, api_key=api_key
+            args.server, timeout=args.timeout, application=args.application, credentials=credentials, api_key=api_key(args)
         ) as client:
             yield client
     else:
