@@ -108,10 +108,6 @@ class ImageStream:
         if self._task.done() and not self._admitted.is_set():
             self._task.result()  # its error, answered as any request's
 
-    def cancel(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-
     async def events(self) -> AsyncIterator[bytes]:
         """The request's events as SSE bytes, ending with its completed images or an error event."""
         assert self._task is not None

@@ -73,6 +73,7 @@ class Attempts:
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.count = 0
         self._gave_up_at_deadline = False
+        self._retried: str | None = None  # the details of the last failure that was retried
 
     def start(self) -> float | None:
         """Count a new attempt and return its timeout: the time left, or None for no deadline."""
@@ -91,6 +92,7 @@ class Attempts:
         if self.deadline is not None and time.monotonic() + delay >= self.deadline:
             self._gave_up_at_deadline = True
             return None
+        self._retried = error.details() if callable(getattr(error, "details", None)) else str(error)
         return delay
 
     def failed(self, error: grpc.RpcError, *, retryable: bool = True) -> float:
@@ -121,6 +123,9 @@ class Attempts:
             )
         elif self.count > 1:
             message += f" (after {self.count} attempts)"
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED and self._retried is not None:
+                # The deadline passed during a retry: the failure that caused the retries is the news.
+                message += f"; the earlier attempts failed with UNAVAILABLE: {self._retried or 'no details'}"
         return error_for_status(
             code.name, message, details=details, target=self.target, attempts=self.count, request_id=request_id
         )
