@@ -357,9 +357,10 @@ def _shown(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _typed(name: str, value: object, from_form: bool) -> object:
-    """A parameter's value as its type: form fields arrive as text, JSON values as they are."""
-    kind = value_type(name)
+def _typed(name: str, value: object, from_form: bool, kind: type | None = None) -> Any:
+    """A field's value as its type (a parameter's, unless `kind` is given): form fields arrive
+    as text, JSON values as they are."""
+    kind = value_type(name) if kind is None else kind
     if isinstance(value, _LongInteger):
         if kind is int:
             return _integer(name, value)
@@ -428,7 +429,7 @@ def _streaming(fields: dict[str, object], *, from_form: bool) -> tuple[bool, int
     stream = fields.get("stream")
     stream = stream is not None and _flag("stream", stream, from_form)
     partial = fields.get("partial_images")
-    partial_images = 0 if partial is None else _typed_int("partial_images", partial, from_form)
+    partial_images = 0 if partial is None else _typed("partial_images", partial, from_form, int)
     if not 0 <= partial_images <= MAX_PARTIAL_IMAGES:
         raise _invalid(f"partial_images: must be between 0 and {MAX_PARTIAL_IMAGES}, got {partial_images}", "partial_images")
     stage_events = fields.get("stage_events")
@@ -440,17 +441,6 @@ def _streaming(fields: dict[str, object], *, from_form: bool) -> tuple[bool, int
     elif fields.get("response_format") not in (None, "b64_json"):
         raise _invalid("response_format: a streamed request's images come as b64_json", "response_format")
     return stream, partial_images, stage_events
-
-
-def _typed_int(name: str, value: object, from_form: bool) -> int:
-    """An integer field that is not a generation parameter."""
-    if isinstance(value, _LongInteger):
-        return _integer(name, value)
-    if from_form and isinstance(value, str) and _FORM_INTEGER.match(value.strip()):
-        return _integer(name, _json_integer(value.strip()))
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    raise _invalid(f"{name}: must be an integer, got {_shown(value)}", name)
 
 
 async def _discard_rest(chunks: AsyncIterator[bytes]) -> None:
@@ -716,7 +706,7 @@ class _Handlers:
                 if name in fields:
                     raise _invalid(f"{name}: must be a file in a multipart/form-data body", name)
         frames = fields.get("frames")
-        frames = DEFAULT_FRAMES if frames is None else _typed_int("frames", frames, from_form)
+        frames = DEFAULT_FRAMES if frames is None else _typed("frames", frames, from_form, int)
         prompts, images = fields.get("prompts"), (files.get("first_image"), files.get("second_image"))
         params, options = _parameters(fields, "interpolate", from_form=from_form), _options(fields, deadline, key)
         if prompts is not None:

@@ -33,10 +33,9 @@ from dataclasses import replace
 from typing import Any
 
 from gateway.api import RequestOptions, Result
-from gateway.streaming import PendingPreview, StreamEvents
+from gateway.streaming import PendingPreview, StreamEvents, preview_pngs
 from unclip.errors import UnclipError
 from unclip.pipeline import StageEvent
-from unclip.png import encode_png
 from unclip.serving import events_until_done
 
 MAX_PARTIAL_IMAGES = 3  # as OpenAI's images API
@@ -64,10 +63,6 @@ def preview_every(partial_images: int, decoder_steps: int) -> int:
 def sse(event: str, data: dict[str, Any]) -> bytes:
     """One server-sent event: its name, and its data as one line of JSON."""
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
-
-
-def _b64_pngs(preview: PendingPreview) -> list[str]:
-    return [base64.b64encode(encode_png(pixels, {})).decode("ascii") for pixels in preview.images]
 
 
 class ImageStream:
@@ -132,21 +127,21 @@ class ImageStream:
         finally:
             self._task.cancel()  # the client went away: stop the chain (and the stages' calls)
 
-    def _event(self, kind: str, b64_png: str, side: int, created: int, index: int, **fields: Any) -> bytes:
+    def _event(self, kind: str, png: bytes, side: int, created: int, index: int, **fields: Any) -> bytes:
         """One image's event of `kind` ("partial_image" or "completed"), in OpenAI's shape."""
         name = f"{self.prefix}.{kind}"
-        data = {"type": name, "b64_json": b64_png, "created_at": created, "size": f"{side}x{side}", "image_index": index}
+        b64 = base64.b64encode(png).decode("ascii")
+        data = {"type": name, "b64_json": b64, "created_at": created, "size": f"{side}x{side}", "image_index": index}
         return sse(name, data | fields | _FORMAT)
 
     async def _partials(self, preview: PendingPreview) -> list[bytes]:
-        pngs, created = await asyncio.to_thread(_b64_pngs, preview), int(time.time())
+        pngs, created = await asyncio.to_thread(preview_pngs, preview), int(time.time())
         side, number = preview.images.shape[1], self._partial_index
         self._partial_index += 1
         return [self._event("partial_image", png, side, created, i, partial_image_index=number) for i, png in enumerate(pngs)]
 
     def _completed(self, result: Result) -> list[bytes]:
-        events = []
-        for i, image in enumerate(result.images):
-            png = base64.b64encode(image.png).decode("ascii")
-            events.append(self._event("completed", png, image.width, result.created, i, seed=image.seed, usage=_USAGE))
-        return events
+        return [
+            self._event("completed", image.png, image.width, result.created, i, seed=image.seed, usage=_USAGE)
+            for i, image in enumerate(result.images)
+        ]

@@ -70,11 +70,12 @@ class StreamEvents:
         return self._items.popleft()
 
 
-def _preview_pngs(preview: PendingPreview) -> list[bytes]:
+def preview_pngs(preview: PendingPreview) -> list[bytes]:
+    """The preview's images as PNGs (run it off the event loop)."""
     return [encode_png(pixels, {}) for pixels in preview.images]
 
 
 async def preview_message(preview: PendingPreview) -> images_pb2.GenerateStreamResponse:
     """The preview's message, its PNGs encoded off the event loop."""
-    pngs = await asyncio.to_thread(_preview_pngs, preview)
+    pngs = await asyncio.to_thread(preview_pngs, preview)
     return images_pb2.GenerateStreamResponse(preview=images_pb2.Preview(step=preview.step, total_steps=preview.total, png=pngs))

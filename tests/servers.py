@@ -113,6 +113,13 @@ class ServerThread:
         self.thread.start()
         asyncio.run_coroutine_threadsafe(self.http.start(), self.loop).result(timeout=10)
 
+    def __enter__(self) -> ServerThread:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
     def stop(self) -> None:
         asyncio.run_coroutine_threadsafe(self.http.stop(), self.loop).result(timeout=10)
         self.loop.call_soon_threadsafe(self.loop.stop)

@@ -108,10 +108,8 @@ def fake_api() -> FakeImageAPI:
 
 @pytest.fixture(scope="module")
 def server(fake_api: FakeImageAPI) -> Iterator[ServerThread]:
-    server = ServerThread(create_http_app(fake_api, max_upload_bytes=MAX_UPLOAD_BYTES, request_timeout=REQUEST_TIMEOUT))
-    server.start()
-    yield server
-    server.stop()
+    with ServerThread(create_http_app(fake_api, max_upload_bytes=MAX_UPLOAD_BYTES, request_timeout=REQUEST_TIMEOUT)) as server:
+        yield server
 
 
 @pytest.fixture

@@ -70,10 +70,8 @@ def backend(local_stages) -> Wrapped:
 
 @pytest.fixture(scope="module")
 def server(backend: Wrapped) -> Iterator[ServerThread]:
-    server = ServerThread(create_http_app(ImageAPI(backend)))
-    server.start()
-    yield server
-    server.stop()
+    with ServerThread(create_http_app(ImageAPI(backend))) as server:
+        yield server
 
 
 @pytest.fixture
@@ -312,9 +310,7 @@ def test_the_page_and_its_files_are_served_with_a_strict_policy(base):
 def test_with_api_keys_the_page_loads_but_the_api_needs_a_key(local_stages, tmp_path):
     keys = tmp_path / "keys.json"
     _, key = KeysFile(keys).create("playground")
-    server = ServerThread(create_http_app(ImageAPI(local_stages, access=Access(KeyRing(keys)))))
-    server.start()
-    try:
+    with ServerThread(create_http_app(ImageAPI(local_stages, access=Access(KeyRing(keys))))) as server:
         base = f"http://127.0.0.1:{server.port}"
         assert httpx.get(base + "/").status_code == 200
         assert httpx.get(base + "/playground/playground.js").status_code == 200
@@ -322,5 +318,3 @@ def test_with_api_keys_the_page_loads_but_the_api_needs_a_key(local_stages, tmp_
         assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
         info = httpx.get(base + "/v1/unclip/info", headers={"Authorization": f"Bearer {key}"})
         assert info.status_code == 200 and info.json()["api_keys"] is True
-    finally:
-        server.stop()

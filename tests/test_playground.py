@@ -20,20 +20,13 @@ def keyed(local_stages, tmp_path_factory) -> Iterator[tuple[str, str]]:
     """A gateway with API keys on, and its one key."""
     keys = tmp_path_factory.mktemp("keys") / "keys.json"
     _, key = KeysFile(keys).create("playground")
-    server = ServerThread(create_http_app(ImageAPI(local_stages, access=Access(KeyRing(keys)))))
-    server.start()
-    yield f"http://127.0.0.1:{server.port}", key
-    server.stop()
+    with ServerThread(create_http_app(ImageAPI(local_stages, access=Access(KeyRing(keys))))) as server:
+        yield f"http://127.0.0.1:{server.port}", key
 
 
 def test_the_playground_flow(local_stages, tmp_path):
-    server = ServerThread(create_http_app(ImageAPI(local_stages)))
-    server.start()
-    try:
-        with browser_page(tmp_path) as page:
-            playground_flow(page, f"http://127.0.0.1:{server.port}", tmp_path)
-    finally:
-        server.stop()
+    with ServerThread(create_http_app(ImageAPI(local_stages))) as server, browser_page(tmp_path) as page:
+        playground_flow(page, f"http://127.0.0.1:{server.port}", tmp_path)
 
 
 def test_with_api_keys_the_page_asks_for_one_and_sends_it(keyed, tmp_path):
@@ -105,17 +98,12 @@ def test_the_page_works_below_a_route_prefix(local_stages, tmp_path):
     from starlette.routing import Mount
 
     app = Starlette(routes=[Mount("/unclip", create_http_app(ImageAPI(local_stages)))])
-    server = ServerThread(app)
-    server.start()
-    try:
-        with browser_page(tmp_path) as page:
-            page.goto(f"http://127.0.0.1:{server.port}/unclip/")
-            page.locator("#size option").first.wait_for(state="attached")  # GET /unclip/v1/unclip/info answered
-            page.get_by_label("Size").select_option("32x32")
-            page.get_by_label("Decoder steps").fill("4")
-            page.get_by_role("button", name="Generate").click()
-            wait_for_results(page, 1)
-            assert page.get_by_role("alert").is_hidden()
-            assert not page.script_errors, page.script_errors
-    finally:
-        server.stop()
+    with ServerThread(app) as server, browser_page(tmp_path) as page:
+        page.goto(f"http://127.0.0.1:{server.port}/unclip/")
+        page.locator("#size option").first.wait_for(state="attached")  # GET /unclip/v1/unclip/info answered
+        page.get_by_label("Size").select_option("32x32")
+        page.get_by_label("Decoder steps").fill("4")
+        page.get_by_role("button", name="Generate").click()
+        wait_for_results(page, 1)
+        assert page.get_by_role("alert").is_hidden()
+        assert not page.script_errors, page.script_errors

@@ -497,17 +497,14 @@ class ResultStore:
             log.warning("could not release the lease %s: %s", lease.key, error)
 
     def _remove(self, keys: list[str]) -> bool:
-        """Whether all `keys` are removed (or were never there). One batch request, so cleanup
-        during an outage costs one timeout, not one per key."""
-        removed = True
+        """Whether all `keys` are removed (or were never there); a failure is logged, not raised:
+        the save's own error is what its caller gets."""
         try:
-            for failure in self._client.remove_objects(self.config.bucket, [DeleteObject(key) for key in keys]):
-                log.warning("could not remove %s from %s: %s", failure.name, self.config.where, failure.message)
-                removed = False
-        except Exception as error:  # noqa: BLE001 - best effort: the save's own error is what the caller gets
+            self._client_remove(keys)
+        except Exception as error:  # noqa: BLE001 - best effort, and retried later (_defer)
             log.warning("could not remove %d objects of a failed save from %s: %s", len(keys), self.config.where, error)
-            removed = False
-        return removed
+            return False
+        return True
 
     def _defer(self, orphans: _Orphans) -> None:
         orphans.due = time.monotonic() + (CLEANUP_SETTLE if orphans.removed else CLEANUP_FIRST_DELAY)
@@ -551,9 +548,14 @@ class ResultStore:
         return False
 
     def _client_remove(self, keys: list[str]) -> None:
-        """Remove `keys`; raises on any failure (an error answer for one key included)."""
-        for failure in self._client.remove_objects(self.config.bucket, [DeleteObject(key) for key in keys]):
-            raise Unavailable(f"{self.config.where} failed: could not remove {failure.name}: {failure.code}: {failure.message}")
+        """Remove `keys` in one batch request (so cleanup during an outage costs one timeout, not
+        one per key); Unavailable naming every key the store refused."""
+        refused = [
+            f"{failure.name}: {failure.code}: {failure.message}"
+            for failure in self._client.remove_objects(self.config.bucket, [DeleteObject(key) for key in keys])
+        ]
+        if refused:
+            raise Unavailable(f"{self.config.where} failed: could not remove {'; '.join(refused)}")
 
     async def load(self, request_id: str) -> StoredResult | None:
         """The complete result, or None when its record does not exist (never saved, or a save that failed)."""

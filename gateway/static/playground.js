@@ -260,15 +260,19 @@ async function interpolate(event) {
 // -- edits -----------------------------------------------------------------------------------
 
 // The mask is drawn at the image's own size: opaque = keep, transparent = redraw (OpenAI's convention).
+function keepAll(mask) {
+  const context = mask.getContext("2d");
+  context.fillStyle = "#000";
+  context.fillRect(0, 0, mask.width, mask.height);
+}
+
 function startEdit(item) {
   const picture = new Image();
   picture.onload = () => {
     const mask = document.createElement("canvas");
     mask.width = picture.naturalWidth;
     mask.height = picture.naturalHeight;
-    const context = mask.getContext("2d");
-    context.fillStyle = "#000";
-    context.fillRect(0, 0, mask.width, mask.height);
+    keepAll(mask);
     state.editing = { item, picture, mask };
     $("edit-section").hidden = false;
     $("edit-prompt").value = item.dataset.prompt || $("prompt").value;
@@ -388,10 +392,7 @@ function start() {
   $("mask-all").addEventListener("click", () => eraseMask((context, mask) => context.fillRect(0, 0, mask.width, mask.height)));
   $("mask-left").addEventListener("click", () => eraseMask((context, mask) => context.fillRect(0, 0, mask.width / 2, mask.height)));
   $("mask-clear").addEventListener("click", () => {
-    const { mask } = state.editing;
-    const context = mask.getContext("2d");
-    context.fillStyle = "#000";
-    context.fillRect(0, 0, mask.width, mask.height);
+    keepAll(state.editing.mask);
     redrawEdit();
   });
   loadInfo();
